@@ -1,0 +1,1 @@
+"""HyTRec command-line entry point (`hytrec`)."""
