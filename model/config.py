@@ -1,0 +1,92 @@
+"""Model configuration: one dataclass, saved as JSON next to the weights."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+Variant = Literal["hytrec", "hytrec-notime", "tadn-only", "recent-softmax"]
+VARIANTS: tuple[str, ...] = ("hytrec", "hytrec-notime", "tadn-only", "recent-softmax")
+STATE_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+PAD_ROW = 0  # item-embedding row of padding
+UNKNOWN_ROW = 1  # shared row of items the vocabulary does not know
+FIRST_ITEM_ROW = 2
+
+
+@dataclass(frozen=True)
+class HyTRecConfig:
+    """Sizes and switches of the hybrid model (BRIEF section 2).
+
+    ``variant`` picks the ablation: ``hytrec`` (both branches, time-aware TADN), ``hytrec-notime``
+    (TADN without the time terms = Gated DeltaNet), ``tadn-only`` (long branch alone) and
+    ``recent-softmax`` (short branch alone, no memory token).
+    """
+
+    n_items: int
+    variant: Variant = "hytrec"
+    d_model: int = 64
+    n_heads: int = 2  # TADN heads; d_k = d_v = d_model // n_heads
+    n_long: int = 2  # TADN blocks in the long branch
+    window: int = 64  # K: events in the short branch's window and the ring buffer
+    short_heads: int = 2
+    ffn_mult: int = 4
+    chunk_size: int = 64
+    tau: float = 60.0  # seconds; phi(Delta) = log1p(Delta / tau)
+    age_buckets: int = 64  # log-spaced buckets of an event's age in the short branch
+    age_bucket_scale: float = 4.0  # bucket = floor(scale * phi(age))
+    dropout: float = 0.2
+    state_dtype: str = "float32"  # storage dtype of the TADN state: float32 | float16 | bfloat16
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.d_model % self.n_heads or self.d_model % self.short_heads:
+            raise ValueError("d_model must be divisible by n_heads and short_heads")
+        if self.state_dtype not in STATE_DTYPES:
+            raise ValueError(f"state_dtype must be one of {tuple(STATE_DTYPES)}")
+        if self.n_items < 1 or self.window < 1 or self.chunk_size < 1:
+            raise ValueError("n_items, window and chunk_size must be positive")
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def n_rows(self) -> int:
+        """Rows of the item-embedding table: padding, unknown, then the catalogue."""
+        return self.n_items + FIRST_ITEM_ROW
+
+    @property
+    def uses_long(self) -> bool:
+        return self.variant != "recent-softmax"
+
+    @property
+    def uses_short(self) -> bool:
+        return self.variant != "tadn-only"
+
+    @property
+    def time_terms(self) -> bool:
+        return self.variant != "hytrec-notime"
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        return STATE_DTYPES[self.state_dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HyTRecConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown config keys: {sorted(unknown)}")
+        return cls(**data)

@@ -1,0 +1,151 @@
+"""The HyTRec model: long branch (TADN stack) + short branch (softmax over the last K) + fusion.
+
+One model, two forms of the same function:
+
+- :meth:`HyTRec.forward` (parallel, training): user vectors at every position of right-padded
+  sequences, the request time of position t being ``query_times[:, t]`` (the next event's time);
+- :meth:`HyTRec.step` + :meth:`HyTRec.user_vector` (recurrent, serving): advance many users' states
+  by one event each, and read a user vector from a state at a request time.
+
+For any history, ``user_vector`` after streaming its events through ``step`` equals ``forward`` at the
+last position (tests/test_parity.py).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from model.config import FIRST_ITEM_ROW, PAD_ROW, HyTRecConfig
+from model.layers import RMSNorm, TADNBlock
+from model.short_branch import ShortBranch
+from model.state import StateBatch
+from model.tadn import time_deltas, time_feature
+
+
+class HyTRec(nn.Module):
+    def __init__(self, cfg: HyTRecConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.d_model
+        self.item_emb = nn.Embedding(cfg.n_rows, d, padding_idx=PAD_ROW)
+        nn.init.normal_(self.item_emb.weight, std=0.02)
+        with torch.no_grad():
+            self.item_emb.weight[PAD_ROW].zero_()
+        self.emb_dropout = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(
+            TADNBlock(d, cfg.n_heads, cfg.ffn_mult, cfg.dropout, cfg.time_terms)
+            for _ in range(cfg.n_long if cfg.uses_long else 0)
+        )
+        self.long_norm = RMSNorm(d) if cfg.uses_long else None
+        self.short = ShortBranch(cfg) if cfg.uses_short else None
+        self.fuse = nn.Linear(2 * d + 1, d) if cfg.uses_long and cfg.uses_short else None
+
+    # ----------------------------------------------------------------------------- shared pieces
+    def _fuse(self, long: Tensor | None, short: Tensor | None, gap_phi: Tensor) -> Tensor:
+        """User vector from the branches; the gate also sees phi(now - last event)."""
+        if long is None or short is None:
+            return long if short is None else short
+        gate = torch.sigmoid(self.fuse(torch.cat([long, short, gap_phi[..., None]], dim=-1)))
+        return gate * long + (1.0 - gate) * short
+
+    def logits(self, user_vectors: Tensor) -> Tensor:
+        """Scores over every item row (..., n_rows); padding and unknown rows are -inf."""
+        scores = user_vectors @ self.item_emb.weight.T
+        scores[..., :FIRST_ITEM_ROW] = float("-inf")
+        return scores
+
+    def item_scores(self, user_vectors: Tensor) -> Tensor:
+        """Scores over the catalogue only (..., n_items): column i is item row i + FIRST_ITEM_ROW."""
+        return user_vectors @ self.item_emb.weight[FIRST_ITEM_ROW:].T
+
+    # ----------------------------------------------------------------------------- parallel form
+    def encode_long(
+        self,
+        emb: Tensor,
+        times: Tensor,
+        valid: Tensor,
+        initial_state: Tensor | None = None,
+        naive: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """Long branch over (B, L, d): normalised outputs (B, L, d) and final TADN states (B, n_long, H, d, d)."""
+        phi = time_feature(time_deltas(times), self.cfg.tau, emb.dtype)
+        x, states = emb, []
+        for i, block in enumerate(self.blocks):
+            init = initial_state[:, i] if initial_state is not None else None
+            x, s = block(x, phi, valid, initial_state=init, chunk_size=self.cfg.chunk_size, naive=naive)
+            states.append(s)
+        return self.long_norm(x), torch.stack(states, dim=1)
+
+    def forward(
+        self, items: Tensor, times: Tensor, query_times: Tensor, lengths: Tensor, naive: bool = False
+    ) -> Tensor:
+        """User vectors (B, L, d) for right-padded item rows (B, L), times and request times (float64 s)."""
+        valid = torch.arange(items.shape[1], device=items.device)[None, :] < lengths[:, None]
+        emb = self.emb_dropout(self.item_emb(items))
+        gap_phi = time_feature(query_times - torch.cummax(times, dim=-1).values, self.cfg.tau, emb.dtype)
+        long = self.encode_long(emb, times, valid, naive=naive)[0] if self.cfg.uses_long else None
+        short = self.short(emb, times, query_times, gap_phi, long) if self.short is not None else None
+        return self._fuse(long, short, gap_phi)
+
+    @torch.no_grad()
+    def build_state(self, items: Tensor, times: Tensor, lengths: Tensor) -> StateBatch:
+        """Serving states of whole histories in one parallel pass (backfill, offline recommend)."""
+        b, length = items.shape
+        state = StateBatch.empty(self.cfg, b)
+        idx = torch.arange(length)[None, :]
+        valid = idx < lengths[:, None]
+        if self.cfg.uses_long and length:
+            long, tadn = self.encode_long(self.item_emb(items), times, valid)
+            last = (lengths - 1).clamp_min(0)
+            state.tadn = tadn
+            state.summary = long[torch.arange(b), last] * (lengths > 0)[:, None]
+        masked_ts = torch.where(valid, times, torch.full_like(times, float("-inf")))
+        state.last_ts = torch.where(lengths > 0, masked_ts.max(dim=1).values if length else state.last_ts, 0.0)
+        state.count = lengths.clone()
+        k = self.cfg.window
+        src = lengths[:, None] - k + torch.arange(k)[None, :]  # positions of the last k events
+        ok = src >= 0
+        src = src.clamp(0, max(length - 1, 0))
+        if length:
+            state.ring_items = torch.where(ok, items.gather(1, src), PAD_ROW)
+            state.ring_ts = torch.where(ok, times.gather(1, src), 0.0)
+        return state
+
+    # ----------------------------------------------------------------------------- recurrent form
+    def step(self, state: StateBatch, items: Tensor, ts: Tensor, active: Tensor | None = None) -> StateBatch:
+        """Apply one event to each of B users: item rows (B,), timestamps (B,) float64.
+
+        Users with ``active`` False are returned unchanged. An event older than the user's latest is
+        applied with Delta = 0, like the parallel form's running maximum.
+        """
+        first = state.count == 0
+        delta = torch.where(first, 0.0, ts - state.last_ts).clamp_min(0.0)
+        x = self.item_emb(items)
+        phi = time_feature(delta, self.cfg.tau, x.dtype)
+        tadn, summary = state.tadn, state.summary
+        if self.cfg.uses_long:
+            layer_states = []
+            for i, block in enumerate(self.blocks):
+                x, s = block.step(x, phi, state.tadn[:, i])
+                layer_states.append(s)
+            tadn, summary = torch.stack(layer_states, dim=1), self.long_norm(x)
+        new = StateBatch(
+            tadn=tadn,
+            summary=summary,
+            last_ts=torch.where(first, ts, torch.maximum(state.last_ts, ts)),
+            count=state.count + 1,
+            ring_items=torch.cat([state.ring_items[:, 1:], items[:, None]], dim=1),
+            ring_ts=torch.cat([state.ring_ts[:, 1:], ts[:, None]], dim=1),
+        )
+        return new if active is None else new.select(active, state)
+
+    def user_vector(self, state: StateBatch, now: Tensor) -> Tensor:
+        """Serving read-out (B, d) at request times ``now`` (B,) float64 (no caching: depends on now)."""
+        gap_phi = time_feature(now - state.last_ts, self.cfg.tau, state.summary.dtype)
+        long = state.summary if self.cfg.uses_long else None
+        short = None
+        if self.short is not None:
+            ring_emb = self.item_emb(state.ring_items)
+            short = self.short.read(ring_emb, state.ring_items, state.ring_ts, now, gap_phi, long)
+        return self._fuse(long, short, gap_phi)

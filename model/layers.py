@@ -1,0 +1,130 @@
+"""Building blocks of the long branch: RMSNorm, FFN and the TADN layer / block.
+
+A TADN layer turns its input into q, k, v and the time-aware gates in one place
+(:meth:`TADNLayer.project`) and reads its output in one place (:meth:`TADNLayer.read_out`); the
+parallel (chunked) and the recurrent (one event) forms differ only in the recurrence they call.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.tadn import chunk_gated_delta_rule, naive_gated_delta_rule, recurrent_gated_delta_step
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int, dropout: float) -> None:
+        super().__init__()
+        self.up = nn.Linear(dim, dim * mult)
+        self.down = nn.Linear(dim * mult, dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.down(self.dropout(F.gelu(self.up(x)))))
+
+
+class TADNLayer(nn.Module):
+    """Temporal-Aware Delta Network layer (BRIEF section 2).
+
+    log-decay g = -exp(A_h) softplus(w_a x + b_h) - lambda_h phi(Delta), lambda_h = softplus(.) >= 0;
+    write strength beta = sigmoid(w_b x + mu_h phi(Delta)); q, k L2-normalised; output through a
+    per-head RMSNorm gated by silu(W_g x), then W_o. ``time_terms=False`` drops the phi terms.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, time_terms: bool = True) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, d_model // n_heads
+        self.time_terms = time_terms
+        inner = n_heads * self.head_dim
+        self.q_proj = nn.Linear(d_model, inner, bias=False)
+        self.k_proj = nn.Linear(d_model, inner, bias=False)
+        self.v_proj = nn.Linear(d_model, inner, bias=False)
+        self.a_proj = nn.Linear(d_model, n_heads)  # its bias is b_h
+        self.b_proj = nn.Linear(d_model, n_heads)
+        self.g_proj = nn.Linear(d_model, inner, bias=False)
+        self.o_norm = RMSNorm(self.head_dim)
+        self.o_proj = nn.Linear(inner, d_model, bias=False)
+        # A_h spread over heads so that heads forget at different rates (as in Mamba / Gated DeltaNet).
+        self.a_log = nn.Parameter(torch.log(torch.linspace(1.0, 16.0, n_heads)) - math.log(16.0))
+        self.lambda_raw = nn.Parameter(torch.full((n_heads,), -3.0))  # softplus(-3) ~ 0.05 per unit phi
+        self.mu = nn.Parameter(torch.zeros(n_heads))
+
+    def project(self, x: Tensor, dt_feature: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """x (..., d), phi(Delta) (...) -> q, k (..., H, d_k), v (..., H, d_v), g, beta (..., H)."""
+        shape = (*x.shape[:-1], self.n_heads, self.head_dim)
+        q = F.normalize(self.q_proj(x).view(shape), dim=-1) * self.head_dim**-0.5
+        k = F.normalize(self.k_proj(x).view(shape), dim=-1)
+        v = self.v_proj(x).view(shape)
+        g = -torch.exp(self.a_log) * F.softplus(self.a_proj(x))
+        beta_logit = self.b_proj(x)
+        if self.time_terms:
+            phi = dt_feature[..., None]
+            g = g - F.softplus(self.lambda_raw) * phi
+            beta_logit = beta_logit + self.mu * phi
+        return q, k, v, g, torch.sigmoid(beta_logit)
+
+    def read_out(self, o: Tensor, x: Tensor) -> Tensor:
+        """o (..., H, d_v) -> gated RMSNorm -> W_o -> (..., d)."""
+        gate = F.silu(self.g_proj(x)).view(o.shape)
+        return self.o_proj((self.o_norm(o) * gate).flatten(-2))
+
+    def forward(
+        self,
+        x: Tensor,
+        dt_feature: Tensor,
+        valid: Tensor,
+        initial_state: Tensor | None = None,
+        chunk_size: int = 64,
+        naive: bool = False,
+    ) -> tuple[Tensor, Tensor]:
+        """Parallel form over (B, L, d); padding (``valid`` False) leaves the state untouched."""
+        q, k, v, g, beta = self.project(x, dt_feature)
+        g = torch.where(valid[..., None], g, torch.zeros_like(g))
+        beta = torch.where(valid[..., None], beta, torch.zeros_like(beta))
+        heads_first = [t.transpose(1, 2) for t in (q, k, v, g, beta)]
+        if naive:
+            o, state = naive_gated_delta_rule(*heads_first, initial_state=initial_state)
+        else:
+            o, state = chunk_gated_delta_rule(*heads_first, chunk_size=chunk_size, initial_state=initial_state)
+        return self.read_out(o.transpose(1, 2), x), state
+
+    def step(self, x: Tensor, dt_feature: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """Recurrent form: one event for each of B users; x (B, d), state (B, H, d_v, d_k)."""
+        q, k, v, g, beta = self.project(x, dt_feature)
+        o, state = recurrent_gated_delta_step(q, k, v, g, beta, state)
+        return self.read_out(o, x), state
+
+
+class TADNBlock(nn.Module):
+    """Pre-norm TADN + residual, then pre-norm FFN + residual."""
+
+    def __init__(self, d_model: int, n_heads: int, ffn_mult: int, dropout: float, time_terms: bool) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = RMSNorm(d_model), RMSNorm(d_model)
+        self.tadn = TADNLayer(d_model, n_heads, time_terms)
+        self.ffn = FeedForward(d_model, ffn_mult, dropout)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, dt_feature: Tensor, valid: Tensor, **kw) -> tuple[Tensor, Tensor]:
+        y, state = self.tadn(self.norm1(x), dt_feature, valid, **kw)
+        x = x + self.dropout(y)
+        return x + self.ffn(self.norm2(x)), state
+
+    def step(self, x: Tensor, dt_feature: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        y, state = self.tadn.step(self.norm1(x), dt_feature, state)
+        x = x + self.dropout(y)
+        return x + self.ffn(self.norm2(x)), state

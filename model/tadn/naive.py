@@ -1,0 +1,28 @@
+"""The literal step-by-step gated delta rule: slow, obvious, and the reference the tests trust."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def naive_gated_delta_rule(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, initial_state: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Run S_t = exp(g_t) S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T with explicit matrices.
+
+    Shapes as in :mod:`model.tadn`; returns (o (B, H, L, d_v), final state (B, H, d_v, d_k)).
+    """
+    b, h, length, d_k = k.shape
+    d_v = v.shape[-1]
+    state = initial_state if initial_state is not None else q.new_zeros(b, h, d_v, d_k)
+    eye = torch.eye(d_k, dtype=q.dtype, device=q.device)
+    outputs = []
+    for t in range(length):
+        k_t, v_t, q_t = k[:, :, t], v[:, :, t], q[:, :, t]
+        beta_t = beta[:, :, t, None, None]
+        transition = torch.exp(g[:, :, t])[..., None, None] * (eye - beta_t * k_t[..., :, None] * k_t[..., None, :])
+        state = state @ transition + beta_t * v_t[..., :, None] * k_t[..., None, :]
+        outputs.append((state @ q_t[..., None]).squeeze(-1))
+    out = torch.stack(outputs, dim=2) if outputs else v.new_zeros(b, h, 0, d_v)
+    return out, state
