@@ -186,9 +186,7 @@ class ItemVocab:
         """Item ids of the given rows; row 0 decodes to ``"<pad>"``, row 1 to ``"<unk>"``."""
         r = np.asarray(rows if isinstance(rows, np.ndarray) else list(rows), dtype=np.int64).ravel()
         if r.size and (r.min() < 0 or r.max() >= self.n_rows):
-            raise ValueError(
-                f"ItemVocab.decode: rows must lie in [0, {self.n_rows}), got {r.min()}..{r.max()}"
-            )
+            raise ValueError(f"ItemVocab.decode: rows must lie in [0, {self.n_rows}), got {r.min()}..{r.max()}")
         special = {self.PAD: "<pad>", self.UNK: "<unk>"}
         return [special[x] if x < self.OFFSET else str(self._ids[x - self.OFFSET]) for x in r.tolist()]
 
@@ -460,9 +458,7 @@ def make_batch(data: Interactions, index: np.ndarray, max_len: int | None = None
     return Batch(items=items, timestamps=ts, lengths=used.astype(np.int64), index=index)
 
 
-def _pack(
-    order: np.ndarray, lengths: np.ndarray, max_tokens: int, max_batch_size: int | None
-) -> list[np.ndarray]:
+def _pack(order: np.ndarray, lengths: np.ndarray, max_tokens: int, max_batch_size: int | None) -> list[np.ndarray]:
     """Greedily cut ``order`` (sorted by ascending length) into runs whose padded size fits ``max_tokens``.
 
     A sequence longer than ``max_tokens`` forms a batch of its own (never truncated here).
