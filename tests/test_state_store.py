@@ -1,0 +1,372 @@
+"""State store suite, run on a standalone Redis and on a 3-master Redis Cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import uuid
+import zlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+import redis
+from redis.cluster import key_slot
+
+from state_store import (
+    ConflictError,
+    CorruptStateError,
+    KeySpace,
+    StoreSettings,
+    StoreUnavailable,
+    Write,
+    check_user_id,
+    open_store,
+)
+from state_store import metrics as m
+from state_store.scripts import COMMITTED, DUPLICATE, REPLAYED
+from tests.redis_servers import free_port
+
+MAGIC = b"TSTS"
+
+
+def encode(payload: bytes) -> bytes:
+    """A tiny codec shaped like the model's: magic, payload, CRC32."""
+    body = MAGIC + payload
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def decode(blob: bytes) -> bytes:
+    body, crc = blob[:-4], blob[-4:]
+    if not body.startswith(MAGIC) or struct.pack("<I", zlib.crc32(body)) != crc:
+        raise ValueError("bad magic or CRC")
+    return body[len(MAGIC) :]
+
+
+def metric(counter: Any) -> float:
+    return counter._value.get()
+
+
+def run(redis_url: str, body: Callable[..., Awaitable[Any]], mv: str | None = None, **settings: Any) -> Any:
+    """Open a store on a fresh model-version namespace, run ``body(store)``, then clean the namespace."""
+    mv = mv or f"t{uuid.uuid4().hex[:10]}"
+
+    async def main() -> Any:
+        store = await open_store(StoreSettings(redis_url=redis_url, **settings), mv, decode=decode)
+        try:
+            return await body(store)
+        finally:
+            await store.close()
+
+    try:
+        return asyncio.run(main())
+    finally:
+        asyncio.run(_drop_namespace(redis_url, mv))
+
+
+async def _drop_namespace(redis_url: str, mv: str) -> None:
+    store = await open_store(StoreSettings(redis_url=redis_url), mv)
+    try:
+        async for key in store.client.scan_iter(match=f"hytrec:{mv}:*"):
+            await store.client.delete(key)
+    finally:
+        await store.close()
+
+
+def append(tag: bytes) -> Callable[[dict], dict[str, Write]]:
+    """compute(): append ``tag`` to each user's payload, applying that user's unapplied event ids."""
+
+    def compute(snaps: dict) -> dict[str, Write]:
+        out = {}
+        for u, s in snaps.items():
+            payload = s.state or b""
+            out[u] = Write(encode(payload + tag), (f"{u}-{tag.decode()}",), last_ts=float(len(payload)))
+        return out
+
+    return compute
+
+
+# ------------------------------------------------------------------ keys (no server)
+def test_keys_share_one_slot_and_are_namespaced() -> None:
+    ks = KeySpace("hytrec", "m1")
+    state, dedup = ks.keys("alice@x.org")
+    assert state == "hytrec:m1:{u:alice@x.org}:s" and dedup == "hytrec:m1:{u:alice@x.org}:d"
+    assert key_slot(state.encode()) == key_slot(dedup.encode())
+    assert KeySpace("hytrec", "m2").state("alice@x.org") != state
+    assert ks.user_of(state) == "alice@x.org" and ks.user_of(KeySpace("hytrec", "m2").state("a")) is None
+
+
+@pytest.mark.parametrize("bad", ["", "a{b", "a}b", "a b", "tab\t", "nl\n", "{u:x}"])
+def test_bad_user_ids_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError):
+        check_user_id(bad)
+    with pytest.raises(ValueError):
+        KeySpace("hytrec", "m1").state(bad)
+
+
+@pytest.mark.parametrize("bad", ["", "v{1}", "v 1", "v:1", "v*"])
+def test_bad_model_versions_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError):
+        KeySpace("hytrec", bad)
+
+
+def test_unreachable_server_is_store_unavailable() -> None:
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    settings = StoreSettings(redis_url=url, redis_retries=0, connect_timeout_s=0.5)
+    with pytest.raises(StoreUnavailable):
+        asyncio.run(open_store(settings, "m1"))
+
+
+# ------------------------------------------------------------------ on both back ends
+def test_read_write_versions_and_metadata(redis_url: str) -> None:
+    async def body(store) -> None:
+        assert await store.get_many(["a", "b"]) == {"a": None, "b": None}
+        c1 = await store.update_many(["a"], append(b"x"))
+        assert c1["a"].version == 1 and c1["a"].attempts == 1
+        c2 = await store.update_many(["a"], append(b"y"))
+        assert c2["a"].version == 2
+        snap = await store.get("a")
+        assert snap.state == b"xy" and snap.version == 2 and snap.event_count == 2
+        assert snap.last_ts == 1.0 and snap.updated_ms > 0
+        # last_ts keeps the maximum, event count adds n_events
+        await store.update_many(["a"], lambda s: {"a": Write(encode(b"z"), (), n_events=3, last_ts=0.5)})
+        snap = await store.get("a")
+        assert (snap.version, snap.event_count, snap.last_ts, snap.state) == (3, 5, 1.0, b"z")
+        # a compute that writes nothing writes nothing
+        assert await store.update_many(["a", "b"], lambda s: {}) == {}
+        assert (await store.get("a")).version == 3 and await store.get("b") is None
+
+    run(redis_url, body)
+
+
+def test_batches_use_one_round_trip_per_phase(redis_url: str) -> None:
+    users = [f"user{i}" for i in range(300)]
+
+    async def body(store) -> None:
+        calls: list[int] = []
+        make = store._pipeline
+
+        def counting_pipeline():
+            pipe = make()
+            execute = pipe.execute
+
+            async def wrapped(*a, **kw):
+                calls.append(len(pipe))
+                return await execute(*a, **kw)
+
+            pipe.execute = wrapped
+            return pipe
+
+        store._pipeline = counting_pipeline
+        commits = await store.update_many(users, append(b"a"), event_ids={u: [f"{u}-a"] for u in users})
+        assert sorted(commits) == sorted(users) and all(c.version == 1 for c in commits.values())
+        assert calls == [600, 300]  # one read round trip (hash + dedup per user), one CAS round trip
+        calls.clear()
+        snaps = await store.get_many(users)
+        assert calls == [300] and all(snaps[u].state == b"a" for u in users)
+
+    run(redis_url, body)
+
+
+def test_dedup_applied_ids_are_reported_and_never_reapplied(redis_url: str) -> None:
+    async def body(store) -> None:
+        ids = {"u": ["e1", "e2"]}
+        await store.update_many(["u"], lambda s: {"u": Write(encode(b"1"), ("e1",))}, event_ids=ids)
+        snap = (await store.get_many(["u"], event_ids={"u": ["e1", "e2", "e3"]}))["u"]
+        assert snap.applied == {"e1"}
+
+        def skipping(snaps):
+            s = snaps["u"]
+            new = [e for e in ids["u"] if e not in s.applied]
+            return {"u": Write(encode(s.state + b"".join(e.encode() for e in new)), tuple(new))}
+
+        await store.update_many(["u"], skipping, event_ids=ids)
+        assert (await store.get("u")).state == b"1e2"
+        # a compute that re-applies a known id is a caller bug
+        with pytest.raises(ValueError, match="re-applies"):
+            await store.update_many(["u"], lambda s: {"u": Write(encode(b"!"), ("e1",))}, event_ids=ids)
+        with pytest.raises(ValueError, match="repeats"):
+            await store.update_many(["u"], lambda s: {"u": Write(encode(b"!"), ("e9", "e9"))})
+        # the script re-checks: a write with an applied id is refused even at the right version
+        snap = await store.get("u")
+        res = await store._cas({"u": (snap.version, Write(encode(b"!"), ("e2",)), "tok-dup")})
+        assert res["u"] == (DUPLICATE, snap.version)
+        # an id the caller did not announce is caught by the script, then re-read and skipped
+        before = metric(m.CAS_DUPLICATES)
+        with pytest.raises(ValueError, match="re-applies"):
+            await store.update_many(["u"], lambda s: {"u": Write(encode(b"!"), ("e1",))})
+        assert metric(m.CAS_DUPLICATES) == before + 1
+        assert (await store.get("u")).state == b"1e2"
+
+    run(redis_url, body)
+
+
+def test_dedup_window_is_bounded(redis_url: str) -> None:
+    async def body(store) -> None:
+        for i in range(5):
+            ids = (f"a{i}", f"b{i}")
+            await store.update_many(["u"], lambda s, ids=ids: {"u": Write(encode(b"."), ids)})
+        members = await store.client.zrange(store.keys.dedup("u"), 0, -1)
+        assert [x.decode() for x in members] == ["a3", "b3", "a4", "b4"]
+
+    run(redis_url, body, dedup_window=4)
+
+
+def test_resent_write_is_recognised_not_applied_twice(redis_url: str) -> None:
+    async def body(store) -> None:
+        w = Write(encode(b"once"), (), n_events=1)
+        assert (await store._cas({"u": (0, w, "tok-1")}))["u"] == (COMMITTED, 1)
+        assert (await store._cas({"u": (0, w, "tok-1")}))["u"] == (REPLAYED, 1)
+        snap = await store.get("u")
+        assert (snap.version, snap.event_count) == (1, 1)
+
+    run(redis_url, body)
+
+
+def test_conflicts_are_retried_for_the_losers_only(redis_url: str) -> None:
+    async def body(store) -> None:
+        await store.update_many(["a", "b"], append(b"0"))
+        seen: list[list[str]] = []
+        interfered = False
+
+        def compute(snaps):
+            nonlocal interfered
+            seen.append(sorted(snaps))
+            if not interfered:  # another writer moves user a on between our read and our write
+                interfered = True
+                asyncio.run_coroutine_threadsafe(store.put("a", encode(b"other")), loop).result()
+            return append(b"1")(snaps)
+
+        loop = asyncio.get_running_loop()
+        before = metric(m.CAS_RETRIES)
+        commits = await store.update_many(["a", "b"], compute)
+        assert seen == [["a", "b"], ["a"]]
+        assert commits["a"].attempts == 2 and commits["b"].attempts == 1
+        assert commits["a"].version == 3 and metric(m.CAS_RETRIES) == before + 1
+        assert (await store.get("a")).state == b"other1" and (await store.get("b")).state == b"01"
+
+    run(redis_url, body)
+
+
+def test_conflicts_exhausted_raise_with_the_commits_that_landed(redis_url: str) -> None:
+    async def body(store) -> None:
+        loop = asyncio.get_running_loop()
+
+        def compute(snaps):
+            if "a" in snaps:
+                asyncio.run_coroutine_threadsafe(store.put("a", encode(b"other")), loop).result()
+            return append(b"1")(snaps)
+
+        before = metric(m.CAS_CONFLICTS_EXHAUSTED)
+        with pytest.raises(ConflictError) as err:
+            await store.update_many(["a", "b"], compute)
+        assert err.value.user_ids == ["a"] and err.value.attempts == 3
+        assert set(err.value.committed) == {"b"}
+        assert metric(m.CAS_CONFLICTS_EXHAUSTED) == before + 1
+
+    run(redis_url, body, cas_max_retries=2, cas_backoff_ms=0.1)
+
+
+def test_model_versions_never_read_each_other(redis_url: str) -> None:
+    mv_a, mv_b = f"a{uuid.uuid4().hex[:8]}", f"b{uuid.uuid4().hex[:8]}"
+
+    async def write_a(store) -> list[str]:
+        await store.update_many(["x", "y", "z"], append(b"a"))
+        return sorted([u async for u in store.scan_users(count=2)])
+
+    async def read_b(store) -> tuple:
+        return await store.get_many(["x", "y"]), [u async for u in store.scan_users()]
+
+    async def both() -> tuple:
+        a = await open_store(StoreSettings(redis_url=redis_url), mv_a, decode=decode)
+        b = await open_store(StoreSettings(redis_url=redis_url), mv_b, decode=decode)
+        try:
+            scanned = await write_a(a)
+            return scanned, await read_b(b), await a.get("x")
+        finally:
+            await a.close()
+            await b.close()
+
+    try:
+        scanned, (snaps_b, scan_b), snap_a = asyncio.run(both())
+    finally:
+        asyncio.run(_drop_namespace(redis_url, mv_a))
+    assert scanned == ["x", "y", "z"]
+    assert snaps_b == {"x": None, "y": None} and scan_b == []
+    assert snap_a.state == b"a"
+
+
+def test_corrupt_values_raise_and_are_counted(redis_url: str) -> None:
+    async def body(store) -> None:
+        await store.update_many(["u", "v", "w"], append(b"ok"))
+        key = store.keys.state("u")
+        blob = await store.client.hget(key, "blob")
+        await store.client.hset(key, "blob", blob[:-1] + bytes([blob[-1] ^ 0xFF]))
+        before = metric(m.CORRUPT_VALUES)
+        snaps = await store.get_many(["u", "v"])
+        assert snaps["v"].state == b"ok"  # the others are still served
+        with pytest.raises(CorruptStateError, match="corrupt state for user 'u'"):
+            _ = snaps["u"].state
+        assert metric(m.CORRUPT_VALUES) == before + 1
+        with pytest.raises(CorruptStateError):
+            await store.update_many(["u"], append(b"more"))
+        assert await store.client.hget(key, "ver") == b"1"  # nothing written over it
+        # a malformed hash (version not an integer) is corrupt too, for reads and for the CAS script
+        await store.client.hset(store.keys.state("w"), "ver", "abc")
+        snap = (await store.get_many(["w"]))["w"]
+        with pytest.raises(CorruptStateError, match="malformed"):
+            _ = snap.state
+        with pytest.raises(CorruptStateError):
+            await store.update_many(["w"], append(b"more"))
+        assert metric(m.CORRUPT_VALUES) >= before + 4
+
+    run(redis_url, body)
+
+
+def test_delete_user_removes_every_key(redis_url: str) -> None:
+    async def body(store) -> None:
+        await store.update_many(["u", "v"], append(b"1"))
+        keys = store.keys.keys("u")
+        assert await store.client.exists(*keys[:1]) and await store.client.exists(keys[1])
+        assert await store.delete_user("u") is True
+        assert not await store.client.exists(keys[0]) and not await store.client.exists(keys[1])
+        assert await store.delete_user("u") is False
+        assert await store.get("u") is None and (await store.get("v")).state == b"1"
+        assert [u async for u in store.scan_users()] == ["v"]
+
+    run(redis_url, body)
+
+
+def test_ttl_applies_to_every_key_of_the_user(redis_url: str) -> None:
+    async def body(store) -> None:
+        await store.update_many(["u"], append(b"1"))
+        for key in store.keys.keys("u"):
+            assert 0 < await store.client.pttl(key) <= 60_000
+
+    run(redis_url, body, user_ttl_s=60)
+
+
+def test_lost_script_cache_is_reloaded(redis_url: str) -> None:
+    async def body(store) -> None:
+        await store.update_many(["u"], append(b"1"))
+        if store.cluster:
+            await store.client.script_flush(target_nodes=store.client.PRIMARIES)
+        else:
+            await store.client.script_flush()
+        await store.update_many(["u", "v"], append(b"2"))
+        assert (await store.get("u")).state == b"12" and await store.ping()
+
+    run(redis_url, body)
+
+
+def test_wrong_type_at_a_key_is_a_store_error(redis_url: str) -> None:
+    async def body(store) -> None:
+        await store.client.set(store.keys.state("u"), b"not a hash")
+        with pytest.raises(redis.RedisError.__mro__[0]):
+            pass
+        from state_store import StoreError
+
+        with pytest.raises(StoreError):
+            await store.get_many(["u"])
+
+    run(redis_url, body)
