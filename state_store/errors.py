@@ -1,0 +1,34 @@
+"""Errors raised by the state store."""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """Base class of the state store's errors."""
+
+
+class StoreUnavailable(StoreError):
+    """Redis cannot be reached or is not serving (the service answers 503)."""
+
+
+class CorruptStateError(StoreError):
+    """A stored value cannot be decoded; it is counted and never served."""
+
+    def __init__(self, user_id: str, model_version: str, reason: str) -> None:
+        super().__init__(f"corrupt state for user {user_id!r} (model {model_version}): {reason}")
+        self.user_id = user_id
+        self.model_version = model_version
+        self.reason = reason
+
+
+class ConflictError(StoreError):
+    """Compare-and-set kept failing for some users after the configured retries.
+
+    ``committed`` holds the users of the same call whose writes did land.
+    """
+
+    def __init__(self, user_ids: list[str], attempts: int, committed: dict | None = None) -> None:
+        super().__init__(f"compare-and-set still conflicting after {attempts} attempts for users {user_ids}")
+        self.user_ids = user_ids
+        self.attempts = attempts
+        self.committed = committed or {}

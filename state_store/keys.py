@@ -1,0 +1,68 @@
+"""Redis key layout: one Cluster hash tag per user, namespaced by key prefix and model version.
+
+``<prefix>:<model_version>:{u:<user_id>}:s``  hash  blob, ver, n, lts, ts (the user's state and metadata)
+``<prefix>:<model_version>:{u:<user_id>}:d``  zset  recent event ids and write tokens (score = version)
+
+The hash tag ``{u:<user_id>}`` puts every key of a user in one slot, so the per-user compare-and-set
+script may touch them all on a Redis Cluster. See docs/state_store.md.
+"""
+
+from __future__ import annotations
+
+import re
+
+_USER_FORBIDDEN = re.compile(r"[{}\s]")
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+MAX_USER_ID_LEN = 512
+
+
+def check_user_id(user_id: str) -> str:
+    """Return ``user_id`` if it can be embedded in a key, else raise ``ValueError``."""
+    if not isinstance(user_id, str) or not user_id:
+        raise ValueError(f"user id must be a non-empty string, got {user_id!r}")
+    if len(user_id) > MAX_USER_ID_LEN or _USER_FORBIDDEN.search(user_id):
+        raise ValueError(f"user id {user_id!r} is too long or holds '{{', '}}' or whitespace")
+    return user_id
+
+
+def check_name(name: str, what: str) -> str:
+    """Validate a model version or key prefix (``[A-Za-z0-9_.-]+``)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"{what} must match [A-Za-z0-9_.-]+, got {name!r}")
+    return name
+
+
+class KeySpace:
+    """Builds and parses the keys of one (prefix, model version) namespace."""
+
+    def __init__(self, prefix: str, model_version: str) -> None:
+        self.prefix = check_name(prefix, "key prefix")
+        self.model_version = check_name(model_version, "model version")
+        self._head = f"{self.prefix}:{self.model_version}:{{u:"
+
+    def state(self, user_id: str) -> str:
+        """Key of the user's state hash."""
+        return f"{self._head}{check_user_id(user_id)}}}:s"
+
+    def dedup(self, user_id: str) -> str:
+        """Key of the user's bounded set of applied event ids."""
+        return f"{self._head}{check_user_id(user_id)}}}:d"
+
+    def keys(self, user_id: str) -> tuple[str, str]:
+        """Every key held for the user."""
+        return self.state(user_id), self.dedup(user_id)
+
+    @property
+    def state_pattern(self) -> str:
+        """SCAN pattern matching every state hash of this namespace."""
+        return f"{self._head}*}}:s"
+
+    def user_of(self, key: str | bytes) -> str | None:
+        """User id of a state key of this namespace, else None."""
+        if isinstance(key, bytes):
+            key = key.decode("utf-8", "replace")
+        if key.startswith(self._head) and key.endswith("}:s"):
+            user = key[len(self._head) : -3]
+            if user and not _USER_FORBIDDEN.search(user):
+                return user
+        return None

@@ -1,0 +1,36 @@
+"""Prometheus metrics of the state store (default registry, names prefixed ``hytrec_store_``)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+OP_SECONDS = Histogram(
+    "hytrec_store_redis_op_seconds",
+    "Latency of one state-store round trip to Redis (a whole pipelined batch).",
+    ["op"],
+    buckets=_LATENCY_BUCKETS,
+)
+BATCH_USERS = Histogram(
+    "hytrec_store_batch_users",
+    "Users per pipelined state-store round trip.",
+    ["op"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+)
+REDIS_ERRORS = Counter("hytrec_store_redis_errors_total", "Redis errors seen by the state store.", ["op", "kind"])
+CAS_RETRIES = Counter(
+    "hytrec_store_cas_retries_total", "Per-user compare-and-set attempts that lost a race and were retried."
+)
+CAS_CONFLICTS_EXHAUSTED = Counter(
+    "hytrec_store_cas_conflicts_exhausted_total", "Users whose compare-and-set still failed after all retries."
+)
+CAS_DUPLICATES = Counter(
+    "hytrec_store_cas_duplicates_total",
+    "Writes refused by the compare-and-set script because an event id was already applied.",
+)
+CAS_REPLAYED = Counter(
+    "hytrec_store_cas_replayed_total",
+    "Writes found already committed when a connection retry re-sent them (counted once, applied once).",
+)
+CORRUPT_VALUES = Counter("hytrec_store_corrupt_values_total", "Stored values that failed to decode or were malformed.")

@@ -1,0 +1,36 @@
+"""Settings of the state store (environment variables prefixed ``HYTREC_``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class StoreSettings(BaseSettings):
+    """Where the per-user state lives and how the store talks to it.
+
+    The field names are stable: the service settings compose this class.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="HYTREC_", extra="ignore")
+
+    redis_url: str | None = Field(
+        None,
+        description="redis://, rediss:// (TLS), unix:// or redis+cluster:// URL; None starts an embedded Redis.",
+    )
+    redis_cluster: bool = Field(False, description="Treat redis_url as a Redis Cluster seed node.")
+    data_dir: Path = Field(Path("./var"), description="Folder of the embedded Redis's persisted data.")
+    key_prefix: str = Field("hytrec", description="First component of every key.")
+    pool_size: int = Field(64, ge=1, description="Maximum connections per Redis node.")
+    socket_timeout_s: float = Field(2.0, gt=0)
+    connect_timeout_s: float = Field(2.0, gt=0)
+    redis_retries: int = Field(3, ge=0, description="Reconnect-and-retry attempts on connection errors.")
+    redis_retry_backoff_ms: float = Field(10.0, ge=0, description="Base of the reconnect backoff.")
+    redis_retry_backoff_cap_ms: float = Field(500.0, ge=0)
+    cas_max_retries: int = Field(10, ge=0, description="Compare-and-set retries per user before ConflictError.")
+    cas_backoff_ms: float = Field(1.0, ge=0, description="Base of the exponential compare-and-set backoff.")
+    cas_backoff_cap_ms: float = Field(50.0, ge=0)
+    user_ttl_s: int | None = Field(None, ge=1, description="Expire a user this long after its last write.")
+    dedup_window: int = Field(1024, ge=0, description="Recent event ids kept per user for de-duplication.")

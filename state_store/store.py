@@ -1,0 +1,489 @@
+"""The per-user state store: opaque state blobs in Redis with optimistic, batched compare-and-set."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from base64 import b64encode
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis import exceptions as rex
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+
+from state_store import metrics
+from state_store.embedded import EmbeddedRedis
+from state_store.errors import ConflictError, CorruptStateError, StoreError, StoreUnavailable
+from state_store.keys import KeySpace
+from state_store.scripts import CAS, CAS_SHA, COMMITTED, CONFLICT, DUPLICATE, MALFORMED, REPLAYED
+from state_store.settings import StoreSettings
+
+T = TypeVar("T")
+Runner = Callable[[Callable[[], T]], Awaitable[T]]
+Decode = Callable[[bytes], Any]
+
+_FIELDS = ("blob", "ver", "n", "lts", "ts")
+_UNAVAILABLE = (
+    rex.ConnectionError,
+    rex.TimeoutError,
+    rex.BusyLoadingError,
+    rex.ClusterDownError,
+    rex.ClusterError,
+    rex.MasterDownError,
+    rex.TryAgainError,
+    rex.ReadOnlyError,
+    rex.SlotNotCoveredError,
+    OSError,
+)
+
+
+async def _to_thread(fn: Callable[[], T]) -> T:
+    return await asyncio.to_thread(fn)
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """What the store holds for one user at one version (``version == 0`` and ``blob is None``: no state).
+
+    ``applied`` is the subset of the event ids asked about that this user has already applied.
+    ``state`` decodes the blob with the store's codec; a blob that fails to decode raises
+    ``CorruptStateError`` and is counted, so a corrupt value is never served.
+    """
+
+    user_id: str
+    version: int
+    blob: bytes | None
+    applied: frozenset[str] = frozenset()
+    event_count: int = 0
+    last_ts: float | None = None
+    updated_ms: int | None = None
+    model_version: str = ""
+    corrupt: str | None = None
+    _decode: Decode | None = field(default=None, repr=False, compare=False)
+    _state: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def exists(self) -> bool:
+        """Whether the user has a stored state."""
+        return self.version > 0
+
+    @property
+    def state(self) -> Any:
+        """The decoded state (None for a user without state); decoded once, then cached."""
+        if self.corrupt is not None:
+            raise CorruptStateError(self.user_id, self.model_version, self.corrupt)
+        if self.blob is None:
+            return None
+        if self._state is None:
+            if self._decode is None:
+                raise StoreError("this store was opened without a decode callable")
+            self._state = self._decode(self.blob)
+        return self._state
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    """A new state for one user: the blob, the event ids it applied and how many events that was."""
+
+    blob: bytes
+    event_ids: tuple[str, ...] = ()
+    n_events: int | None = None  # None: len(event_ids)
+    last_ts: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """A write that landed: the version it created and the attempts it took."""
+
+    user_id: str
+    version: int
+    event_ids: tuple[str, ...]
+    attempts: int
+
+
+Compute = Callable[[dict[str, Snapshot]], Mapping[str, Write]]
+
+
+class StateStore:
+    """Async access to the state of many users of one model version. Build it with ``open_store``."""
+
+    def __init__(
+        self,
+        client: Any,
+        settings: StoreSettings,
+        model_version: str,
+        *,
+        cluster: bool = False,
+        decode: Decode | None = None,
+        decode_errors: tuple[type[BaseException], ...] = (Exception,),
+        runner: Runner | None = None,
+        embedded: EmbeddedRedis | None = None,
+    ) -> None:
+        self.client = client
+        self.settings = settings
+        self.keys = KeySpace(settings.key_prefix, model_version)
+        self.model_version = model_version
+        self.cluster = cluster
+        self.embedded = embedded
+        self._decode = decode
+        self._decode_errors = decode_errors
+        self._runner: Runner = runner or _to_thread
+        self._ttl_ms = (settings.user_ttl_s or 0) * 1000
+
+    # ---------------------------------------------------------------- plumbing
+    @contextmanager
+    def _guard(self, op: str, users: int = 0):
+        """Time one round trip and turn Redis failures into the store's errors."""
+        start = time.perf_counter()
+        try:
+            yield
+        except StoreError:
+            raise
+        except _UNAVAILABLE as exc:
+            metrics.REDIS_ERRORS.labels(op, type(exc).__name__).inc()
+            raise StoreUnavailable(f"redis unavailable during {op}: {exc}") from exc
+        except rex.RedisError as exc:
+            metrics.REDIS_ERRORS.labels(op, type(exc).__name__).inc()
+            raise StoreError(f"redis error during {op}: {exc}") from exc
+        finally:
+            metrics.OP_SECONDS.labels(op).observe(time.perf_counter() - start)
+            if users:
+                metrics.BATCH_USERS.labels(op).observe(users)
+
+    def _pipeline(self) -> Any:
+        return self.client.pipeline() if self.cluster else self.client.pipeline(transaction=False)
+
+    @staticmethod
+    def _check(results: list[Any]) -> None:
+        for res in results:
+            if isinstance(res, Exception) and not isinstance(res, rex.NoScriptError):
+                raise res
+
+    def _decoder(self, user_id: str) -> Decode | None:
+        if self._decode is None:
+            return None
+        decode, errors, mv = self._decode, self._decode_errors, self.model_version
+
+        def run(blob: bytes) -> Any:
+            try:
+                return decode(blob)
+            except errors as exc:
+                metrics.CORRUPT_VALUES.inc()
+                raise CorruptStateError(user_id, mv, f"{type(exc).__name__}: {exc}") from exc
+
+        return run
+
+    def _snapshot(self, user_id: str, row: list[Any], scores: list[Any] | None, asked: Sequence[str]) -> Snapshot:
+        blob, ver, n, lts, ts = row
+        applied = frozenset(e for e, s in zip(asked, scores or (), strict=False) if s is not None)
+        snap = Snapshot(user_id, 0, None, applied, model_version=self.model_version, _decode=self._decoder(user_id))
+        if ver is None and blob is None:
+            return snap
+        try:
+            snap.version = int(ver)
+            snap.event_count = int(n or 0)
+            snap.last_ts = None if lts is None else float(lts)
+            snap.updated_ms = None if ts is None else int(ts)
+            if blob is None or snap.version < 1:
+                raise ValueError("missing blob" if blob is None else f"version {snap.version}")
+            snap.blob = bytes(blob)
+        except (TypeError, ValueError) as exc:
+            metrics.CORRUPT_VALUES.inc()
+            snap.corrupt = f"malformed state hash: {exc}"
+        return snap
+
+    # ---------------------------------------------------------------- reads
+    async def _read(
+        self, user_ids: Sequence[str], event_ids: Mapping[str, Sequence[str]] | None
+    ) -> dict[str, Snapshot]:
+        asked = {u: list(dict.fromkeys((event_ids or {}).get(u, ()))) for u in user_ids}
+        with self._guard("read", len(user_ids)):
+            pipe = self._pipeline()
+            for u in user_ids:
+                pipe.hmget(self.keys.state(u), _FIELDS)
+                if asked[u]:
+                    pipe.zmscore(self.keys.dedup(u), asked[u])
+            results = await pipe.execute(raise_on_error=False)
+            self._check(results)
+        out: dict[str, Snapshot] = {}
+        it = iter(results)
+        for u in user_ids:
+            row = next(it)
+            scores = next(it) if asked[u] else None
+            out[u] = self._snapshot(u, row, scores, asked[u])
+        return out
+
+    async def get_many(
+        self, user_ids: Iterable[str], *, event_ids: Mapping[str, Sequence[str]] | None = None
+    ) -> dict[str, Snapshot | None]:
+        """Snapshots of many users in one round trip (None for a user without state).
+
+        ``event_ids`` per user: which of them are already applied is read in the same round trip
+        (``Snapshot.applied``).
+        """
+        users = list(dict.fromkeys(user_ids))
+        snaps = await self._read(users, event_ids)
+        return {u: (s if s.exists or s.corrupt else None) for u, s in snaps.items()}
+
+    async def get(self, user_id: str) -> Snapshot | None:
+        """Snapshot of one user."""
+        return (await self.get_many([user_id]))[user_id]
+
+    # ---------------------------------------------------------------- writes
+    async def _cas(self, writes: dict[str, tuple[int, Write, str]]) -> dict[str, tuple[int, int]]:
+        """Send one compare-and-set per user, pipelined; return {user: (status, version)}."""
+        now_ms = str(int(time.time() * 1000))
+        users = list(writes)
+        with self._guard("cas", len(users)):
+            pending = users
+            out: dict[str, tuple[int, int]] = {}
+            for _ in range(2):  # the second pass only runs after the server lost its script cache
+                pipe = self._pipeline()
+                for u in pending:
+                    expected, w, token = writes[u]
+                    n = len(w.event_ids) if w.n_events is None else w.n_events
+                    pipe.execute_command(
+                        "EVALSHA",
+                        CAS_SHA,
+                        2,
+                        *self.keys.keys(u),
+                        expected,
+                        w.blob,
+                        now_ms,
+                        self._ttl_ms,
+                        self.settings.dedup_window,
+                        n,
+                        "" if w.last_ts is None else repr(float(w.last_ts)),
+                        token,
+                        *w.event_ids,
+                    )
+                results = await pipe.execute(raise_on_error=False)
+                self._check(results)
+                missing = [u for u, r in zip(pending, results, strict=True) if isinstance(r, rex.NoScriptError)]
+                for u, r in zip(pending, results, strict=True):
+                    if not isinstance(r, rex.NoScriptError):
+                        out[u] = (int(r[0]), int(r[1]))
+                if not missing:
+                    return out
+                await self._load_scripts()
+                pending = missing
+            raise StoreError("redis keeps losing the compare-and-set script")
+
+    async def _load_scripts(self) -> None:
+        if self.cluster:
+            await self.client.execute_command("SCRIPT LOAD", CAS, target_nodes=self.client.PRIMARIES)
+        else:
+            await self.client.script_load(CAS)
+
+    def _backoff(self, attempt: int) -> float:
+        cap = min(self.settings.cas_backoff_cap_ms, self.settings.cas_backoff_ms * 2**attempt)
+        return random.uniform(0.0, cap) / 1000.0
+
+    async def update_many(
+        self,
+        user_ids: Iterable[str],
+        compute: Compute,
+        *,
+        event_ids: Mapping[str, Sequence[str]] | None = None,
+        runner: Runner | None = None,
+    ) -> dict[str, Commit]:
+        """Optimistic read-compute-write of many users, pipelined.
+
+        ``compute(snapshots)`` gets a ``Snapshot`` for every user still to write (``blob`` None for a new
+        user; ``applied`` says which of that user's ``event_ids`` are already applied, so they can be
+        skipped) and returns a ``Write`` for each user that changes; it runs through ``runner`` (default
+        ``asyncio.to_thread``) and may be called again for the users whose compare-and-set lost a race.
+        Each user's state, metadata and event ids are written by one Lua script or not at all. Returns the
+        commits; raises ``ConflictError`` for users still conflicting after ``cas_max_retries`` retries.
+        """
+        run = runner or self._runner
+        todo = list(dict.fromkeys(user_ids))
+        asked: dict[str, list[str]] = {u: list((event_ids or {}).get(u, ())) for u in todo}
+        commits: dict[str, Commit] = {}
+        attempts = self.settings.cas_max_retries + 1
+        for attempt in range(attempts):
+            if attempt:
+                await asyncio.sleep(self._backoff(attempt - 1))
+            snaps = await self._read(todo, asked)
+            for s in snaps.values():
+                if s.corrupt is not None:
+                    raise CorruptStateError(s.user_id, self.model_version, s.corrupt)
+            result = await run(lambda snaps=snaps: compute(snaps))
+            writes: dict[str, tuple[int, Write, str]] = {}
+            for u, w in (result or {}).items():
+                if u not in snaps:
+                    raise ValueError(f"compute returned a write for user {u!r} it was not asked about")
+                if len(set(w.event_ids)) != len(w.event_ids):
+                    raise ValueError(f"write for user {u!r} repeats an event id")
+                again = snaps[u].applied.intersection(w.event_ids)
+                if again:
+                    raise ValueError(f"write for user {u!r} re-applies event ids {sorted(again)}")
+                writes[u] = (snaps[u].version, w, b64encode(os.urandom(12)).decode())
+            if not writes:
+                return commits
+            lost: list[str] = []
+            for u, (status, version) in (await self._cas(writes)).items():
+                if status in (COMMITTED, REPLAYED):
+                    if status == REPLAYED:
+                        metrics.CAS_REPLAYED.inc()
+                    commits[u] = Commit(u, version, writes[u][1].event_ids, attempt + 1)
+                elif status == MALFORMED:
+                    metrics.CORRUPT_VALUES.inc()
+                    raise CorruptStateError(u, self.model_version, "stored version is not an integer")
+                else:
+                    if status == DUPLICATE:
+                        metrics.CAS_DUPLICATES.inc()
+                        asked[u] = list(dict.fromkeys([*asked[u], *writes[u][1].event_ids]))
+                    elif status != CONFLICT:
+                        raise StoreError(f"unexpected compare-and-set status {status}")
+                    lost.append(u)
+            if not lost:
+                return commits
+            todo = lost
+            if attempt + 1 < attempts:
+                metrics.CAS_RETRIES.inc(len(lost))
+        metrics.CAS_CONFLICTS_EXHAUSTED.inc(len(todo))
+        raise ConflictError(todo, attempts, commits)
+
+    async def put(self, user_id: str, blob: bytes, *, n_events: int = 0, last_ts: float | None = None) -> Commit:
+        """Overwrite one user's state whatever its version (backfill, tests)."""
+        commits = await self.update_many(
+            [user_id], lambda snaps: {user_id: Write(blob, (), n_events, last_ts)}, runner=_direct
+        )
+        return commits[user_id]
+
+    # ---------------------------------------------------------------- lifecycle
+    async def delete_user(self, user_id: str) -> bool:
+        """Remove every key held for the user; True if it had a state."""
+        with self._guard("delete", 1):
+            pipe = self._pipeline()
+            for key in self.keys.keys(user_id):
+                pipe.delete(key)
+            results = await pipe.execute()
+        return bool(results[0])
+
+    async def scan_users(self, count: int = 1000) -> AsyncIterator[str]:
+        """Yield the users with a state for this model version (every primary on a cluster).
+
+        Like SCAN, a user may be yielded more than once while keys change during the scan.
+        """
+        with self._guard("scan"):
+            async for key in self.client.scan_iter(match=self.keys.state_pattern, count=count):
+                user = self.keys.user_of(key)
+                if user is not None:
+                    yield user
+
+    async def ping(self) -> bool:
+        """True when Redis answers; raises ``StoreUnavailable`` otherwise."""
+        with self._guard("ping"):
+            if self.cluster:
+                await self.client.ping(target_nodes=self.client.PRIMARIES)
+            else:
+                await self.client.ping()
+        return True
+
+    async def close(self) -> None:
+        """Close the connections and stop the embedded server if this store started one."""
+        try:
+            await self.client.aclose()
+            if not self.cluster:  # a pool handed to the client is not closed with it
+                await self.client.connection_pool.disconnect()
+        finally:
+            if self.embedded is not None:
+                await asyncio.to_thread(self.embedded.stop)
+                self.embedded = None
+
+    async def __aenter__(self) -> StateStore:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+async def _direct(fn: Callable[[], T]) -> T:
+    return fn()
+
+
+def _cluster_url(url: str) -> tuple[str, bool]:
+    for scheme, plain in (("redis+cluster://", "redis://"), ("rediss+cluster://", "rediss://")):
+        if url.startswith(scheme):
+            return plain + url[len(scheme) :], True
+    return url, False
+
+
+async def open_store(
+    settings: StoreSettings | None = None,
+    model_version: str = "v0",
+    *,
+    decode: Decode | None = None,
+    decode_errors: tuple[type[BaseException], ...] = (Exception,),
+    runner: Runner | None = None,
+) -> StateStore:
+    """Connect to the configured Redis (embedded, standalone or cluster) and return a store.
+
+    ``decode`` turns a blob into the caller's state (``Snapshot.state``); the exceptions in
+    ``decode_errors`` mark a blob as corrupt. ``runner`` runs ``compute`` (default ``asyncio.to_thread``).
+    """
+    s = settings or StoreSettings()
+    retry = Retry(
+        ExponentialWithJitterBackoff(cap=s.redis_retry_backoff_cap_ms / 1000, base=s.redis_retry_backoff_ms / 1000),
+        s.redis_retries,
+    )
+    common: dict[str, Any] = {
+        "socket_timeout": s.socket_timeout_s,
+        "socket_connect_timeout": s.connect_timeout_s,
+        "retry": retry,
+        "retry_on_error": [rex.ConnectionError, rex.TimeoutError],
+    }
+    embedded: EmbeddedRedis | None = None
+    cluster = False
+    try:
+        if s.redis_url is None:
+            embedded = EmbeddedRedis(s.data_dir)
+            socket_path = await asyncio.to_thread(embedded.start)
+            pool = aioredis.BlockingConnectionPool(
+                connection_class=aioredis.UnixDomainSocketConnection,
+                path=socket_path,
+                max_connections=s.pool_size,
+                timeout=s.connect_timeout_s,
+                **common,
+            )
+            client: Any = aioredis.Redis(connection_pool=pool)
+        else:
+            url, cluster = _cluster_url(s.redis_url)
+            cluster = cluster or s.redis_cluster
+            if cluster:
+                client = aioredis.RedisCluster.from_url(url, max_connections=s.pool_size, **common)
+                await client.initialize()
+            else:
+                pool = aioredis.BlockingConnectionPool.from_url(
+                    url, max_connections=s.pool_size, timeout=s.connect_timeout_s, **common
+                )
+                client = aioredis.Redis(connection_pool=pool)
+        store = StateStore(
+            client,
+            s,
+            model_version,
+            cluster=cluster,
+            decode=decode,
+            decode_errors=decode_errors,
+            runner=runner,
+            embedded=embedded,
+        )
+        with store._guard("open"):
+            await store._load_scripts()
+        return store
+    except _UNAVAILABLE as exc:
+        if embedded is not None:
+            embedded.stop()
+        raise StoreUnavailable(f"cannot open the state store: {exc}") from exc
+    except BaseException:
+        if embedded is not None:
+            embedded.stop()
+        raise
