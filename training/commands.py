@@ -1,8 +1,4 @@
-"""Training-side commands registered by ``hytrec/cli.py``.
-
-Only ``synth`` lives here for now; ``train``, ``evaluate`` and ``recommend`` will be added to this file by
-the trainer / evaluator work.
-"""
+"""Training-side commands registered by ``hytrec/cli.py``: synth, train, eval and recommend."""
 
 from __future__ import annotations
 
@@ -53,4 +49,144 @@ def synth(
     typer.echo(f"{msg} in {time.perf_counter() - t0:.1f}s")
 
 
-# train, evaluate and recommend are added to this file later by the trainer/evaluator work (see hytrec/cli.py).
+def train(
+    data: Annotated[Path, typer.Option("--data", help="Interactions file (user_id item_id timestamp).")],
+    out: Annotated[Path, typer.Option("--out", help="Checkpoint directory to write.")],
+    model_type: Annotated[
+        str, typer.Option("--model-type", help="hytrec | hytrec-notime | tadn-only | recent-softmax | sasrec")
+    ] = "hytrec",
+    epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 200,
+    patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better val NDCG@10.")] = 10,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.01,
+    batch_tokens: Annotated[int, typer.Option(help="Events per batch.")] = 32768,
+    max_len: Annotated[int | None, typer.Option(help="Latest events a model reads (SASRec default 200).")] = None,
+    d_model: Annotated[int, typer.Option(help="Model width.")] = 64,
+    n_layers: Annotated[int, typer.Option(help="TADN blocks (HyTRec) or transformer blocks (SASRec).")] = 2,
+    n_heads: Annotated[int, typer.Option(help="Attention / TADN heads.")] = 2,
+    window: Annotated[int, typer.Option(help="K: events of the short branch and the ring buffer.")] = 64,
+    dropout: Annotated[float, typer.Option(help="Dropout.")] = 0.2,
+    state_dtype: Annotated[str, typer.Option(help="Serving state storage: float32 | float16 | bfloat16.")] = "float32",
+    loss: Annotated[str, typer.Option(help="full | sampled (logQ-corrected sampled softmax).")] = "full",
+    negatives: Annotated[int, typer.Option(help="Negatives per batch for the sampled softmax.")] = 1024,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+    threads: Annotated[int, typer.Option(help="Torch threads (0: default).")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/train_state.*.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Train a model on the leave-one-out split of DATA; writes a checkpoint, log.jsonl and metrics.json."""
+    import json
+
+    from training.train import TrainConfig
+    from training.train import train as run_training
+
+    try:
+        cfg = TrainConfig(
+            model_type=model_type,
+            epochs=epochs,
+            patience=patience,
+            lr=lr,
+            weight_decay=weight_decay,
+            batch_tokens=batch_tokens,
+            max_len=max_len,
+            d_model=d_model,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            window=window,
+            dropout=dropout,
+            state_dtype=state_dtype,
+            loss=loss,
+            negatives=negatives,
+            seed=seed,
+            threads=threads,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    result = run_training(data, out, cfg, resume=resume, quiet=quiet)
+    typer.echo(json.dumps({k: result[k] for k in ("model_version", "best_epoch", "test")}, indent=2))
+
+
+def evaluate(
+    model: Annotated[Path, typer.Option("--model", help="Checkpoint directory.")],
+    data: Annotated[Path, typer.Option("--data", help="Interactions file; evaluated on its leave-one-out test split.")],
+    split: Annotated[str, typer.Option(help="test | valid")] = "test",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Full-ranking HR/NDCG@10/50/500, overall and per history-length bucket (seen items excluded and not)."""
+    import json
+
+    from model.checkpoint import load_checkpoint
+    from training.data import Interactions, ItemVocab, leave_one_out
+    from training.evaluate import evaluate as run_eval
+
+    t0 = time.perf_counter()
+    ckpt = load_checkpoint(model)
+    interactions = Interactions.from_file(data, vocab=ItemVocab(ckpt.item_ids))
+    eval_set = getattr(leave_one_out(interactions), split)
+    filtered, unfiltered = run_eval(ckpt.model, eval_set), run_eval(ckpt.model, eval_set, exclude_seen=False)
+    result = {
+        "model_version": ckpt.version,
+        "split": split,
+        "users": len(eval_set),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "metrics": filtered.summary,
+        "metrics_unfiltered": unfiltered.summary,
+    }
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(
+        f"{ckpt.version} on {data} ({split}, {len(eval_set)} users, {result['seconds']} s); seen items excluded:"
+    )
+    typer.echo(format_summary(filtered.summary))
+
+
+def format_summary(summary: dict[str, dict[str, float]]) -> str:
+    keys = [k for k in next(iter(summary.values())) if k != "n"]
+    lines = [f"{'bucket':>10} {'n':>6} " + " ".join(f"{k:>9}" for k in keys)]
+    for bucket, row in summary.items():
+        lines.append(f"{bucket:>10} {row['n']:>6} " + " ".join(f"{row[k]:>9.4f}" for k in keys))
+    return "\n".join(lines)
+
+
+def recommend(
+    model: Annotated[Path, typer.Option("--model", help="Checkpoint directory.")],
+    history: Annotated[Path, typer.Option("--history", help="Interactions file holding the user's events.")],
+    user: Annotated[str, typer.Option("--user", help="User id in the history file.")],
+    k: Annotated[int, typer.Option("-k", "--k", help="How many items.")] = 10,
+    at: Annotated[float | None, typer.Option("--at", help="Request time (unix s); default: the last event's.")] = None,
+    exclude_seen: Annotated[bool, typer.Option("--exclude-seen/--include-seen", help="Drop the last K items.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Top-K for one user from their full history, with the parallel form (the service's reference)."""
+    import json
+
+    import numpy as np
+
+    from model.serving import ServingModel
+    from training.data import read_events
+
+    users, items, times = read_events(history)
+    mine = users == user
+    if not mine.any():
+        raise typer.BadParameter(f"user {user!r} has no events in {history}", param_hint="--user")
+    items, times = items[mine], times[mine]
+    order = np.argsort(times, kind="stable")
+    serving = ServingModel.load(model)
+    rows = [serving.row(str(i)) for i in items[order]]
+    state = serving.build(rows, times[order].tolist())
+    now = float(times.max()) if at is None else at
+    rec = serving.recommend(state, [now], k, [exclude_seen])[0]
+    result = {
+        "user_id": user,
+        "model_version": serving.version,
+        "history_length": len(rows),
+        "request_time": now,
+        "items": [{"item_id": i, "score": s} for i, s in zip(rec.item_ids, rec.scores, strict=True)],
+    }
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    typer.echo(f"user {user}: {len(rows)} events, model {serving.version}, at {now}")
+    for rank, (i, s) in enumerate(zip(rec.item_ids, rec.scores, strict=True), start=1):
+        typer.echo(f"{rank:>3}. {i}  {s:.4f}")
