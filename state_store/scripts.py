@@ -11,27 +11,35 @@ import hashlib
 #   1 committed at version | 2 this token already committed (a re-sent write) | 0 version moved on
 #  -1 an event id is already applied | -2 the stored version is not an integer.
 CAS = """
-local cur = redis.call('HGET', KEYS[1], 'ver')
+local cur = redis.call('HMGET', KEYS[1], 'ver', 'tok', 'n', 'lts')
 local ver = 0
-if cur then
-  ver = tonumber(cur)
+if cur[1] then
+  ver = tonumber(cur[1])
   if not ver then return {-2, 0} end
 end
-if redis.call('HGET', KEYS[1], 'tok') == ARGV[8] then return {2, ver} end
+if cur[2] == ARGV[8] then return {2, ver} end
 if ver ~= tonumber(ARGV[1]) then return {0, ver} end
-for i = 9, #ARGV do
-  if redis.call('ZSCORE', KEYS[2], ARGV[i]) then return {-1, ver} end
+local window = tonumber(ARGV[5])
+if window > 0 then
+  for i = 9, #ARGV do
+    if redis.call('ZSCORE', KEYS[2], ARGV[i]) then return {-1, ver} end
+  end
 end
 local nv = ver + 1
-redis.call('HSET', KEYS[1], 'blob', ARGV[2], 'ver', nv, 'ts', ARGV[3], 'tok', ARGV[8])
-redis.call('HINCRBY', KEYS[1], 'n', tonumber(ARGV[6]))
-if ARGV[7] ~= '' then
-  local old = tonumber(redis.call('HGET', KEYS[1], 'lts') or '')
-  if (not old) or tonumber(ARGV[7]) > old then redis.call('HSET', KEYS[1], 'lts', ARGV[7]) end
+local lts = cur[4]
+if ARGV[7] ~= '' and ((not lts) or (tonumber(lts) or -math.huge) < tonumber(ARGV[7])) then lts = ARGV[7] end
+local n = (tonumber(cur[3]) or 0) + tonumber(ARGV[6])
+if lts then
+  redis.call('HSET', KEYS[1], 'blob', ARGV[2], 'ver', nv, 'ts', ARGV[3], 'tok', ARGV[8], 'n', n, 'lts', lts)
+else
+  redis.call('HSET', KEYS[1], 'blob', ARGV[2], 'ver', nv, 'ts', ARGV[3], 'tok', ARGV[8], 'n', n)
 end
-local window = tonumber(ARGV[5])
 if window > 0 and #ARGV >= 9 then
-  for i = 9, #ARGV, 256 do
+  -- trim first, so a set kept within zset-max-listpack-entries stays in the compact encoding
+  local first = math.max(9, #ARGV - window + 1)
+  local over = redis.call('ZCARD', KEYS[2]) + (#ARGV - first + 1) - window
+  if over > 0 then redis.call('ZREMRANGEBYRANK', KEYS[2], 0, over - 1) end
+  for i = first, #ARGV, 256 do
     local args = {}
     for j = i, math.min(i + 255, #ARGV) do
       args[#args + 1] = nv
@@ -39,8 +47,6 @@ if window > 0 and #ARGV >= 9 then
     end
     redis.call('ZADD', KEYS[2], unpack(args))
   end
-  local over = redis.call('ZCARD', KEYS[2]) - window
-  if over > 0 then redis.call('ZREMRANGEBYRANK', KEYS[2], 0, over - 1) end
 end
 local ttl = tonumber(ARGV[4])
 if ttl > 0 then

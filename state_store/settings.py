@@ -29,8 +29,13 @@ class StoreSettings(BaseSettings):
     redis_retries: int = Field(3, ge=0, description="Reconnect-and-retry attempts on connection errors.")
     redis_retry_backoff_ms: float = Field(10.0, ge=0, description="Base of the reconnect backoff.")
     redis_retry_backoff_cap_ms: float = Field(500.0, ge=0)
-    cas_max_retries: int = Field(10, ge=0, description="Compare-and-set retries per user before ConflictError.")
-    cas_backoff_ms: float = Field(1.0, ge=0, description="Base of the exponential compare-and-set backoff.")
+    cas_max_retries: int = Field(16, ge=0, description="Compare-and-set retries per user before ConflictError.")
+    cas_backoff_ms: float = Field(2.0, ge=0, description="Base of the exponential compare-and-set backoff.")
     cas_backoff_cap_ms: float = Field(50.0, ge=0)
     user_ttl_s: int | None = Field(None, ge=1, description="Expire a user this long after its last write.")
-    dedup_window: int = Field(1024, ge=0, description="Recent event ids kept per user for de-duplication.")
+    dedup_window: int = Field(
+        128,
+        ge=0,
+        description="Recent event ids kept per user for de-duplication (0: off). Up to 128 the set stays in "
+        "Redis's compact encoding; see docs/state_store.md for the bytes per user.",
+    )

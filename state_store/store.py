@@ -29,6 +29,7 @@ Runner = Callable[[Callable[[], T]], Awaitable[T]]
 Decode = Callable[[bytes], Any]
 
 _FIELDS = ("blob", "ver", "n", "lts", "ts")
+_CAS_FIELDS = ("blob", "ver")
 _UNAVAILABLE = (
     rex.ConnectionError,
     rex.TimeoutError,
@@ -52,6 +53,8 @@ class Snapshot:
     """What the store holds for one user at one version (``version == 0`` and ``blob is None``: no state).
 
     ``applied`` is the subset of the event ids asked about that this user has already applied.
+    ``event_count``, ``last_ts`` and ``updated_ms`` are read by ``get_many`` (None in the snapshots
+    ``update_many`` hands to ``compute``, which reads only the blob and version).
     ``state`` decodes the blob with the store's codec; a blob that fails to decode raises
     ``CorruptStateError`` and is counted, so a corrupt value is never served.
     """
@@ -60,12 +63,12 @@ class Snapshot:
     version: int
     blob: bytes | None
     applied: frozenset[str] = frozenset()
-    event_count: int = 0
+    event_count: int | None = None
     last_ts: float | None = None
     updated_ms: int | None = None
     model_version: str = ""
     corrupt: str | None = None
-    _decode: Decode | None = field(default=None, repr=False, compare=False)
+    _decode: Callable[[str, bytes], Any] | None = field(default=None, repr=False, compare=False)
     _state: Any = field(default=None, repr=False, compare=False)
 
     @property
@@ -83,7 +86,7 @@ class Snapshot:
         if self._state is None:
             if self._decode is None:
                 raise StoreError("this store was opened without a decode callable")
-            self._state = self._decode(self.blob)
+            self._state = self._decode(self.user_id, self.blob)
         return self._state
 
 
@@ -165,31 +168,33 @@ class StateStore:
             if isinstance(res, Exception) and not isinstance(res, rex.NoScriptError):
                 raise res
 
-    def _decoder(self, user_id: str) -> Decode | None:
-        if self._decode is None:
-            return None
-        decode, errors, mv = self._decode, self._decode_errors, self.model_version
-
-        def run(blob: bytes) -> Any:
-            try:
-                return decode(blob)
-            except errors as exc:
-                metrics.CORRUPT_VALUES.inc()
-                raise CorruptStateError(user_id, mv, f"{type(exc).__name__}: {exc}") from exc
-
-        return run
+    def _decode_blob(self, user_id: str, blob: bytes) -> Any:
+        try:
+            return self._decode(blob)  # type: ignore[misc]
+        except self._decode_errors as exc:
+            metrics.CORRUPT_VALUES.inc()
+            raise CorruptStateError(user_id, self.model_version, f"{type(exc).__name__}: {exc}") from exc
 
     def _snapshot(self, user_id: str, row: list[Any], scores: list[Any] | None, asked: Sequence[str]) -> Snapshot:
-        blob, ver, n, lts, ts = row
-        applied = frozenset(e for e, s in zip(asked, scores or (), strict=False) if s is not None)
-        snap = Snapshot(user_id, 0, None, applied, model_version=self.model_version, _decode=self._decoder(user_id))
+        blob, ver = row[0], row[1]
+        applied = frozenset(e for e, s in zip(asked, scores, strict=True) if s is not None) if scores else frozenset()
+        snap = Snapshot(
+            user_id,
+            0,
+            None,
+            applied,
+            model_version=self.model_version,
+            _decode=None if self._decode is None else self._decode_blob,
+        )
         if ver is None and blob is None:
             return snap
         try:
             snap.version = int(ver)
-            snap.event_count = int(n or 0)
-            snap.last_ts = None if lts is None else float(lts)
-            snap.updated_ms = None if ts is None else int(ts)
+            if len(row) > 2:
+                n, lts, ts = row[2:]
+                snap.event_count = int(n or 0)
+                snap.last_ts = None if lts is None else float(lts)
+                snap.updated_ms = None if ts is None else int(ts)
             if blob is None or snap.version < 1:
                 raise ValueError("missing blob" if blob is None else f"version {snap.version}")
             snap.blob = bytes(blob)
@@ -200,13 +205,13 @@ class StateStore:
 
     # ---------------------------------------------------------------- reads
     async def _read(
-        self, user_ids: Sequence[str], event_ids: Mapping[str, Sequence[str]] | None
+        self, user_ids: Sequence[str], event_ids: Mapping[str, Sequence[str]] | None, fields: tuple = _FIELDS
     ) -> dict[str, Snapshot]:
         asked = {u: list(dict.fromkeys((event_ids or {}).get(u, ()))) for u in user_ids}
         with self._guard("read", len(user_ids)):
             pipe = self._pipeline()
             for u in user_ids:
-                pipe.hmget(self.keys.state(u), _FIELDS)
+                pipe.hmget(self.keys.state(u), fields)
                 if asked[u]:
                     pipe.zmscore(self.keys.dedup(u), asked[u])
             results = await pipe.execute(raise_on_error=False)
@@ -310,12 +315,13 @@ class StateStore:
         for attempt in range(attempts):
             if attempt:
                 await asyncio.sleep(self._backoff(attempt - 1))
-            snaps = await self._read(todo, asked)
+            snaps = await self._read(todo, asked, _CAS_FIELDS)
             for s in snaps.values():
                 if s.corrupt is not None:
                     raise CorruptStateError(s.user_id, self.model_version, s.corrupt)
             result = await run(lambda snaps=snaps: compute(snaps))
             writes: dict[str, tuple[int, Write, str]] = {}
+            prefix = b64encode(os.urandom(12)).decode()  # write tokens: unique per attempt and user
             for u, w in (result or {}).items():
                 if u not in snaps:
                     raise ValueError(f"compute returned a write for user {u!r} it was not asked about")
@@ -324,7 +330,7 @@ class StateStore:
                 again = snaps[u].applied.intersection(w.event_ids)
                 if again:
                     raise ValueError(f"write for user {u!r} re-applies event ids {sorted(again)}")
-                writes[u] = (snaps[u].version, w, b64encode(os.urandom(12)).decode())
+                writes[u] = (snaps[u].version, w, f"{prefix}{len(writes)}")
             if not writes:
                 return commits
             lost: list[str] = []
