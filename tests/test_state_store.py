@@ -366,3 +366,16 @@ def test_wrong_type_at_a_key_is_a_store_error(redis_url: str) -> None:
             await store.get_many(["u"])
 
     run(redis_url, body)
+
+
+def test_default_dedup_window_stays_compact(redis_url: str) -> None:
+    async def body(store) -> None:
+        window = store.settings.dedup_window
+        for start in range(0, window + 20, 10):
+            ids = tuple(f"e{i}" for i in range(start, start + 10))
+            await store.update_many(["u"], lambda s, ids=ids: {"u": Write(encode(b"."), ids)})
+        key = store.keys.dedup("u")
+        assert await store.client.zcard(key) == window
+        assert await store.client.object("encoding", key) in (b"ziplist", b"listpack")
+
+    run(redis_url, body)
