@@ -1,0 +1,150 @@
+"""Errors as RFC 9457 problem details (``application/problem+json``).
+
+A client's mistake is a 4xx naming the offending field (``events[3].ts``); an unreachable store or a model
+still loading is a 503 with Retry-After; anything else is a 500 that leaks no internals.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from state_store import ConflictError, CorruptStateError, StoreError, StoreUnavailable
+
+log = logging.getLogger("hytrec.service")
+
+PROBLEM_JSON = "application/problem+json"
+TYPE_BASE = "https://hytrec.dev/problems/"
+
+
+class Problem(Exception):
+    """An error answered as a problem document."""
+
+    def __init__(
+        self,
+        status: int,
+        kind: str,
+        title: str,
+        detail: str,
+        *,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(detail)
+        self.status, self.kind, self.title, self.detail = status, kind, title, detail
+        self.headers = headers or {}
+        self.extra = extra
+
+
+def field_problem(errors: list[dict[str, Any]], detail: str | None = None) -> Problem:
+    """A 422 listing invalid fields (each ``{"field", "message", "type"}``)."""
+    detail = detail or "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+    return Problem(422, "validation", "Request validation failed", detail, errors=errors)
+
+
+def unavailable(detail: str, retry_after: int, kind: str = "unavailable") -> Problem:
+    return Problem(503, kind, "Service unavailable", detail, headers={"Retry-After": str(retry_after)})
+
+
+def field_path(loc: tuple[Any, ...] | list[Any]) -> str:
+    """``("body", "events", 3, "ts")`` -> ``events[3].ts``; the location part (body/query/path) is dropped."""
+    parts = list(loc[1:]) if loc and loc[0] in ("body", "query", "path", "header") else list(loc)
+    out = ""
+    for p in parts:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        else:
+            out += f".{p}" if out else str(p)
+    return out or (str(loc[0]) if loc else "body")
+
+
+def problem_response(request: Request | None, p: Problem) -> JSONResponse:
+    body: dict[str, Any] = {"type": TYPE_BASE + p.kind, "title": p.title, "status": p.status, "detail": p.detail}
+    if request is not None:
+        body["instance"] = request.url.path
+    body.update(p.extra)
+    return JSONResponse(body, status_code=p.status, headers=p.headers, media_type=PROBLEM_JSON)
+
+
+def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = []
+    malformed = None
+    for err in exc.errors():
+        loc = tuple(err.get("loc", ()))
+        if err.get("type") == "json_invalid":
+            malformed = err
+            continue
+        if loc == ("body",) and err.get("type") in ("model_attributes_type", "dict_type", "model_type"):
+            err = {**err, "msg": "the body must be a JSON object, sent with Content-Type: application/json"}
+        errors.append(
+            {
+                "field": field_path(loc),
+                "in": loc[0] if loc else "body",
+                "message": err.get("msg", "invalid"),
+                "type": err.get("type", "invalid"),
+            }
+        )
+    if malformed is not None:
+        ctx = malformed.get("ctx") or {}
+        where = malformed.get("loc", ("body", 0))
+        detail = f"request body is not valid JSON ({ctx.get('error', 'parse error')} at position {where[-1]})"
+        return problem_response(request, Problem(400, "malformed-json", "Malformed JSON", detail))
+    if not errors:
+        errors = [{"field": "body", "in": "body", "message": "invalid request", "type": "invalid"}]
+    return problem_response(request, field_problem(errors))
+
+
+def install(app: FastAPI, retry_after: int) -> None:
+    """Register the problem-details handlers on ``app``."""
+
+    @app.exception_handler(Problem)
+    async def _problem(request: Request, exc: Problem) -> JSONResponse:
+        return problem_response(request, exc)
+
+    app.add_exception_handler(RequestValidationError, _validation)  # type: ignore[arg-type]
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        titles = {404: "Not found", 405: "Method not allowed", 413: "Content too large"}
+        p = Problem(
+            exc.status_code,
+            {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http"),
+            titles.get(exc.status_code, "HTTP error"),
+            str(exc.detail),
+            headers=dict(exc.headers or {}),
+        )
+        return problem_response(request, p)
+
+    @app.exception_handler(StoreUnavailable)
+    async def _store_down(request: Request, exc: StoreUnavailable) -> JSONResponse:
+        log.warning("state store unavailable: %s", exc)
+        return problem_response(request, unavailable("the state store is unavailable; retry later", retry_after))
+
+    @app.exception_handler(ConflictError)
+    async def _conflict(request: Request, exc: ConflictError) -> JSONResponse:
+        detail = (
+            f"concurrent updates kept conflicting for {len(exc.user_ids)} user(s); other users of the batch were "
+            "applied. Retry the batch (events with event_id are applied once)."
+        )
+        return problem_response(request, unavailable(detail, retry_after, "conflict"))
+
+    @app.exception_handler(CorruptStateError)
+    async def _corrupt(request: Request, exc: CorruptStateError) -> JSONResponse:
+        log.error("%s", exc)
+        detail = f"the stored state of user {exc.user_id!r} is corrupt; DELETE the user or run a backfill"
+        return problem_response(request, Problem(500, "corrupt-state", "Corrupt state", detail))
+
+    @app.exception_handler(StoreError)
+    async def _store_error(request: Request, exc: StoreError) -> JSONResponse:
+        log.error("state store error: %s", exc)
+        return problem_response(request, Problem(500, "store-error", "State store error", "state store error"))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return problem_response(request, Problem(500, "internal", "Internal server error", "internal error"))

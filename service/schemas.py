@@ -1,0 +1,106 @@
+"""Request and response bodies of the HTTP API (pydantic v2), shared by the server and the client."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+
+ID_PATTERN = r"^[A-Za-z0-9_.:@-]{1,128}$"
+MAX_TS = 4_102_444_800.0  # 2100-01-01: timestamps are unix seconds in (0, MAX_TS)
+
+
+def _int_to_str(value: Any) -> Any:
+    """Accept JSON integers as item ids (booleans stay invalid)."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+Identifier = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
+ItemId = Annotated[str, BeforeValidator(_int_to_str), StringConstraints(pattern=ID_PATTERN)]
+Timestamp = Annotated[float, Field(gt=0, lt=MAX_TS, allow_inf_nan=False, description="Unix seconds.")]
+
+
+class Event(BaseModel):
+    """One interaction of a user with an item."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: Identifier
+    item_id: ItemId
+    ts: Timestamp
+    event_type: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,32}$")] | None = Field(
+        None, description="Accepted and validated; not used by the model yet."
+    )
+    event_id: Identifier | None = Field(None, description="Idempotency key, unique per user: applied once.")
+
+
+class EventBatch(BaseModel):
+    """A batch of events, validated as a whole (the size limit is the HYTREC_MAX_BATCH_EVENTS setting)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    events: list[Event] = Field(min_length=1)
+
+
+class IngestResult(BaseModel):
+    """What a batch did: events applied, skipped as duplicates, and among the applied the special cases."""
+
+    applied: int
+    duplicates: int
+    unknown_items: int
+    out_of_order: int
+    users: int
+
+
+class ScoredItem(BaseModel):
+    item_id: str
+    score: float
+
+
+class Recommendations(BaseModel):
+    """Top-k for a user; ``fallback`` is ``"popularity"`` when the user has no usable state."""
+
+    user_id: str
+    items: list[ScoredItem]
+    model_version: str
+    history_length: int
+    fallback: Literal[False, "popularity"]
+    request_time: float
+
+
+class RecentEvent(BaseModel):
+    item_id: str | None = Field(description="External id; null for an item the model does not know.")
+    ts: float
+
+
+class UserSummary(BaseModel):
+    """What the store holds for a user under the served model version."""
+
+    user_id: str
+    model_version: str
+    history_length: int
+    last_ts: float | None
+    recent: list[RecentEvent] = Field(description="The ring buffer (last K events), newest last.")
+    state_bytes: int
+    store_version: int
+    updated_ms: int | None
+
+
+class Deleted(BaseModel):
+    user_id: str
+    deleted: bool
+
+
+class ModelInfo(BaseModel):
+    version: str
+    model_type: str
+    n_items: int
+    config: dict[str, Any]
+    state_dtype: str
+    strict_items: bool
+
+
+class Health(BaseModel):
+    status: str
+    model_version: str | None = None
+    detail: str | None = None

@@ -1,0 +1,47 @@
+"""Settings of the inference service: one pydantic-settings class, environment variables prefixed ``HYTREC_``.
+
+It extends the state store's settings (Redis URL, key prefix, pool, retries...), so one environment configures
+both; docs/service.md has the full table.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from state_store.settings import StoreSettings
+
+
+class Settings(StoreSettings):
+    """Everything ``hytrec serve`` reads from the environment (see docs/service.md for the table)."""
+
+    model_config = SettingsConfigDict(env_prefix="HYTREC_", extra="ignore", protected_namespaces=())
+
+    model: Path = Field(Path("models/demo"), description="Checkpoint directory served (HYTREC_MODEL).")
+    host: str = Field("127.0.0.1", description="Interface `hytrec serve` binds.")
+    port: int = Field(8000, ge=0, le=65535, description="Port `hytrec serve` binds.")
+    workers: int = Field(1, ge=1, description="Uvicorn worker processes of `hytrec serve`.")
+    log_level: str = Field("info", description="Uvicorn and service log level.")
+    api_keys: str = Field("", description="Comma-separated API keys; when set, every /v1 route needs a bearer key.")
+    strict_items: bool = Field(False, description="Reject a batch holding an item id the model does not know.")
+    max_batch_events: int = Field(1000, ge=1, le=100_000, description="Most events in one POST /v1/events.")
+    max_body_bytes: int = Field(2_097_152, ge=1024, description="Largest request body accepted (413 beyond).")
+    max_k: int = Field(1000, ge=1, description="Largest k a recommendation request may ask for.")
+    microbatch_max_size: int = Field(64, ge=1, description="Most recommendation requests scored in one product.")
+    microbatch_max_wait_ms: float = Field(
+        1.0, ge=0, description="How long a recommendation batch waits for company (0: take what is queued)."
+    )
+    torch_threads: int = Field(1, ge=1, description="Intra-op threads of the single torch worker thread.")
+    state_dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+        None, description="Storage dtype of new states (default: the checkpoint's)."
+    )
+    retry_after_s: int = Field(1, ge=1, description="Retry-After of 503 answers.")
+    startup_delay_s: float = Field(0.0, ge=0, description="Wait before loading the model (tests of /readyz).")
+
+    @property
+    def api_key_list(self) -> list[str]:
+        """The configured API keys (empty: authentication off)."""
+        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
