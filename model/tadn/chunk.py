@@ -66,9 +66,11 @@ def chunk_gated_delta_rule(
 
     state = initial_state if initial_state is not None else q.new_zeros(b, h, d_v, d_k)
     outputs = []
-    for i in range(n):
-        u = u_v[:, :, i] - w[:, :, i] @ state.transpose(-1, -2)
-        outputs.append(q_decayed[:, :, i] @ state.transpose(-1, -2) + attn[:, :, i] @ u)
-        state = state * chunk_decay[:, :, i] + u.transpose(-1, -2) @ k_to_end[:, :, i]
+    # unbind once: indexing chunk i inside the loop would make autograd write a full-size zero tensor per chunk
+    per_chunk = (t.unbind(2) for t in (u_v, w, q_decayed, attn, chunk_decay, k_to_end))
+    for u_v_i, w_i, q_i, attn_i, decay_i, k_i in zip(*per_chunk, strict=True):
+        u = u_v_i - w_i @ state.transpose(-1, -2)
+        outputs.append(q_i @ state.transpose(-1, -2) + attn_i @ u)
+        state = state * decay_i + u.transpose(-1, -2) @ k_i
     out = torch.stack(outputs, dim=2).reshape(b, h, n * c, d_v)[:, :, :length]
     return out, state
