@@ -34,7 +34,7 @@ class FeedForward(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.down(self.dropout(F.gelu(self.up(x)))))
+        return self.dropout(self.down(F.gelu(self.up(x))))
 
 
 class TADNLayer(nn.Module):

@@ -88,8 +88,8 @@ def next_item_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: TrainC
     u = model(items[:, :-1], times[:, :-1], times[:, 1:], lengths)
     mask = torch.arange(items.shape[1] - 1)[None, :] < lengths[:, None]
     u, targets = u[mask], items[:, 1:][mask]
-    if cfg.loss == "full":
-        return F.cross_entropy(model.logits(u), targets)
+    if cfg.loss == "full":  # over catalogue columns only: no -inf padding / unknown columns to write
+        return F.cross_entropy(model.item_scores(u), targets - FIRST_ITEM_ROW)
     # Sampled softmax with logQ correction: shared negatives drawn from the popularity distribution.
     emb = model.item_emb.weight
     negatives = torch.multinomial(log_q.exp(), cfg.negatives, replacement=True) + FIRST_ITEM_ROW
