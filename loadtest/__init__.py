@@ -1,0 +1,1 @@
+"""Load generator for the HyTRec service (python -m loadtest.run)."""
