@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint serve bench-model clean
+.PHONY: install test lint serve bench-model demo-model clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -31,3 +31,13 @@ bench-model: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+# The demo model bundled for the service's default run: trained on a synthetic log (no real data in the repo).
+DEMO_RUN := var/demo-run
+demo-model: $(STAMP)
+	$(BIN)/hytrec synth --users 1000 --items 500 --events-per-user lognormal:200 --seed 7 --out $(DEMO_RUN)/synth.tsv.gz
+	$(BIN)/hytrec train --data $(DEMO_RUN)/synth.tsv.gz --out $(DEMO_RUN)/model --epochs 12 --patience 3 \
+		--state-dtype float16 --seed 0 --quiet
+	mkdir -p models/demo
+	cp $(DEMO_RUN)/model/model.safetensors $(DEMO_RUN)/model/config.json $(DEMO_RUN)/model/items.json \
+		$(DEMO_RUN)/model/metrics.json models/demo/
