@@ -76,7 +76,8 @@ def replay(
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="HYTREC_API_KEY", help="Bearer key.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Events per POST.")] = 500,
     event_ids: Annotated[
-        bool, typer.Option("--event-ids/--no-event-ids", help="Send ids derived from file and line (idempotent).")
+        bool,
+        typer.Option("--event-ids/--no-event-ids", help="Ids from file and line: a re-sent batch is applied once."),
     ] = True,
 ) -> None:
     """Post a log into a running server in time order (per user, ties in file order), batch by batch."""

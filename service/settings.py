@@ -32,7 +32,7 @@ class Settings(StoreSettings):
     max_k: int = Field(1000, ge=1, description="Largest k a recommendation request may ask for.")
     microbatch_max_size: int = Field(64, ge=1, description="Most recommendation requests scored in one product.")
     microbatch_max_wait_ms: float = Field(
-        1.0, ge=0, description="How long a recommendation batch waits for company (0: take what is queued)."
+        0.0, ge=0, description="How long a recommendation batch waits for company (0: take what is queued)."
     )
     torch_threads: int = Field(1, ge=1, description="Intra-op threads of the single torch worker thread.")
     state_dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
