@@ -18,6 +18,10 @@ def _set_env(name: str, value: object | None) -> None:
         os.environ[f"HYTREC_{name.upper()}"] = str(value)
 
 
+def _raise_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def serve(
     host: Annotated[str | None, typer.Option("--host", help="Interface to bind (env HYTREC_HOST).")] = None,
     port: Annotated[int | None, typer.Option("--port", help="Port to bind (env HYTREC_PORT).")] = None,
@@ -26,6 +30,7 @@ def serve(
 ) -> None:
     """Run the inference service. Without HYTREC_REDIS_URL it starts an embedded Redis under HYTREC_DATA_DIR."""
     import shutil
+    import signal
     import tempfile
 
     import uvicorn
@@ -50,6 +55,8 @@ def serve(
         embedded = EmbeddedRedis(settings.data_dir)
         os.environ["HYTREC_REDIS_URL"] = f"unix://{embedded.start()}"  # shared by every worker
         typer.echo(f"embedded redis: data in {embedded.data_dir}", err=True)
+    # uvicorn re-raises SIGTERM after its graceful shutdown; make that an exception so the finally below runs
+    signal.signal(signal.SIGTERM, _raise_exit)
     prom_dir = None
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         prom_dir = tempfile.mkdtemp(prefix="hytrec-prometheus-")
