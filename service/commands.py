@@ -78,7 +78,9 @@ def serve(
 
 
 def replay(
-    log: Annotated[Path, typer.Argument(help="Interactions file: user_id item_id timestamp (TSV, header, .gz ok).")],
+    log: Annotated[
+        Path, typer.Option("--log", help="Interactions file: user_id item_id timestamp (TSV, header, .gz ok).")
+    ],
     url: Annotated[str, typer.Option("--url", envvar="HYTREC_URL", help="Service base URL.")] = "http://127.0.0.1:8000",
     api_key: Annotated[str | None, typer.Option("--api-key", envvar="HYTREC_API_KEY", help="Bearer key.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Events per POST.")] = 500,
@@ -124,7 +126,7 @@ def replay(
 
 
 def backfill(
-    history: Annotated[Path, typer.Argument(help="Interactions file holding the users' full histories.")],
+    history: Annotated[Path, typer.Option("--history", help="Interactions file holding the users' full histories.")],
     model: Annotated[Path | None, typer.Option("--model", help="Checkpoint directory (env HYTREC_MODEL).")] = None,
     user: Annotated[list[str] | None, typer.Option("--user", help="Only these users (repeatable).")] = None,
 ) -> None:
