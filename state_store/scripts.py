@@ -58,4 +58,20 @@ return {1, nv}
 
 CAS_SHA = hashlib.sha1(CAS.encode()).hexdigest()
 
+# The read of a user whose events carry ids: the state fields and which ids are already applied, in one
+# command (HMGET + ZMSCORE would be two per user, and the client's per-command cost dominates the read).
+# KEYS: state hash, dedup zset. ARGV: number of fields, fields..., event ids...
+# Returns {fields (nil where absent), flags (1 = already applied, 0 = not), one per event id}.
+READ = """
+local nf = tonumber(ARGV[1])
+local row = redis.call('HMGET', KEYS[1], unpack(ARGV, 2, nf + 1))
+local flags = {}
+for i = nf + 2, #ARGV do
+  flags[#flags + 1] = redis.call('ZSCORE', KEYS[2], ARGV[i]) and 1 or 0
+end
+return {row, flags}
+"""
+
+READ_SHA = hashlib.sha1(READ.encode()).hexdigest()
+
 COMMITTED, REPLAYED, CONFLICT, DUPLICATE, MALFORMED = 1, 2, 0, -1, -2

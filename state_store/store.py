@@ -21,7 +21,7 @@ from state_store import metrics
 from state_store.embedded import EmbeddedRedis
 from state_store.errors import ConflictError, CorruptStateError, StoreError, StoreUnavailable
 from state_store.keys import KeySpace
-from state_store.scripts import CAS, CAS_SHA, COMMITTED, CONFLICT, DUPLICATE, MALFORMED, REPLAYED
+from state_store.scripts import CAS, CAS_SHA, COMMITTED, CONFLICT, DUPLICATE, MALFORMED, READ, READ_SHA, REPLAYED
 from state_store.settings import StoreSettings
 
 T = TypeVar("T")
@@ -207,20 +207,28 @@ class StateStore:
     async def _read(
         self, user_ids: Sequence[str], event_ids: Mapping[str, Sequence[str]] | None, fields: tuple = _FIELDS
     ) -> dict[str, Snapshot]:
+        """One pipelined command per user: HMGET, or the READ script when event ids are asked about."""
         asked = {u: list(dict.fromkeys((event_ids or {}).get(u, ()))) for u in user_ids}
         with self._guard("read", len(user_ids)):
-            pipe = self._pipeline()
-            for u in user_ids:
-                pipe.hmget(self.keys.state(u), fields)
-                if asked[u]:
-                    pipe.zmscore(self.keys.dedup(u), asked[u])
-            results = await pipe.execute(raise_on_error=False)
-            self._check(results)
+            for _ in range(2):  # the second pass only runs after the server lost its script cache
+                pipe = self._pipeline()
+                for u in user_ids:
+                    if asked[u]:
+                        pipe.execute_command(
+                            "EVALSHA", READ_SHA, 2, *self.keys.keys(u), len(fields), *fields, *asked[u]
+                        )
+                    else:
+                        pipe.hmget(self.keys.state(u), fields)
+                results = await pipe.execute(raise_on_error=False)
+                self._check(results)
+                if not any(isinstance(r, rex.NoScriptError) for r in results):
+                    break
+                await self._load_scripts()
+            else:
+                raise StoreError("redis keeps losing the read script")
         out: dict[str, Snapshot] = {}
-        it = iter(results)
-        for u in user_ids:
-            row = next(it)
-            scores = next(it) if asked[u] else None
+        for u, res in zip(user_ids, results, strict=True):
+            row, scores = (res[0], [1 if f else None for f in res[1]]) if asked[u] else (res, None)
             out[u] = self._snapshot(u, row, scores, asked[u])
         return out
 
@@ -281,10 +289,11 @@ class StateStore:
             raise StoreError("redis keeps losing the compare-and-set script")
 
     async def _load_scripts(self) -> None:
-        if self.cluster:
-            await self.client.execute_command("SCRIPT LOAD", CAS, target_nodes=self.client.PRIMARIES)
-        else:
-            await self.client.script_load(CAS)
+        for script in (CAS, READ):
+            if self.cluster:
+                await self.client.execute_command("SCRIPT LOAD", script, target_nodes=self.client.PRIMARIES)
+            else:
+                await self.client.script_load(script)
 
     def _backoff(self, attempt: int) -> float:
         cap = min(self.settings.cas_backoff_cap_ms, self.settings.cas_backoff_ms * 2**attempt)

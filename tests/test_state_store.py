@@ -160,7 +160,7 @@ def test_batches_use_one_round_trip_per_phase(redis_url: str) -> None:
         store._pipeline = counting_pipeline
         commits = await store.update_many(users, append(b"a"), event_ids={u: [f"{u}-a"] for u in users})
         assert sorted(commits) == sorted(users) and all(c.version == 1 for c in commits.values())
-        assert calls == [600, 300]  # one read round trip (hash + dedup per user), one CAS round trip
+        assert calls == [300, 300]  # one read round trip (one READ script per user), one CAS round trip
         calls.clear()
         snaps = await store.get_many(users)
         assert calls == [300] and all(snaps[u].state == b"a" for u in users)
