@@ -167,8 +167,7 @@ def backfill(
                 rows = [serving.row(str(i)) for i in items[lo:hi]]
                 stamps = times[lo:hi].tolist()
                 blob = serving.encode(serving.build(rows, stamps))
-                await store.delete_user(uid)  # put() adds to the stored event count: start from nothing
-                await store.put(uid, blob, n_events=len(rows), last_ts=max(stamps))
+                await store.put(uid, blob, n_events=len(rows), last_ts=max(stamps))  # replaces count and ts
                 done += 1
                 events += len(rows)
         finally:

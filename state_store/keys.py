@@ -2,6 +2,7 @@
 
 ``<prefix>:<model_version>:{u:<user_id>}:s``  hash  blob, ver, n, lts, ts (the user's state and metadata)
 ``<prefix>:<model_version>:{u:<user_id>}:d``  zset  recent event ids and write tokens (score = version)
+``<prefix>:{u:<user_id>}:v``                  set   model versions that hold state for the user (erasure)
 
 The hash tag ``{u:<user_id>}`` puts every key of a user in one slot, so the per-user compare-and-set
 script may touch them all on a Redis Cluster. See docs/state_store.md.
@@ -48,9 +49,17 @@ class KeySpace:
         """Key of the user's bounded set of applied event ids."""
         return f"{self._head}{check_user_id(user_id)}}}:d"
 
+    def versions(self, user_id: str) -> str:
+        """Key of the user's set of model versions holding state (shared by every version's namespace)."""
+        return f"{self.prefix}:{{u:{check_user_id(user_id)}}}:v"
+
     def keys(self, user_id: str) -> tuple[str, str]:
-        """Every key held for the user."""
+        """The keys held for the user under this model version."""
         return self.state(user_id), self.dedup(user_id)
+
+    def of_version(self, model_version: str) -> KeySpace:
+        """The same prefix, another model version."""
+        return KeySpace(self.prefix, model_version)
 
     @property
     def state_pattern(self) -> str:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import hashlib
 
-# KEYS: state hash, dedup zset.
-# ARGV: expected ver, blob, now ms, ttl ms (0 = none), dedup window, events in this write,
-#       last ts ('' = none), write token, event ids...
+# KEYS: state hash, dedup zset, the user's set of model versions holding state (for erasure).
+# ARGV: expected ver, blob, now ms, ttl ms (0 = none), dedup window, events in this write ('=N': set the
+#       count to N instead of adding), last ts ('' = none), write token, model version, event ids...
 # Returns {status, version}:
 #   1 committed at version | 2 this token already committed (a re-sent write) | 0 version moved on
 #  -1 an event id is already applied | -2 the stored version is not an integer.
@@ -21,22 +21,29 @@ if cur[2] == ARGV[8] then return {2, ver} end
 if ver ~= tonumber(ARGV[1]) then return {0, ver} end
 local window = tonumber(ARGV[5])
 if window > 0 then
-  for i = 9, #ARGV do
+  for i = 10, #ARGV do
     if redis.call('ZSCORE', KEYS[2], ARGV[i]) then return {-1, ver} end
   end
 end
 local nv = ver + 1
 local lts = cur[4]
-if ARGV[7] ~= '' and ((not lts) or (tonumber(lts) or -math.huge) < tonumber(ARGV[7])) then lts = ARGV[7] end
-local n = (tonumber(cur[3]) or 0) + tonumber(ARGV[6])
+local n
+if string.sub(ARGV[6], 1, 1) == '=' then
+  n = tonumber(string.sub(ARGV[6], 2))
+  if ARGV[7] ~= '' then lts = ARGV[7] end
+else
+  n = (tonumber(cur[3]) or 0) + tonumber(ARGV[6])
+  if ARGV[7] ~= '' and ((not lts) or (tonumber(lts) or -math.huge) < tonumber(ARGV[7])) then lts = ARGV[7] end
+end
 if lts then
   redis.call('HSET', KEYS[1], 'blob', ARGV[2], 'ver', nv, 'ts', ARGV[3], 'tok', ARGV[8], 'n', n, 'lts', lts)
 else
   redis.call('HSET', KEYS[1], 'blob', ARGV[2], 'ver', nv, 'ts', ARGV[3], 'tok', ARGV[8], 'n', n)
 end
-if window > 0 and #ARGV >= 9 then
+redis.call('SADD', KEYS[3], ARGV[9])
+if window > 0 and #ARGV >= 10 then
   -- trim first, so a set kept within zset-max-listpack-entries stays in the compact encoding
-  local first = math.max(9, #ARGV - window + 1)
+  local first = math.max(10, #ARGV - window + 1)
   local over = redis.call('ZCARD', KEYS[2]) + (#ARGV - first + 1) - window
   if over > 0 then redis.call('ZREMRANGEBYRANK', KEYS[2], 0, over - 1) end
   for i = first, #ARGV, 256 do
@@ -52,6 +59,7 @@ local ttl = tonumber(ARGV[4])
 if ttl > 0 then
   redis.call('PEXPIRE', KEYS[1], ttl)
   redis.call('PEXPIRE', KEYS[2], ttl)
+  redis.call('PEXPIRE', KEYS[3], ttl)
 end
 return {1, nv}
 """

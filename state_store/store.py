@@ -98,6 +98,7 @@ class Write:
     event_ids: tuple[str, ...] = ()
     n_events: int | None = None  # None: len(event_ids)
     last_ts: float | None = None
+    replace_count: bool = False  # True: n_events and last_ts replace the stored ones (backfill) instead of adding
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,16 +265,18 @@ class StateStore:
                     pipe.execute_command(
                         "EVALSHA",
                         CAS_SHA,
-                        2,
+                        3,
                         *self.keys.keys(u),
+                        self.keys.versions(u),
                         expected,
                         w.blob,
                         now_ms,
                         self._ttl_ms,
                         self.settings.dedup_window,
-                        n,
+                        f"={n}" if w.replace_count else n,
                         "" if w.last_ts is None else repr(float(w.last_ts)),
                         token,
+                        self.model_version,
                         *w.event_ids,
                     )
                 results = await pipe.execute(raise_on_error=False)
@@ -367,21 +370,29 @@ class StateStore:
         raise ConflictError(todo, attempts, commits)
 
     async def put(self, user_id: str, blob: bytes, *, n_events: int = 0, last_ts: float | None = None) -> Commit:
-        """Overwrite one user's state whatever its version (backfill, tests)."""
+        """Overwrite one user's state, event count and latest timestamp whatever its version (backfill)."""
         commits = await self.update_many(
-            [user_id], lambda snaps: {user_id: Write(blob, (), n_events, last_ts)}, runner=_direct
+            [user_id], lambda snaps: {user_id: Write(blob, (), n_events, last_ts, replace_count=True)}, runner=_direct
         )
         return commits[user_id]
 
     # ---------------------------------------------------------------- lifecycle
     async def delete_user(self, user_id: str) -> bool:
-        """Remove every key held for the user; True if it had a state."""
+        """Erase everything held for the user under every model version; True if this version had a state.
+
+        The versions come from the user's version set, which every write adds to; all the user's keys share
+        one hash slot, so one DEL removes them on a standalone server and a cluster alike.
+        """
+        registry = self.keys.versions(user_id)
         with self._guard("delete", 1):
+            versions = {v.decode() if isinstance(v, bytes) else v for v in await self.client.smembers(registry)}
+            versions.add(self.model_version)
+            keys = [k for v in sorted(versions) for k in self.keys.of_version(v).keys(user_id)]
             pipe = self._pipeline()
-            for key in self.keys.keys(user_id):
-                pipe.delete(key)
-            results = await pipe.execute()
-        return bool(results[0])
+            pipe.exists(self.keys.state(user_id))
+            pipe.delete(*keys, registry)
+            had_state, _ = await pipe.execute()
+        return bool(had_state)
 
     async def scan_users(self, count: int = 1000) -> AsyncIterator[str]:
         """Yield the users with a state for this model version (every primary on a cluster).

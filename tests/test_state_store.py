@@ -337,6 +337,40 @@ def test_delete_user_removes_every_key(redis_url: str) -> None:
     run(redis_url, body)
 
 
+def test_delete_user_erases_every_model_version(redis_url: str) -> None:
+    """Erasure (BRIEF section 4) removes the user's keys under older model versions too."""
+    old_mv = f"o{uuid.uuid4().hex[:8]}"
+
+    async def body(store) -> None:
+        old = await open_store(StoreSettings(redis_url=redis_url), old_mv, decode=decode)
+        try:
+            await old.update_many(["u", "v"], append(b"old"))
+            await store.update_many(["u"], append(b"new"))
+            assert await store.delete_user("u") is True
+            for key in (*store.keys.keys("u"), *old.keys.keys("u"), store.keys.versions("u")):
+                assert not await store.client.exists(key), key
+            assert (await old.get("v")).state == b"old"  # other users untouched
+        finally:
+            await old.close()
+
+    try:
+        run(redis_url, body)
+    finally:
+        asyncio.run(_drop_namespace(redis_url, old_mv))
+
+
+def test_put_replaces_count_and_last_ts(redis_url: str) -> None:
+    async def body(store) -> None:
+        await store.update_many(["u"], append(b"a"))
+        await store.update_many(["u"], append(b"b"))
+        assert (await store.get("u")).event_count == 2
+        await store.put("u", encode(b"rebuilt"), n_events=7, last_ts=5.0)
+        snap = await store.get("u")
+        assert (snap.event_count, snap.last_ts, snap.state, snap.version) == (7, 5.0, b"rebuilt", 3)
+
+    run(redis_url, body)
+
+
 def test_ttl_applies_to_every_key_of_the_user(redis_url: str) -> None:
     async def body(store) -> None:
         await store.update_many(["u"], append(b"1"))
