@@ -136,11 +136,13 @@ def train(data_path: str | Path, out: str | Path, cfg: TrainConfig, resume: bool
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     log_q = torch.log(torch.from_numpy(popularity + 1.0).float() / float(popularity.sum() + len(popularity)))
     info = {"epoch": 0, "best_ndcg": -1.0, "best_epoch": 0, "bad_epochs": 0, "rng": None}
+    log_path = out / "log.jsonl"
     if resume and (out / "train_state.json").exists():
         info = _load_train_state(out, model, opt)
         rng.bit_generator.state = info["rng"]
+    else:  # a fresh run: no lines of an earlier run in the log
+        log_path.unlink(missing_ok=True)
     (out / "train_config.json").write_text(json.dumps({**asdict(cfg), "data": str(data_path)}, indent=2))
-    log_path = out / "log.jsonl"
     seq_len = cfg.max_len + 1 if cfg.max_len else None  # +1: the last event of a window is only a target
 
     while info["epoch"] < cfg.epochs and info["bad_epochs"] < cfg.patience:
