@@ -510,7 +510,7 @@ JSON_KEYS: list[tuple[str, str]] = [
         "timeout | error), seconds (median), runs, peak_rss_mb (process peak), peak_delta_mb (above the "
         "process before the model was built); series: " + ", ".join(SERIES),
     ),
-    ("train_step_loss[series][L]", "the same with the full-softmax cross-entropy (not for naive)"),
+    ("train_step_loss[series][L]", "the same with the full-softmax cross-entropy (not for naive, tadn_*)"),
     ("step_us[H] / step_us_batch[H]", "one serving step, microseconds per call for 1 user / for the batch"),
     ("request_us[H] / request_us_batch[H]", "user_vector + scores over the catalogue + top-10, per call"),
     ("build_state_s[H]", "seconds to build one user's state from H events (parallel form, no grad)"),
@@ -523,7 +523,10 @@ JSON_KEYS: list[tuple[str, str]] = [
     ("ratios.softmax_math_16k_over_1k", "the same for sasrec (math kernel; null if not run)"),
     ("ratios.scaling[series]", "{from_L, to_L, length_ratio, time_ratio} over the measured range"),
     ("ratios.step_max_over_min / step_batch_max_over_min", "flatness of step_us / step_us_batch over H"),
-    ("goals.*", "booleans (null when the figure was not measured, e.g. with --quick)"),
+    (
+        "goals.{chunked_vs_naive_L4096_ge_20, hytrec_16k_over_1k_le_20, state_fp16_le_32KiB, step_flat_le_2x}",
+        "booleans (null when the figure was not measured, e.g. with --quick)",
+    ),
 ]
 
 
@@ -666,6 +669,13 @@ def render_markdown(res: dict[str, Any], plot_rel: str | None) -> str:
         "",
         *_train_table(res["train_step"], lengths),
         "",
+        "Growth of time over the measured range (time ratio for the length ratio; linear = equal): "
+        + "; ".join(
+            f"{k} {_fmt(v['time_ratio'], '.1f', 'x')} for {v['length_ratio']}x ({v['from_L']} to {v['to_L']})"
+            for k, v in res["ratios"]["scaling"].items()
+        )
+        + ".",
+        "",
         "### With the training loss (full-softmax cross-entropy over the catalogue at every position)",
         "",
         "`F.cross_entropy(model.logits(u).flatten(0, 1), targets)`, as the trainer's full loss; at d_model 64 "
@@ -777,9 +787,9 @@ def bench_model(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the tables."),
     plot: Path | None = typer.Option(None, "--plot", help="Write a PNG plot here."),
     markdown: Path | None = typer.Option(None, "--markdown", help="Write the Markdown page here (and its JSON)."),
-    json_out: Path | None = typer.Option(None, "--json-out", help="Write the JSON here [--markdown path, .json]."),
+    json_out: Path | None = typer.Option(None, "--json-out", help="Write the JSON here (default: PAGE.json)."),
     budget: float | None = typer.Option(None, "--budget", help="Seconds per fwd+bwd before a series stops."),
-    threads: int | None = typer.Option(None, "--threads", help="torch threads [the CPUs this process may use]."),
+    threads: int | None = typer.Option(None, "--threads", help="torch threads (default: CPUs available)."),
     n_items: int = typer.Option(10_000, "--n-items", help="Catalogue size."),
     mem_cap_gb: float = typer.Option(6.0, "--mem-cap-gb", help="Skip SASRec (math) points predicted above this."),
 ) -> None:
