@@ -94,7 +94,7 @@ class ShortBranch(nn.Module):
     ) -> Tensor:
         """Parallel (banded) form over a right-padded batch: emb (B, L, d), times (B, L) -> (B, L, d)."""
         b, length, d = emb.shape
-        w = self.window
+        w = max(1, min(self.window, length))  # blocks of w queries; a sequence shorter than K is one block
         pad = (-length) % w
         if pad:
             emb = F.pad(emb, (0, 0, 0, pad))

@@ -35,7 +35,7 @@ def chunk_gated_delta_rule(
     """
     b, h, length, d_k = k.shape
     d_v = v.shape[-1]
-    c = chunk_size
+    c = max(1, min(chunk_size, length))  # a shorter sequence is one chunk of its own length: no padding
     pad = (-length) % c
     if pad:
         q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
