@@ -18,10 +18,10 @@ def naive_gated_delta_rule(
     state = initial_state if initial_state is not None else q.new_zeros(b, h, d_v, d_k)
     eye = torch.eye(d_k, dtype=q.dtype, device=q.device)
     outputs = []
-    for t in range(length):
-        k_t, v_t, q_t = k[:, :, t], v[:, :, t], q[:, :, t]
-        beta_t = beta[:, :, t, None, None]
-        transition = torch.exp(g[:, :, t])[..., None, None] * (eye - beta_t * k_t[..., :, None] * k_t[..., None, :])
+    # unbind once: indexing step t inside the loop would make its backward quadratic in the length
+    for q_t, k_t, v_t, g_t, beta_t in zip(*(x.unbind(2) for x in (q, k, v, g, beta)), strict=True):
+        beta_t = beta_t[..., None, None]
+        transition = torch.exp(g_t)[..., None, None] * (eye - beta_t * k_t[..., :, None] * k_t[..., None, :])
         state = state @ transition + beta_t * v_t[..., :, None] * k_t[..., None, :]
         outputs.append((state @ q_t[..., None]).squeeze(-1))
     out = torch.stack(outputs, dim=2) if outputs else v.new_zeros(b, h, 0, d_v)
