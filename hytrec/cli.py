@@ -22,6 +22,7 @@ _COMMANDS: list[tuple[str, str, typer.Typer, str]] = [
     ("training.commands", "train", app, "train"),
     ("training.commands", "evaluate", app, "eval"),
     ("training.commands", "recommend", app, "recommend"),
+    ("training.commands", "results", app, "results"),
     ("service.commands", "serve", app, "serve"),
     ("service.commands", "replay", app, "replay"),
     ("service.commands", "backfill", app, "backfill"),

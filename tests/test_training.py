@@ -81,3 +81,20 @@ def test_offline_recommend_matches_streaming_service_path(tmp_path, log_file) ->
     streamed = serving.recommend(state, [now], 10, [True])[0]
     assert streamed.item_ids == built.item_ids
     assert np.allclose(streamed.scores, built.scores, rtol=1e-4)
+
+
+def test_results_report_pairs_users_and_plots(tmp_path, log_file) -> None:
+    from training.report import report
+
+    for model_type, seed in (("hytrec", 0), ("hytrec", 1), ("sasrec", 0)):
+        extra = {"max_len": 32} if model_type == "sasrec" else {}
+        train(
+            log_file,
+            tmp_path / f"{model_type}-{seed}",
+            small_cfg(model_type=model_type, seed=seed, epochs=1, **extra),
+            quiet=True,
+        )
+    text = report(sorted(tmp_path.iterdir()), plot=tmp_path / "buckets.png")
+    assert "| hytrec (2) |" in text and "| sasrec (1) |" in text and "±" in text
+    assert "hytrec vs sasrec" in text and "| all (n=60) | HR@10 |" in text
+    assert (tmp_path / "buckets.png").stat().st_size > 1000

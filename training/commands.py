@@ -190,3 +190,15 @@ def recommend(
     typer.echo(f"user {user}: {len(rows)} events, model {serving.version}, at {now}")
     for rank, (i, s) in enumerate(zip(rec.item_ids, rec.scores, strict=True), start=1):
         typer.echo(f"{rank:>3}. {i}  {s:.4f}")
+
+
+def results(
+    runs: Annotated[list[Path], typer.Argument(help="Run directories written by `hytrec train` (one data file).")],
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG of HR@10 per history-length bucket.")] = None,
+    baseline: Annotated[str, typer.Option(help="Model type compared against.")] = "sasrec",
+    candidate: Annotated[str, typer.Option(help="Model type compared.")] = "hytrec",
+) -> None:
+    """Markdown tables of finished runs: metrics (mean ± std over seeds), buckets, paired bootstrap CIs."""
+    from training.report import report
+
+    typer.echo(report(runs, baseline=baseline, candidate=candidate, plot=plot))
