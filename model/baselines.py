@@ -7,12 +7,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.config import FIRST_ITEM_ROW, PAD_ROW
-from model.layers import FeedForward
+from model.config import FIRST_ITEM_ROW
+from model.layers import FeedForward, ItemEmbedding
 
 
 @dataclass(frozen=True)
@@ -66,10 +65,7 @@ class SASRec(nn.Module):
     def __init__(self, cfg: SASRecConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.item_emb = nn.Embedding(cfg.n_rows, cfg.d_model, padding_idx=PAD_ROW)
-        nn.init.normal_(self.item_emb.weight, std=0.02)
-        with torch.no_grad():
-            self.item_emb.weight[PAD_ROW].zero_()
+        self.item_emb = ItemEmbedding(cfg.n_rows, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_len, cfg.d_model)
         self.dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
@@ -89,9 +85,7 @@ class SASRec(nn.Module):
         return self.norm(x)
 
     def logits(self, user_vectors: Tensor) -> Tensor:
-        scores = user_vectors @ self.item_emb.weight.T
-        scores[..., :FIRST_ITEM_ROW] = float("-inf")
-        return scores
+        return self.item_emb.logits(user_vectors)
 
     def item_scores(self, user_vectors: Tensor) -> Tensor:
-        return user_vectors @ self.item_emb.weight[FIRST_ITEM_ROW:].T
+        return self.item_emb.item_scores(user_vectors)

@@ -16,8 +16,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from model.config import FIRST_ITEM_ROW, PAD_ROW, HyTRecConfig
-from model.layers import RMSNorm, TADNBlock
+from model.config import PAD_ROW, HyTRecConfig
+from model.layers import ItemEmbedding, RMSNorm, TADNBlock
 from model.short_branch import ShortBranch
 from model.state import StateBatch
 from model.tadn import time_deltas, time_feature
@@ -28,10 +28,7 @@ class HyTRec(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.d_model
-        self.item_emb = nn.Embedding(cfg.n_rows, d, padding_idx=PAD_ROW)
-        nn.init.normal_(self.item_emb.weight, std=0.02)
-        with torch.no_grad():
-            self.item_emb.weight[PAD_ROW].zero_()
+        self.item_emb = ItemEmbedding(cfg.n_rows, d)
         self.emb_dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
             TADNBlock(d, cfg.n_heads, cfg.ffn_mult, cfg.dropout, cfg.time_terms)
@@ -50,14 +47,10 @@ class HyTRec(nn.Module):
         return gate * long + (1.0 - gate) * short
 
     def logits(self, user_vectors: Tensor) -> Tensor:
-        """Scores over every item row (..., n_rows); padding and unknown rows are -inf."""
-        scores = user_vectors @ self.item_emb.weight.T
-        scores[..., :FIRST_ITEM_ROW] = float("-inf")
-        return scores
+        return self.item_emb.logits(user_vectors)
 
     def item_scores(self, user_vectors: Tensor) -> Tensor:
-        """Scores over the catalogue only (..., n_items): column i is item row i + FIRST_ITEM_ROW."""
-        return user_vectors @ self.item_emb.weight[FIRST_ITEM_ROW:].T
+        return self.item_emb.item_scores(user_vectors)
 
     # ----------------------------------------------------------------------------- parallel form
     def encode_long(

@@ -13,7 +13,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model.config import FIRST_ITEM_ROW, PAD_ROW
 from model.tadn import chunk_gated_delta_rule, naive_gated_delta_rule, recurrent_gated_delta_step
+
+
+class ItemEmbedding(nn.Embedding):
+    """The item table shared by inputs and scoring: row 0 padding (zero), row 1 unknown, then the catalogue."""
+
+    def __init__(self, n_rows: int, dim: int) -> None:
+        super().__init__(n_rows, dim, padding_idx=PAD_ROW)
+        nn.init.normal_(self.weight, std=0.02)
+        with torch.no_grad():
+            self.weight[PAD_ROW].zero_()
+
+    def logits(self, user_vectors: Tensor) -> Tensor:
+        """Scores over every item row (..., n_rows); padding and unknown rows are -inf."""
+        scores = user_vectors @ self.weight.T
+        scores[..., :FIRST_ITEM_ROW] = float("-inf")
+        return scores
+
+    def item_scores(self, user_vectors: Tensor) -> Tensor:
+        """Scores over the catalogue only (..., n_items): column i is item row i + FIRST_ITEM_ROW."""
+        return user_vectors @ self.weight[FIRST_ITEM_ROW:].T
 
 
 class RMSNorm(nn.Module):
