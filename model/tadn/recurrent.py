@@ -15,7 +15,6 @@ def recurrent_gated_delta_step(
     :mod:`model.tadn` without forming a d_k x d_k matrix. Returns (o (B, H, d_v), new state).
     """
     decayed = state * torch.exp(g)[..., None, None]
-    predicted = torch.einsum("bhvk,bhk->bhv", decayed, k)
-    new_state = decayed + torch.einsum("bhv,bhk->bhvk", beta[..., None] * (v - predicted), k)
-    out = torch.einsum("bhvk,bhk->bhv", new_state, q)
-    return out, new_state
+    predicted = (decayed @ k[..., None]).squeeze(-1)  # matmul, not einsum: half the time at B = 1
+    new_state = decayed + (beta[..., None] * (v - predicted))[..., :, None] * k[..., None, :]
+    return (new_state @ q[..., None]).squeeze(-1), new_state
