@@ -69,6 +69,7 @@ class Settings:
     budget_s: float = 60.0  # a series stops after a point whose median run takes longer than this
     mem_cap_gb: float = 6.0  # SASRec (math kernel) points predicted above this are not run
     threads: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
+    serving_threads: int = 1  # the service's default HYTREC_TORCH_THREADS: one torch thread per worker
     serve_batch: int = 64
     seed: int = 0
     quick: bool = False
@@ -310,11 +311,11 @@ class ForkServer:
 
     def __init__(self) -> None:
         env = dict(os.environ)
-        # A descheduled OpenMP thread that spins stalls every parallel region on a shared machine.
-        env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        # OpenMP's default wait policy, as users get it. On a machine shared with other jobs, spinning threads
+        # stall each other: run the benchmark alone, or set OMP_WAIT_POLICY=PASSIVE (recorded in the page).
         root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        self.omp_wait_policy = env["OMP_WAIT_POLICY"]
+        self.omp_wait_policy = env.get("OMP_WAIT_POLICY", "default")
         code = f"from {__name__} import serve_forks; serve_forks()"
         self.proc = subprocess.Popen(
             [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
@@ -438,7 +439,7 @@ def _sweep(
         {
             "histories": settings.histories,
             "n_items": settings.n_items,
-            "threads": settings.threads,
+            "threads": settings.serving_threads,
             "batch": settings.serve_batch,
             "seed": settings.seed,
         },
@@ -686,7 +687,8 @@ def render_markdown(res: dict[str, Any], plot_rel: str | None) -> str:
         "## Serving: per-event step and per-request cost against history length",
         "",
         "A user's state is built from a random history of H events with `model.build_state` (the parallel "
-        f"form); for {s['serve_batch']} users it is that state repeated. Under `torch.inference_mode`, "
+        f"form); for {s['serve_batch']} users it is that state repeated. Under `torch.inference_mode`, with "
+        f"{s.get('serving_threads', s['threads'])} torch thread(s) (the service runs one per worker), "
         "`model.step` applies one event; a request is `user_vector` + scores over the whole catalogue + "
         "top-10. Each figure is the median over 9 rounds of the mean time per call in a block of about 20 ms; "
         "the blocks of all (H, kind) are taken in turn, so a slow spell of the shared machine hits every H "

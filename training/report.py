@@ -47,7 +47,7 @@ def report(runs: list[Path], baseline: str = "sasrec", candidate: str = "hytrec"
     lines += ["|---" * (len(METRICS) + 3) + "|"]
     for model_type, rs in by_type.items():
         cells = [_mean_std([r["test"]["all"][m] for r in rs]) for m in METRICS]
-        epoch_s = np.mean([r["mean_epoch_train_seconds"] for r in rs])
+        epoch_s = np.mean([np.median([e["train_seconds"] for e in r["log"]]) for r in rs])  # median: robust to pauses
         epochs = ", ".join(f"{r['best_epoch']}/{r['epochs_run']}" for r in rs)
         lines.append(f"| {model_type} ({len(rs)}) | " + " | ".join(cells) + f" | {epoch_s:.0f} | {epochs} |")
     lines += ["", "HR@10 / NDCG@10 by history length of the test prediction:", ""]
