@@ -98,3 +98,24 @@ def test_results_report_pairs_users_and_plots(tmp_path, log_file) -> None:
     assert "| hytrec (2) |" in text and "| sasrec (1) |" in text and "±" in text
     assert "hytrec vs sasrec" in text and "| all (n=60) | HR@10 |" in text
     assert (tmp_path / "buckets.png").stat().st_size > 1000
+
+
+def test_eval_request_time_probe(tmp_path, log_file) -> None:
+    """`hytrec eval --request-time last-event` moves the request time to the history's end; SASRec ignores time."""
+    from typer.testing import CliRunner
+
+    from hytrec.cli import app
+
+    train(log_file, tmp_path, small_cfg(model_type="sasrec", max_len=32, epochs=1), quiet=True)
+    runner = CliRunner()
+    outs = []
+    for mode in ("target", "last-event"):
+        res = runner.invoke(
+            app, ["eval", "--model", str(tmp_path), "--data", str(log_file), "--request-time", mode, "--json"]
+        )
+        assert res.exit_code == 0, res.output
+        outs.append(json.loads(res.output))
+    assert [o["request_time"] for o in outs] == ["target", "last-event"]
+    assert outs[0]["metrics"] == outs[1]["metrics"]  # no time input: same ranking
+    bad = runner.invoke(app, ["eval", "--model", str(tmp_path), "--data", str(log_file), "--request-time", "now"])
+    assert bad.exit_code != 0

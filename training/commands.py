@@ -110,9 +110,17 @@ def evaluate(
     model: Annotated[Path, typer.Option("--model", help="Checkpoint directory.")],
     data: Annotated[Path, typer.Option("--data", help="Interactions file; evaluated on its leave-one-out test split.")],
     split: Annotated[str, typer.Option(help="test | valid")] = "test",
+    request_time: Annotated[
+        str,
+        typer.Option(
+            help="target: the held-out event's timestamp (the protocol) | last-event: the history's latest "
+            "timestamp (a probe: how much the model leans on knowing the request time)"
+        ),
+    ] = "target",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Full-ranking HR/NDCG@10/50/500, overall and per history-length bucket (seen items excluded and not)."""
+    import dataclasses
     import json
 
     from model.checkpoint import load_checkpoint
@@ -123,10 +131,16 @@ def evaluate(
     ckpt = load_checkpoint(model)
     interactions = Interactions.from_file(data, vocab=ItemVocab(ckpt.item_ids))
     eval_set = getattr(leave_one_out(interactions), split)
+    if request_time == "last-event":
+        h = eval_set.history
+        eval_set = dataclasses.replace(eval_set, request_ts=h.timestamps[h.offsets[1:] - 1].copy())
+    elif request_time != "target":
+        raise typer.BadParameter("must be 'target' or 'last-event'", param_hint="--request-time")
     filtered, unfiltered = run_eval(ckpt.model, eval_set), run_eval(ckpt.model, eval_set, exclude_seen=False)
     result = {
         "model_version": ckpt.version,
         "split": split,
+        "request_time": request_time,
         "users": len(eval_set),
         "seconds": round(time.perf_counter() - t0, 2),
         "metrics": filtered.summary,
