@@ -106,7 +106,3 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
     model.eval()
     version = _version(model_type, config_json, directory / WEIGHTS)
     return Checkpoint(model, model_type, cfg, item_ids, popularity, version, spec.get("meta", {}))
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -79,10 +79,6 @@ class StateBatch:
     def cat(states: list[StateBatch]) -> StateBatch:
         return StateBatch(*(torch.cat([getattr(s, f) for s in states]) for f in _FIELDS))
 
-    def recent_items(self) -> list[list[int]]:
-        """Item rows in each user's ring buffer (oldest first), padding dropped."""
-        return [[r for r in row if r != PAD_ROW] for row in self.ring_items.tolist()]
-
 
 _FIELDS = ("tadn", "summary", "last_ts", "count", "ring_items", "ring_ts")
 
@@ -181,8 +177,3 @@ def decode_state(blob: bytes, cfg: HyTRecConfig, model_version: str) -> StateBat
         state.ring_items[0, window - ring_len :] = torch.from_numpy(arrays[2].astype(np.int64))
         state.ring_ts[0, window - ring_len :] = torch.from_numpy(arrays[3].astype(np.float64))
     return state
-
-
-def round_trip_dtype(state: StateBatch, dtype: str) -> StateBatch:
-    """The state as it comes back from storage in ``dtype`` (rounding of the TADN matrices only)."""
-    return replace(state, tadn=state.tadn.to(STATE_DTYPES[dtype]).float())
