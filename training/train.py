@@ -26,6 +26,7 @@ from model.checkpoint import MODEL_TYPES, build_model, load_checkpoint, save_che
 from model.config import FIRST_ITEM_ROW
 from training.data import Interactions, Split, leave_one_out, train_batches
 from training.evaluate import evaluate
+from training.losses import full_softmax_cross_entropy
 
 
 @dataclass
@@ -88,8 +89,8 @@ def next_item_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: TrainC
     u = model(items[:, :-1], times[:, :-1], times[:, 1:], lengths)
     mask = torch.arange(items.shape[1] - 1)[None, :] < lengths[:, None]
     u, targets = u[mask], items[:, 1:][mask]
-    if cfg.loss == "full":  # over catalogue columns only: no -inf padding / unknown columns to write
-        return F.cross_entropy(model.item_scores(u), targets - FIRST_ITEM_ROW)
+    if cfg.loss == "full":  # over catalogue columns only, in row blocks (the logit matrix is never stored)
+        return full_softmax_cross_entropy(u, model.item_emb.weight[FIRST_ITEM_ROW:], targets - FIRST_ITEM_ROW)
     # Sampled softmax with logQ correction: shared negatives drawn from the popularity distribution.
     emb = model.item_emb.weight
     negatives = torch.multinomial(log_q.exp(), cfg.negatives, replacement=True) + FIRST_ITEM_ROW
