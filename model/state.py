@@ -75,6 +75,11 @@ class StateBatch:
     def user(self, i: int) -> StateBatch:
         return StateBatch(*(getattr(self, f)[i : i + 1] for f in _FIELDS))
 
+    def as_stored(self, dtype: str) -> StateBatch:
+        """This state as the codec stores it in ``dtype``: the TADN matrices rounded, the rest exact
+        (``decode_state(encode_state(s, dtype=dtype))`` for every user, without the bytes)."""
+        return replace(self, tadn=self.tadn.to(STATE_DTYPES[dtype]).float())
+
     @staticmethod
     def cat(states: list[StateBatch]) -> StateBatch:
         return StateBatch(*(torch.cat([getattr(s, f) for s in states]) for f in _FIELDS))

@@ -44,6 +44,15 @@ def test_round_trip_compressed_is_stable(model_and_state, dtype: str) -> None:
     assert len(blob) < len(encode_state(state, model.cfg, "v1", "float32"))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_as_stored_equals_the_codec_round_trip(model_and_state, dtype: str) -> None:
+    """The offline evaluation's stand-in for a store round trip is exactly what the codec gives back."""
+    model, state = model_and_state
+    back = decode_state(encode_state(state, model.cfg, "v1", dtype), model.cfg, "v1")
+    stored = state.as_stored(dtype)
+    assert torch.equal(stored.tadn, back.tadn) and fields_equal(stored, back)
+
+
 def test_default_config_state_size() -> None:
     cfg = HyTRecConfig(n_items=10)
     state = StateBatch.empty(cfg, 1)

@@ -117,6 +117,13 @@ def evaluate(
             "timestamp (a probe: how much the model leans on knowing the request time)"
         ),
     ] = "target",
+    stream_state: Annotated[
+        str | None,
+        typer.Option(
+            help="HyTRec only: build each history's state through the serving recurrence, one event at a "
+            "time, storing the state as float32 | float16 | bfloat16 after every event (default: parallel form)"
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Full-ranking HR/NDCG@10/50/500, overall and per history-length bucket (seen items excluded and not)."""
@@ -124,8 +131,9 @@ def evaluate(
     import json
 
     from model.checkpoint import load_checkpoint
+    from model.config import STATE_DTYPES
     from training.data import Interactions, ItemVocab, leave_one_out
-    from training.evaluate import evaluate as run_eval
+    from training.evaluate import evaluate_both
 
     t0 = time.perf_counter()
     ckpt = load_checkpoint(model)
@@ -136,11 +144,14 @@ def evaluate(
         eval_set = dataclasses.replace(eval_set, request_ts=h.timestamps[h.offsets[1:] - 1].copy())
     elif request_time != "target":
         raise typer.BadParameter("must be 'target' or 'last-event'", param_hint="--request-time")
-    filtered, unfiltered = run_eval(ckpt.model, eval_set), run_eval(ckpt.model, eval_set, exclude_seen=False)
+    if stream_state is not None and (ckpt.model_type == "sasrec" or stream_state not in STATE_DTYPES):
+        raise typer.BadParameter(f"needs a HyTRec model and one of {tuple(STATE_DTYPES)}", param_hint="--stream-state")
+    filtered, unfiltered = evaluate_both(ckpt.model, eval_set, stream_dtype=stream_state)
     result = {
         "model_version": ckpt.version,
         "split": split,
         "request_time": request_time,
+        "state": f"streamed, stored as {stream_state}" if stream_state else "parallel form",
         "users": len(eval_set),
         "seconds": round(time.perf_counter() - t0, 2),
         "metrics": filtered.summary,
@@ -150,7 +161,8 @@ def evaluate(
         typer.echo(json.dumps(result, indent=2))
         return
     typer.echo(
-        f"{ckpt.version} on {data} ({split}, {len(eval_set)} users, {result['seconds']} s); seen items excluded:"
+        f"{ckpt.version} on {data} ({split}, {len(eval_set)} users, {result['state']}, {result['seconds']} s); "
+        "seen items excluded:"
     )
     typer.echo(format_summary(filtered.summary))
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from model.baselines import SASRec
 from model.hytrec import HyTRec
+from model.state import StateBatch
 from training.data import EvalSet, eval_batches
 from training.metrics import per_user_metrics, summarize, target_ranks
 
@@ -26,12 +27,36 @@ def history_max_len(model: nn.Module) -> int | None:
 
 
 @torch.inference_mode()
+def streamed_state(model: HyTRec, items: torch.Tensor, times: torch.Tensor, lengths: torch.Tensor, dtype: str):
+    """Serving states built the way the service builds them: one batched step per event, the state
+    stored in ``dtype`` (rounded as the codec rounds it) after every event."""
+    state = StateBatch.empty(model.cfg, len(lengths))
+    for t in range(items.shape[1]):
+        state = model.step(state, items[:, t], times[:, t], lengths > t).as_stored(dtype)
+    return state
+
+
+@torch.inference_mode()
 def final_user_vectors(
-    model: nn.Module, items: torch.Tensor, times: torch.Tensor, lengths: torch.Tensor, now: torch.Tensor
+    model: nn.Module,
+    items: torch.Tensor,
+    times: torch.Tensor,
+    lengths: torch.Tensor,
+    now: torch.Tensor,
+    stream_dtype: str | None = None,
 ):
-    """User vectors (B, d) after each right-padded history, at request times ``now`` (B,) float64."""
+    """User vectors (B, d) after each right-padded history, at request times ``now`` (B,) float64.
+
+    HyTRec states come from the parallel form, or with ``stream_dtype`` from the serving recurrence
+    (:func:`streamed_state`)."""
     if isinstance(model, HyTRec):
-        return model.user_vector(model.build_state(items, times, lengths), now)
+        if stream_dtype is None:
+            state = model.build_state(items, times, lengths)
+        else:
+            state = streamed_state(model, items, times, lengths, stream_dtype)
+        return model.user_vector(state, now)
+    if stream_dtype is not None:
+        raise ValueError(f"{type(model).__name__} has no streaming form")
     query_times = torch.cat([times[:, 1:], now[:, None]], dim=1)
     u = model(items, times, query_times, lengths)
     return u[torch.arange(len(lengths)), lengths - 1]
@@ -45,19 +70,34 @@ class Evaluation:
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, eval_set: EvalSet, exclude_seen: bool = True, max_tokens: int = 65536) -> Evaluation:
-    """Rank every prediction of ``eval_set`` over the full catalogue."""
+def evaluate_both(
+    model: nn.Module, eval_set: EvalSet, max_tokens: int = 65536, stream_dtype: str | None = None
+) -> tuple[Evaluation, Evaluation]:
+    """Rank every prediction of ``eval_set`` over the full catalogue, with the user's seen items removed
+    from the ranking and with them kept; one pass of the model for both (``stream_dtype``: see
+    :func:`final_user_vectors`)."""
     model.eval()
-    ranks = np.zeros(len(eval_set), dtype=np.int64)
+    ranks = {True: np.zeros(len(eval_set), dtype=np.int64), False: np.zeros(len(eval_set), dtype=np.int64)}
     max_len = history_max_len(model)
     for batch in eval_batches(eval_set.history, max_tokens, max_len=max_len, max_batch_size=512):
         t = batch.to_torch()
         now = torch.from_numpy(eval_set.request_ts[batch.index])
-        u = final_user_vectors(model, t["items"], t["timestamps"], t["lengths"], now)
+        u = final_user_vectors(model, t["items"], t["timestamps"], t["lengths"], now, stream_dtype)
         scores = model.logits(u)
-        exclude = None
-        if exclude_seen:
-            exclude = [eval_set.history.sequence(int(i))[0] for i in batch.index]
-        ranks[batch.index] = target_ranks(scores, eval_set.targets[batch.index], exclude, ties="pessimistic")
-    per_user = per_user_metrics(ranks)
-    return Evaluation(ranks, per_user, summarize(per_user, eval_set.buckets))
+        targets = eval_set.targets[batch.index]
+        seen = [eval_set.history.sequence(int(i))[0] for i in batch.index]
+        ranks[True][batch.index] = target_ranks(scores, targets, seen, ties="pessimistic")
+        ranks[False][batch.index] = target_ranks(scores, targets, None, ties="pessimistic")
+    filtered, unfiltered = (
+        Evaluation(r, per_user_metrics(r), summarize(per_user_metrics(r), eval_set.buckets))
+        for r in (ranks[True], ranks[False])
+    )
+    return filtered, unfiltered
+
+
+def evaluate(
+    model: nn.Module, eval_set: EvalSet, exclude_seen: bool = True, stream_dtype: str | None = None
+) -> Evaluation:
+    """Like :func:`evaluate_both`, one of its two rankings (seen items removed by default)."""
+    filtered, unfiltered = evaluate_both(model, eval_set, stream_dtype=stream_dtype)
+    return filtered if exclude_seen else unfiltered

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from model.checkpoint import MODEL_TYPES, build_model, load_checkpoint, save_checkpoint
 from model.config import FIRST_ITEM_ROW
 from training.data import Interactions, Split, leave_one_out, train_batches
-from training.evaluate import evaluate
+from training.evaluate import evaluate, evaluate_both
 from training.losses import full_softmax_cross_entropy
 
 
@@ -192,7 +192,7 @@ def train(data_path: str | Path, out: str | Path, cfg: TrainConfig, resume: bool
             raise FloatingPointError(f"training diverged at epoch {epoch}")
 
     best = load_checkpoint(out)
-    test, test_all = evaluate(best.model, split.test), evaluate(best.model, split.test, exclude_seen=False)
+    test, test_all = evaluate_both(best.model, split.test)
     valid = evaluate(best.model, split.valid)
     log = [json.loads(line) for line in log_path.read_text().splitlines()]
     result = {
