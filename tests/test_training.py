@@ -100,6 +100,31 @@ def test_results_report_pairs_users_and_plots(tmp_path, log_file) -> None:
     assert (tmp_path / "buckets.png").stat().st_size > 1000
 
 
+def test_run_rebuilt_from_a_published_checkpoint_reports_like_the_original(tmp_path, log_file) -> None:
+    """models/<name> holds weights, config, items and metrics; `hytrec eval --save-ranks` restores the ranks."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from hytrec.cli import app
+    from training.report import report
+
+    run = tmp_path / "run"
+    train(log_file, run, small_cfg(epochs=1), quiet=True)
+    published = tmp_path / "published"
+    published.mkdir()
+    for name in ("model.safetensors", "config.json", "items.json", "metrics.json"):
+        shutil.copy(run / name, published / name)
+    res = CliRunner().invoke(
+        app,
+        ["eval", "--model", str(published), "--data", str(log_file), "--save-ranks", str(published / "test_ranks.npy")],
+    )
+    assert res.exit_code == 0, res.output
+    assert np.array_equal(np.load(published / "test_ranks.npy"), np.load(run / "test_ranks.npy"))
+    text = report([published])
+    assert "| hytrec (1) |" in text and "| – | 1/1 |" in text  # no log.jsonl: no epoch time
+
+
 def test_eval_through_the_streamed_state_matches_the_parallel_form(tmp_path, log_file) -> None:
     """`hytrec eval --stream-state DTYPE` ranks with states built one event at a time, as the service does."""
     from typer.testing import CliRunner

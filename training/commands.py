@@ -124,6 +124,10 @@ def evaluate(
             "time, storing the state as float32 | float16 | bfloat16 after every event (default: parallel form)"
         ),
     ] = None,
+    save_ranks: Annotated[
+        Path | None,
+        typer.Option(help="Write the target ranks (seen items excluded) as .npy, like a training run's test_ranks.npy"),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Full-ranking HR/NDCG@10/50/500, overall and per history-length bucket (seen items excluded and not)."""
@@ -147,6 +151,10 @@ def evaluate(
     if stream_state is not None and (ckpt.model_type == "sasrec" or stream_state not in STATE_DTYPES):
         raise typer.BadParameter(f"needs a HyTRec model and one of {tuple(STATE_DTYPES)}", param_hint="--stream-state")
     filtered, unfiltered = evaluate_both(ckpt.model, eval_set, stream_dtype=stream_state)
+    if save_ranks is not None:
+        import numpy as np
+
+        np.save(save_ranks, filtered.ranks)
     result = {
         "model_version": ckpt.version,
         "split": split,

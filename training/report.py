@@ -21,7 +21,8 @@ METRICS = ("HR@10", "NDCG@10", "HR@50", "NDCG@50", "HR@500", "NDCG@500")
 
 def load_run(run: Path) -> dict:
     metrics = json.loads((run / "metrics.json").read_text())
-    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    log_path = run / "log.jsonl"  # absent for a run rebuilt from a published checkpoint
+    log = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
     return {**metrics, "dir": str(run), "ranks": np.load(run / "test_ranks.npy"), "log": log}
 
 
@@ -47,9 +48,10 @@ def report(runs: list[Path], baseline: str = "sasrec", candidate: str = "hytrec"
     lines += ["|---" * (len(METRICS) + 3) + "|"]
     for model_type, rs in by_type.items():
         cells = [_mean_std([r["test"]["all"][m] for r in rs]) for m in METRICS]
-        epoch_s = np.mean([np.median([e["train_seconds"] for e in r["log"]]) for r in rs])  # median: robust to pauses
+        timed = [np.median([e["train_seconds"] for e in r["log"]]) for r in rs if r["log"]]  # median: robust to pauses
+        epoch_s = f"{np.mean(timed):.0f}" if timed else "–"
         epochs = ", ".join(f"{r['best_epoch']}/{r['epochs_run']}" for r in rs)
-        lines.append(f"| {model_type} ({len(rs)}) | " + " | ".join(cells) + f" | {epoch_s:.0f} | {epochs} |")
+        lines.append(f"| {model_type} ({len(rs)}) | " + " | ".join(cells) + f" | {epoch_s} | {epochs} |")
     lines += ["", "HR@10 / NDCG@10 by history length of the test prediction:", ""]
     counts = [int((buckets == i).sum()) for i in range(len(BUCKET_LABELS))]
     lines += ["| model | " + " | ".join(f"{b} (n={n})" for b, n in zip(BUCKET_LABELS, counts, strict=True)) + " |"]
