@@ -18,6 +18,7 @@ app.add_typer(bench, name="bench")
 _COMMANDS: list[tuple[str, str, typer.Typer, str]] = [
     ("benchmarks.model_bench", "bench_model", bench, "model"),
     ("benchmarks.store_bench", "bench_store", bench, "store"),
+    ("benchmarks.train_bench", "bench_train", bench, "train"),
     ("training.commands", "synth", app, "synth"),
     ("training.commands", "train", app, "train"),
     ("training.commands", "evaluate", app, "eval"),

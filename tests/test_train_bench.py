@@ -1,0 +1,29 @@
+"""`hytrec bench train`: throughput on real batches, and the A/B ratio against another checkout."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from hytrec.cli import app
+from training.synth import SynthConfig, generate, write_interactions
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_train_times_this_and_another_checkout(tmp_path) -> None:
+    log = tmp_path / "log.tsv.gz"
+    write_interactions(generate(SynthConfig(n_users=30, n_items=50, events_per_user="20:60", seed=1)), log)
+    res = CliRunner().invoke(
+        app,
+        ["bench", "train", "--data", str(log), "--batches", "2", "--batch-tokens", "512", "--rounds", "1",
+         "--compare", str(REPO)],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    for side in ("this", "other"):
+        assert out[side]["targets_per_s"] > 0 and len(out[side]["pass_seconds"]) == 1
+        assert out[side]["epoch_seconds_estimate"] > 0
+    assert out["speedup"] > 0
