@@ -19,6 +19,7 @@ _COMMANDS: list[tuple[str, str, typer.Typer, str]] = [
     ("benchmarks.model_bench", "bench_model", bench, "model"),
     ("benchmarks.store_bench", "bench_store", bench, "store"),
     ("benchmarks.train_bench", "bench_train", bench, "train"),
+    ("benchmarks.state_dtype_bench", "bench_state_dtype", bench, "state-dtype"),
     ("training.commands", "synth", app, "synth"),
     ("training.commands", "train", app, "train"),
     ("training.commands", "evaluate", app, "eval"),

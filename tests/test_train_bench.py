@@ -27,3 +27,19 @@ def test_bench_train_times_this_and_another_checkout(tmp_path) -> None:
         assert out[side]["targets_per_s"] > 0 and len(out[side]["pass_seconds"]) == 1
         assert out[side]["epoch_seconds_estimate"] > 0
     assert out["speedup"] > 0
+
+
+def test_bench_state_dtype_reports_each_storage_dtype(tmp_path) -> None:
+    from training.train import TrainConfig, train
+
+    log = tmp_path / "log.tsv.gz"
+    write_interactions(generate(SynthConfig(n_users=30, n_items=50, events_per_user="20:60", seed=1)), log)
+    cfg = TrainConfig(d_model=16, window=8, chunk_size=16, batch_tokens=4096, epochs=1)
+    train(log, tmp_path / "m", cfg, quiet=True)
+    res = CliRunner().invoke(app, ["bench", "state-dtype", "--model", str(tmp_path / "m"), "--data", str(log)])
+    assert res.exit_code == 0, res.output
+    batches = json.loads(res.output)["batches"]
+    assert batches
+    for per_dtype in batches.values():
+        assert per_dtype["float32"]["max_rel_error"] < 1e-4 and per_dtype["float32"]["mean_top10_shared"] == 10
+        assert per_dtype["float16"]["max_rel_error"] >= per_dtype["float32"]["max_rel_error"]
