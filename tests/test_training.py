@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -123,6 +124,11 @@ def test_run_rebuilt_from_a_published_checkpoint_reports_like_the_original(tmp_p
     assert np.array_equal(np.load(published / "test_ranks.npy"), np.load(run / "test_ranks.npy"))
     text = report([published])
     assert "| hytrec (1) |" in text and "| – | 1/1 |" in text  # no log.jsonl: no epoch time
+    # The same data file named by another path (relative vs absolute) still makes one report.
+    metrics = json.loads((published / "metrics.json").read_text())
+    metrics["data"] = os.path.relpath(log_file)
+    (published / "metrics.json").write_text(json.dumps(metrics))
+    assert "| hytrec (2) |" in report([published, run])
 
 
 def test_eval_through_the_streamed_state_matches_the_parallel_form(tmp_path, log_file) -> None:

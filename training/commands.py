@@ -235,4 +235,7 @@ def results(
     """Markdown tables of finished runs: metrics (mean ± std over seeds), buckets, paired bootstrap CIs."""
     from training.report import report
 
-    typer.echo(report(runs, baseline=baseline, candidate=candidate, plot=plot))
+    try:
+        typer.echo(report(runs, baseline=baseline, candidate=candidate, plot=plot))
+    except (ValueError, FileNotFoundError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="RUNS") from exc

@@ -34,7 +34,7 @@ def _mean_std(values: list[float]) -> str:
 
 def report(runs: list[Path], baseline: str = "sasrec", candidate: str = "hytrec", plot: Path | None = None) -> str:
     loaded = [load_run(r) for r in runs]
-    data_files = {r["data"] for r in loaded}
+    data_files = {str(Path(r["data"]).resolve()) for r in loaded}  # runs may name one file by different paths
     if len(data_files) != 1:
         raise ValueError(f"runs of one report must share one data file, got {sorted(data_files)}")
     data_file = data_files.pop()
