@@ -1,7 +1,8 @@
 """``hytrec bench train``: training throughput (target events per second) on real batches of a data file.
 
-Times full training steps (forward, next-item loss, backward, AdamW) on the first ``--batches`` batches of
-a seeded epoch of the data file's leave-one-out training split, exactly as ``hytrec train`` builds them.
+Times training steps (forward, next-item loss, backward, AdamW; no gradient clipping) on the first
+``--batches`` batches of a seeded epoch of the data file's leave-one-out training split, built exactly as
+``hytrec train`` builds them.
 ``--compare DIR`` also times another checkout of this project (e.g. ``git worktree add /tmp/old <commit>``)
 on the same batches, alternating rounds between the two in one run, and reports the speed-up as a ratio
 (machines are shared and noisy; a ratio measured in one run is what to quote).
@@ -22,8 +23,8 @@ from pathlib import Path
 import typer
 
 
-def _worker(data: str, model_type: str, batches: int, batch_tokens: int, threads: int, rounds: int) -> dict:
-    """Time ``rounds`` passes over the batches (after one warm-up pass) with the code on ``sys.path``."""
+def _worker(data: str, model_type: str, batches: int, batch_tokens: int, threads: int) -> dict:
+    """Time one pass over the batches (after one warm-up pass) with the code on ``sys.path``."""
     import time
 
     import numpy as np
@@ -55,8 +56,7 @@ def _worker(data: str, model_type: str, batches: int, batch_tokens: int, threads
         return time.perf_counter() - start
 
     one_pass()
-    seconds = [one_pass() for _ in range(rounds)]
-    return {"targets": targets, "epoch_targets": epoch_targets, "seconds": seconds, "code": str(Path.cwd())}
+    return {"targets": targets, "epoch_targets": epoch_targets, "seconds": one_pass()}
 
 
 def _run_worker(src: Path, args: list[str]) -> dict:
@@ -83,14 +83,14 @@ def bench_train(
 ) -> None:
     """Training throughput on real batches; with --compare, the speed-up over another checkout."""
     here = Path(__file__).resolve().parents[1]
-    args = [str(data.resolve()), model_type, str(batches), str(batch_tokens), str(threads), "1"]
+    args = [str(data.resolve()), model_type, str(batches), str(batch_tokens), str(threads)]
     sides = {"this": here, **({"other": compare.resolve()} if compare else {})}
     seconds: dict[str, list[float]] = {name: [] for name in sides}
     info: dict[str, dict] = {}
     for _ in range(rounds):
         for name, src in sides.items():
             res = _run_worker(src, args)
-            seconds[name] += res["seconds"]
+            seconds[name].append(res["seconds"])
             info[name] = res
     result = {"model_type": model_type, "data": str(data), "batches": batches, "threads": threads}
     for name in sides:
@@ -109,8 +109,8 @@ def bench_train(
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 8 and sys.argv[1] == "--worker":
-        d, mt, nb, bt, th, rd = sys.argv[2:]
-        print(json.dumps(_worker(d, mt, int(nb), int(bt), int(th), int(rd))))
+    if len(sys.argv) == 7 and sys.argv[1] == "--worker":
+        d, mt, nb, bt, th = sys.argv[2:]
+        print(json.dumps(_worker(d, mt, int(nb), int(bt), int(th))))
     else:
         raise SystemExit("usage: hytrec bench train --data FILE [--compare DIR]")

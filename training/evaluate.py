@@ -70,34 +70,41 @@ class Evaluation:
 
 
 @torch.inference_mode()
-def evaluate_both(
-    model: nn.Module, eval_set: EvalSet, max_tokens: int = 65536, stream_dtype: str | None = None
-) -> tuple[Evaluation, Evaluation]:
-    """Rank every prediction of ``eval_set`` over the full catalogue, with the user's seen items removed
-    from the ranking and with them kept; one pass of the model for both (``stream_dtype``: see
-    :func:`final_user_vectors`)."""
+def _rankings(
+    model: nn.Module, eval_set: EvalSet, exclude_seen: tuple[bool, ...], stream_dtype: str | None
+) -> list[Evaluation]:
+    """One pass of the model over ``eval_set``; one full-catalogue ranking per entry of ``exclude_seen``."""
     model.eval()
-    ranks = {True: np.zeros(len(eval_set), dtype=np.int64), False: np.zeros(len(eval_set), dtype=np.int64)}
+    ranks = [np.zeros(len(eval_set), dtype=np.int64) for _ in exclude_seen]
     max_len = history_max_len(model)
-    for batch in eval_batches(eval_set.history, max_tokens, max_len=max_len, max_batch_size=512):
+    for batch in eval_batches(eval_set.history, 65536, max_len=max_len, max_batch_size=512):
         t = batch.to_torch()
         now = torch.from_numpy(eval_set.request_ts[batch.index])
         u = final_user_vectors(model, t["items"], t["timestamps"], t["lengths"], now, stream_dtype)
         scores = model.logits(u)
         targets = eval_set.targets[batch.index]
-        seen = [eval_set.history.sequence(int(i))[0] for i in batch.index]
-        ranks[True][batch.index] = target_ranks(scores, targets, seen, ties="pessimistic")
-        ranks[False][batch.index] = target_ranks(scores, targets, None, ties="pessimistic")
-    filtered, unfiltered = (
-        Evaluation(r, per_user_metrics(r), summarize(per_user_metrics(r), eval_set.buckets))
-        for r in (ranks[True], ranks[False])
-    )
+        for r, exclude in zip(ranks, exclude_seen, strict=True):
+            seen = [eval_set.history.sequence(int(i))[0] for i in batch.index] if exclude else None
+            r[batch.index] = target_ranks(scores, targets, seen, ties="pessimistic")
+    out = []
+    for r in ranks:
+        per_user = per_user_metrics(r)
+        out.append(Evaluation(r, per_user, summarize(per_user, eval_set.buckets)))
+    return out
+
+
+def evaluate_both(
+    model: nn.Module, eval_set: EvalSet, stream_dtype: str | None = None
+) -> tuple[Evaluation, Evaluation]:
+    """Rank every prediction of ``eval_set`` over the full catalogue with the user's seen items removed
+    from the ranking, and with them kept; one pass of the model for both (``stream_dtype``: see
+    :func:`final_user_vectors`)."""
+    filtered, unfiltered = _rankings(model, eval_set, (True, False), stream_dtype)
     return filtered, unfiltered
 
 
 def evaluate(
     model: nn.Module, eval_set: EvalSet, exclude_seen: bool = True, stream_dtype: str | None = None
 ) -> Evaluation:
-    """Like :func:`evaluate_both`, one of its two rankings (seen items removed by default)."""
-    filtered, unfiltered = evaluate_both(model, eval_set, stream_dtype=stream_dtype)
-    return filtered if exclude_seen else unfiltered
+    """Rank every prediction of ``eval_set`` over the full catalogue (seen items removed by default)."""
+    return _rankings(model, eval_set, (exclude_seen,), stream_dtype)[0]
