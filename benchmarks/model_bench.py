@@ -93,7 +93,7 @@ def _history(length: int, n_items: int, seed: int) -> tuple[Any, Any]:
     """Random item rows (1, length) and increasing float64 timestamps with log-uniform gaps (1 s .. 12 days)."""
     import torch
 
-    from model.config import FIRST_ITEM_ROW
+    from hytrec.model.config import FIRST_ITEM_ROW
 
     g = torch.Generator().manual_seed(seed)
     items = torch.randint(FIRST_ITEM_ROW, n_items + FIRST_ITEM_ROW, (1, length), generator=g)
@@ -102,9 +102,9 @@ def _history(length: int, n_items: int, seed: int) -> tuple[Any, Any]:
 
 
 def _build_model(series: str, n_items: int, length: int) -> Any:
-    from model.baselines import SASRec, SASRecConfig
-    from model.config import HyTRecConfig
-    from model.hytrec import HyTRec
+    from hytrec.model.baselines import SASRec, SASRecConfig
+    from hytrec.model.config import HyTRecConfig
+    from hytrec.model.hytrec import HyTRec
 
     if series in ("hytrec", "naive"):
         return HyTRec(HyTRecConfig(n_items=n_items))
@@ -118,8 +118,8 @@ def train_point(
     """Time forward + backward of one sequence (batch 1) in this process; returns seconds and peak RSS."""
     import torch
 
-    from model.config import FIRST_ITEM_ROW
-    from training.losses import full_softmax_cross_entropy
+    from hytrec.model.config import FIRST_ITEM_ROW
+    from hytrec.training.losses import full_softmax_cross_entropy
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -170,7 +170,7 @@ def _kernel_point(series: str, length: int, repeats: int, budget_s: float, base:
     import torch
     import torch.nn.functional as F
 
-    from model.tadn import chunk_gated_delta_rule, naive_gated_delta_rule
+    from hytrec.model.tadn import chunk_gated_delta_rule, naive_gated_delta_rule
 
     h, d = 2, 32
     q, k = (F.normalize(torch.randn(1, h, length, d), dim=-1).requires_grad_() for _ in range(2))
@@ -202,9 +202,9 @@ def serving_costs(histories: tuple[int, ...], n_items: int, threads: int, batch:
     """
     import torch
 
-    from model.config import HyTRecConfig
-    from model.hytrec import HyTRec
-    from model.state import StateBatch, encode_state
+    from hytrec.model.config import HyTRecConfig
+    from hytrec.model.hytrec import HyTRec
+    from hytrec.model.state import StateBatch, encode_state
 
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
@@ -302,9 +302,9 @@ def _run_forked(target: str, kwargs: dict[str, Any], timeout_s: float) -> dict[s
 def serve_forks() -> None:
     """Fork server: torch and the models imported once, nothing computed (so forking is safe); then for
     each request line ``{"target", "kwargs", "timeout_s"}`` on stdin, one fresh forked child, one JSON line out."""
-    import model.baselines
-    import model.hytrec
-    import model.state  # noqa: F401
+    import hytrec.model.baselines
+    import hytrec.model.hytrec
+    import hytrec.model.state  # noqa: F401
 
     for line in sys.stdin:
         req = json.loads(line)

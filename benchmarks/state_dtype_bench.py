@@ -3,7 +3,7 @@
 For a trained HyTRec checkpoint and an interactions file, takes a few evaluation batches of the test split
 (shortest, median, and the two longest histories), builds each state twice: with the parallel form, and
 through the serving recurrence one event at a time with the state stored in each dtype after every event
-(:func:`training.evaluate.streamed_state`), and reports the relative error of the user vector and the
+(:func:`hytrec.training.evaluate.streamed_state`), and reports the relative error of the user vector and the
 overlap of the top-10.
 """
 
@@ -24,10 +24,10 @@ def bench_state_dtype(
     import numpy as np
     import torch
 
-    from model.checkpoint import load_checkpoint
-    from model.config import STATE_DTYPES
-    from training.data import Interactions, ItemVocab, eval_batches, leave_one_out
-    from training.evaluate import final_user_vectors
+    from hytrec.model.checkpoint import load_checkpoint
+    from hytrec.model.config import STATE_DTYPES
+    from hytrec.training.data import Interactions, ItemVocab, eval_batches, leave_one_out
+    from hytrec.training.evaluate import final_user_vectors
 
     torch.set_num_threads(threads)
     ckpt = load_checkpoint(model)

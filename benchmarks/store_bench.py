@@ -31,8 +31,8 @@ def state_blobs() -> tuple[dict[str, bytes], str]:
     try:
         import torch
 
-        from model.config import FIRST_ITEM_ROW, HyTRecConfig
-        from model.state import StateBatch, encode_state
+        from hytrec.model.config import FIRST_ITEM_ROW, HyTRecConfig
+        from hytrec.model.state import StateBatch, encode_state
     except ImportError as exc:
         rnd = {"float32": os.urandom(16 * 1024), "float16": os.urandom(9 * 1024)}
         return rnd, f"random blobs (model.state not importable: {exc})"
@@ -59,7 +59,7 @@ async def _direct(fn):
 
 async def _round_trips(store: Any, blob: bytes, batch: int, seconds: float, tag: str) -> dict[str, float]:
     """Per-user µs of update_many vs raw GET+SET of the same bytes, interleaved round by round."""
-    from state_store import Write
+    from hytrec.state_store import Write
 
     users = [f"{tag}-b{batch}-u{i}" for i in range(batch)]
     raw_keys = [f"rawbench:{{u:{u}}}" for u in users]
@@ -107,7 +107,7 @@ async def _round_trips(store: Any, blob: bytes, batch: int, seconds: float, tag:
 
 
 async def _bytes_per_user(store: Any, blobs: dict[str, bytes]) -> dict[str, Any]:
-    from state_store import Write
+    from hytrec.state_store import Write
 
     out: dict[str, Any] = {}
     for dt, blob in blobs.items():
@@ -135,7 +135,7 @@ async def _bytes_per_user(store: Any, blobs: dict[str, bytes]) -> dict[str, Any]
 
 def _contention_worker(url: str, blob_len: int, updates: int, wid: int) -> tuple[int, int, int, float]:
     """Apply ``updates`` updates to one shared user; return (commits, retries, exhausted, seconds)."""
-    from state_store import ConflictError, StoreSettings, Write, open_store
+    from hytrec.state_store import ConflictError, StoreSettings, Write, open_store
 
     blob = os.urandom(blob_len)
 
@@ -182,7 +182,7 @@ def _contention(socket_path: str, blob_len: int, writers: int, updates: int) -> 
 
 async def run_bench(quick: bool = False) -> dict[str, Any]:
     """Run every measurement on a fresh embedded Redis and return the figures."""
-    from state_store import StoreSettings, open_store
+    from hytrec.state_store import StoreSettings, open_store
 
     blobs, blob_desc = state_blobs()
     seconds = 0.3 if quick else 1.5

@@ -30,9 +30,9 @@ def _worker(data: str, model_type: str, batches: int, batch_tokens: int, threads
     import numpy as np
     import torch
 
-    from model.checkpoint import build_model
-    from training.data import Interactions, leave_one_out, train_batches
-    from training.train import TrainConfig, next_item_loss
+    from hytrec.model.checkpoint import build_model
+    from hytrec.training.data import Interactions, leave_one_out, train_batches
+    from hytrec.training.train import TrainConfig, next_item_loss
 
     torch.set_num_threads(threads)
     torch.manual_seed(0)

@@ -1,1 +1,1 @@
-"""Load generator for the HyTRec service (python -m loadtest.run)."""
+"""Load generator for the HyTRec service (python -m hytrec.loadtest.run)."""

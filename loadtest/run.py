@@ -1,6 +1,6 @@
 """Async load generator for the HyTRec service: posts events and asks for recommendations, reports latencies.
 
-    python -m loadtest.run --url http://127.0.0.1:8000 --users 1000 --duration 30 --concurrency 16
+    python -m hytrec.loadtest.run --url http://127.0.0.1:8000 --users 1000 --duration 30 --concurrency 16
 
 Each of ``concurrency`` workers loops: with probability ``--event-share`` it posts a batch of
 ``--batch`` events for a random user (items drawn from the served catalogue, Zipf-like), else it asks for
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import httpx
 
-from service.client import AsyncHyTRecClient, HyTRecError
+from hytrec.service.client import AsyncHyTRecClient, HyTRecError
 
 
 @dataclass
@@ -124,7 +124,7 @@ def info_items(n_items: int, given: str | None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m loadtest.run", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m hytrec.loadtest.run", description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--api-key", default=None)
     p.add_argument("--users", type=int, default=1000, help="Distinct users.")

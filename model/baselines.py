@@ -10,8 +10,8 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.config import FIRST_ITEM_ROW
-from model.layers import FeedForward, ItemEmbedding
+from hytrec.model.config import FIRST_ITEM_ROW
+from hytrec.model.layers import FeedForward, ItemEmbedding
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,9 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from model.baselines import SASRec, SASRecConfig
-from model.config import VARIANTS, HyTRecConfig
-from model.hytrec import HyTRec
+from hytrec.model.baselines import SASRec, SASRecConfig
+from hytrec.model.config import VARIANTS, HyTRecConfig
+from hytrec.model.hytrec import HyTRec
 
 WEIGHTS, CONFIG, ITEMS = "model.safetensors", "config.json", "items.json"
 MODEL_TYPES = (*VARIANTS, "sasrec")

@@ -16,11 +16,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from model.config import PAD_ROW, HyTRecConfig
-from model.layers import ItemEmbedding, RMSNorm, TADNBlock
-from model.short_branch import ShortBranch
-from model.state import StateBatch
-from model.tadn import time_deltas, time_feature
+from hytrec.model.config import PAD_ROW, HyTRecConfig
+from hytrec.model.layers import ItemEmbedding, RMSNorm, TADNBlock
+from hytrec.model.short_branch import ShortBranch
+from hytrec.model.state import StateBatch
+from hytrec.model.tadn import time_deltas, time_feature
 
 
 class HyTRec(nn.Module):

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.config import FIRST_ITEM_ROW, PAD_ROW
-from model.tadn import chunk_gated_delta_rule, naive_gated_delta_rule, recurrent_gated_delta_step
+from hytrec.model.config import FIRST_ITEM_ROW, PAD_ROW
+from hytrec.model.tadn import chunk_gated_delta_rule, naive_gated_delta_rule, recurrent_gated_delta_step
 
 
 class ItemEmbedding(nn.Embedding):

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from model.checkpoint import Checkpoint, load_checkpoint
-from model.config import FIRST_ITEM_ROW, PAD_ROW, UNKNOWN_ROW, HyTRecConfig
-from model.hytrec import HyTRec
-from model.state import StateBatch, decode_state, encode_state
+from hytrec.model.checkpoint import Checkpoint, load_checkpoint
+from hytrec.model.config import FIRST_ITEM_ROW, PAD_ROW, UNKNOWN_ROW, HyTRecConfig
+from hytrec.model.hytrec import HyTRec
+from hytrec.model.state import StateBatch, decode_state, encode_state
 
 
 @dataclass(frozen=True)

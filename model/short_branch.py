@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.config import PAD_ROW, HyTRecConfig
-from model.layers import FeedForward
-from model.tadn import time_feature
+from hytrec.model.config import PAD_ROW, HyTRecConfig
+from hytrec.model.layers import FeedForward
+from hytrec.model.tadn import time_feature
 
 
 class _SmallTableLookup(torch.autograd.Function):

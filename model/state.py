@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.config import PAD_ROW, STATE_DTYPES, HyTRecConfig
+from hytrec.model.config import PAD_ROW, STATE_DTYPES, HyTRecConfig
 
 MAGIC = b"HYTS"
 LAYOUT_VERSION = 1

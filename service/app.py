@@ -3,7 +3,7 @@
 ``create_app(settings)`` builds the app; its lifespan starts :class:`Resources`, which loads the checkpoint in
 the torch thread and then opens the store, in the background, so ``/healthz`` answers at once and ``/readyz``
 says 503 until both are up. Every torch call runs in one dedicated thread, never on the event loop.
-Run with ``hytrec serve`` or ``uvicorn service.app:app_factory --factory``.
+Run with ``hytrec serve`` or ``uvicorn hytrec.service.app:app_factory --factory``.
 """
 
 import asyncio
@@ -20,14 +20,15 @@ from pydantic import Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from model.serving import Recommendation, ServingModel
-from model.state import StateCodecError
-from service import metrics
-from service.auth import ApiKeyAuth
-from service.batcher import RecommendBatcher
-from service.errors import Problem, install, problem_response, unavailable
-from service.events import EventIngestor
-from service.schemas import (
+from hytrec import __version__
+from hytrec.model.serving import Recommendation, ServingModel
+from hytrec.model.state import StateCodecError
+from hytrec.service import metrics
+from hytrec.service.auth import ApiKeyAuth
+from hytrec.service.batcher import RecommendBatcher
+from hytrec.service.errors import Problem, install, problem_response, unavailable
+from hytrec.service.events import EventIngestor
+from hytrec.service.schemas import (
     ID_PATTERN,
     MAX_TS,
     Deleted,
@@ -41,8 +42,8 @@ from service.schemas import (
     ScoredItem,
     UserSummary,
 )
-from service.settings import Settings
-from state_store import CorruptStateError, StateStore, StoreUnavailable, open_store
+from hytrec.service.settings import Settings
+from hytrec.state_store import CorruptStateError, StateStore, StoreUnavailable, open_store
 
 T = TypeVar("T")
 log = logging.getLogger("hytrec.service")
@@ -198,7 +199,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(
         title="HyTRec inference service",
-        version="0.1.0",
+        version=__version__,
         summary="Incremental per-event state updates and top-K recommendations for long behaviour histories.",
         lifespan=lifespan,
     )

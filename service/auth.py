@@ -6,7 +6,7 @@ import hmac
 
 from fastapi import Request
 
-from service.errors import Problem
+from hytrec.service.errors import Problem
 
 
 class ApiKeyAuth:

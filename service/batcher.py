@@ -16,9 +16,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from model.serving import Recommendation, ServingModel
-from model.state import StateBatch
-from service import metrics
+from hytrec.model.serving import Recommendation, ServingModel
+from hytrec.model.state import StateBatch
+from hytrec.service import metrics
 
 T = TypeVar("T")
 Runner = Callable[[Callable[[], T]], Awaitable[T]]

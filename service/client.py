@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from service.schemas import Deleted, Event, IngestResult, ModelInfo, Recommendations, UserSummary
+from hytrec.service.schemas import Deleted, Event, IngestResult, ModelInfo, Recommendations, UserSummary
 
 RETRY_STATUS = (429, 503)
 EventLike = Event | Mapping[str, Any]

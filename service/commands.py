@@ -35,8 +35,8 @@ def serve(
 
     import uvicorn
 
-    from model.checkpoint import CONFIG
-    from service.settings import Settings
+    from hytrec.model.checkpoint import CONFIG
+    from hytrec.service.settings import Settings
 
     for name, value in (("host", host), ("port", port), ("workers", workers), ("model", model)):
         _set_env(name, value)
@@ -50,7 +50,7 @@ def serve(
         raise typer.Exit(2)
     embedded = None
     if settings.redis_url is None:
-        from state_store.embedded import EmbeddedRedis
+        from hytrec.state_store.embedded import EmbeddedRedis
 
         embedded = EmbeddedRedis(settings.data_dir)
         os.environ["HYTREC_REDIS_URL"] = f"unix://{embedded.start()}"  # shared by every worker
@@ -63,7 +63,7 @@ def serve(
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = prom_dir
     try:
         uvicorn.run(
-            "service.app:app_factory",
+            "hytrec.service.app:app_factory",
             factory=True,
             host=settings.host,
             port=settings.port,
@@ -96,8 +96,8 @@ def replay(
 
     import numpy as np
 
-    from service.client import HyTRecClient
-    from training.data import read_events
+    from hytrec.service.client import HyTRecClient
+    from hytrec.training.data import read_events
 
     users, items, times = read_events(log)
     order = np.argsort(times, kind="stable")
@@ -140,10 +140,10 @@ def backfill(
 
     import numpy as np
 
-    from model.serving import ServingModel
-    from service.settings import Settings
-    from state_store import open_store
-    from training.data import read_events
+    from hytrec.model.serving import ServingModel
+    from hytrec.service.settings import Settings
+    from hytrec.state_store import open_store
+    from hytrec.training.data import read_events
 
     _set_env("model", model)
     settings = Settings()

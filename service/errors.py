@@ -14,7 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from state_store import ConflictError, CorruptStateError, StoreError, StoreUnavailable
+from hytrec.state_store import ConflictError, CorruptStateError, StoreError, StoreUnavailable
 
 log = logging.getLogger("hytrec.service")
 

@@ -14,13 +14,13 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from model.config import UNKNOWN_ROW
-from model.serving import ServingModel
-from service import metrics
-from service.batcher import Runner
-from service.errors import field_problem
-from service.schemas import Event, IngestResult
-from state_store import Snapshot, StateStore, Write
+from hytrec.model.config import UNKNOWN_ROW
+from hytrec.model.serving import ServingModel
+from hytrec.service import metrics
+from hytrec.service.batcher import Runner
+from hytrec.service.errors import field_problem
+from hytrec.service.schemas import Event, IngestResult
+from hytrec.state_store import Snapshot, StateStore, Write
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from state_store.settings import StoreSettings
+from hytrec.state_store.settings import StoreSettings
 
 
 class Settings(StoreSettings):

@@ -17,12 +17,12 @@ from redis import exceptions as rex
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
-from state_store import metrics
-from state_store.embedded import EmbeddedRedis
-from state_store.errors import ConflictError, CorruptStateError, StoreError, StoreUnavailable
-from state_store.keys import KeySpace
-from state_store.scripts import CAS, CAS_SHA, COMMITTED, CONFLICT, DUPLICATE, MALFORMED, READ, READ_SHA, REPLAYED
-from state_store.settings import StoreSettings
+from hytrec.state_store import metrics
+from hytrec.state_store.embedded import EmbeddedRedis
+from hytrec.state_store.errors import ConflictError, CorruptStateError, StoreError, StoreUnavailable
+from hytrec.state_store.keys import KeySpace
+from hytrec.state_store.scripts import CAS, CAS_SHA, COMMITTED, CONFLICT, DUPLICATE, MALFORMED, READ, READ_SHA, REPLAYED
+from hytrec.state_store.settings import StoreSettings
 
 T = TypeVar("T")
 Runner = Callable[[Callable[[], T]], Awaitable[T]]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from model.config import FIRST_ITEM_ROW, HyTRecConfig
-from model.hytrec import HyTRec
+from hytrec.model.config import FIRST_ITEM_ROW, HyTRecConfig
+from hytrec.model.hytrec import HyTRec
 
 
 def make_model(variant: str = "hytrec", seed: int = 0, **overrides) -> HyTRec:

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from model.checkpoint import save_checkpoint
+from hytrec.model.checkpoint import save_checkpoint
 from tests.helpers_model import make_model
 from tests.redis_servers import free_port
 

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from model.baselines import SASRec, SASRecConfig
-from model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from hytrec.model.baselines import SASRec, SASRecConfig
+from hytrec.model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from tests.helpers_model import make_model, random_history
 
 

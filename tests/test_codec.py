@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.config import HyTRecConfig
-from model.state import StateBatch, StateCodecError, decode_state, encode_state
+from hytrec.model.config import HyTRecConfig
+from hytrec.model.state import StateBatch, StateCodecError, decode_state, encode_state
 from tests.helpers_model import make_model, random_history
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.data import (
+from hytrec.training.data import (
     BUCKET_LABELS,
     DataFormatError,
     Interactions,

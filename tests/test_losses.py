@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.short_branch import small_table_lookup
-from training.losses import full_softmax_cross_entropy
+from hytrec.model.short_branch import small_table_lookup
+from hytrec.training.losses import full_softmax_cross_entropy
 
 
 @pytest.mark.parametrize("block_rows", [1, 7, 64, 1000])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from training.metrics import (
+from hytrec.training.metrics import (
     exclusion_mask,
     paired_bootstrap,
     paired_bootstrap_ratio,

@@ -12,7 +12,15 @@ from typing import Any
 
 import pytest
 
-from benchmarks.model_bench import JSON_KEYS, SERIES, Settings, render_markdown, render_text, run_benchmark, write_plot
+from hytrec.benchmarks.model_bench import (
+    JSON_KEYS,
+    SERIES,
+    Settings,
+    render_markdown,
+    render_text,
+    run_benchmark,
+    write_plot,
+)
 
 LENGTHS = (64, 128)
 HISTORIES = (10, 100)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.state import StateBatch, decode_state, encode_state
+from hytrec.model.state import StateBatch, decode_state, encode_state
 from tests.helpers_model import make_model, random_history
 
 LENGTHS = [1, 63, 64, 65, 1000, 5000]

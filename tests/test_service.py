@@ -13,7 +13,8 @@ import httpx
 import numpy as np
 import pytest
 
-from service.client import AsyncHyTRecClient, HyTRecClient, HyTRecError
+from hytrec.service.client import AsyncHyTRecClient, HyTRecClient, HyTRecError
+from hytrec.training.synth import SynthConfig, generate, write_interactions
 from tests.service_fixtures import (  # noqa: F401 - fixtures
     API_KEY,
     REPO,
@@ -22,7 +23,6 @@ from tests.service_fixtures import (  # noqa: F401 - fixtures
     service_checkpoint,
     strict_service,
 )
-from training.synth import SynthConfig, generate, write_interactions
 
 T0 = 1_700_000_000.0
 

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from redis.cluster import key_slot
 
-from state_store import (
+from hytrec.state_store import (
     ConflictError,
     CorruptStateError,
     KeySpace,
@@ -23,8 +23,8 @@ from state_store import (
     check_user_id,
     open_store,
 )
-from state_store import metrics as m
-from state_store.scripts import COMMITTED, DUPLICATE, REPLAYED
+from hytrec.state_store import metrics as m
+from hytrec.state_store.scripts import COMMITTED, DUPLICATE, REPLAYED
 from tests.redis_servers import free_port
 
 MAGIC = b"TSTS"

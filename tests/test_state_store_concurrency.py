@@ -3,7 +3,7 @@
 The committed order is recorded from the version each successful compare-and-set returns; the final
 state must equal replaying that order, the event count must be exactly 1,600 and the ring buffer the
 last K events of that order. Run with a deterministic fold codec on both back ends, and with the real
-model (``model.state`` codec and ``HyTRec.step``, tiny config) on the standalone server.
+model (``hytrec.model.state`` codec and ``HyTRec.step``, tiny config) on the standalone server.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from state_store import StoreSettings, Write, open_store
+from hytrec.state_store import StoreSettings, Write, open_store
 
 WORKERS, EVENTS, RING = 8, 200, 16
 USER = "shared-user"
@@ -52,8 +52,8 @@ class ModelCodec:
     def __init__(self, model_version: str) -> None:
         import torch
 
-        from model.config import FIRST_ITEM_ROW, HyTRecConfig
-        from model.hytrec import HyTRec
+        from hytrec.model.config import FIRST_ITEM_ROW, HyTRecConfig
+        from hytrec.model.hytrec import HyTRec
 
         torch.set_num_threads(1)
         torch.manual_seed(0)
@@ -62,7 +62,7 @@ class ModelCodec:
         self.model = HyTRec(self.cfg).eval()
 
     def empty(self) -> Any:
-        from model.state import StateBatch
+        from hytrec.model.state import StateBatch
 
         return StateBatch.empty(self.cfg, 1)
 
@@ -74,12 +74,12 @@ class ModelCodec:
             return self.model.step(st, items, torch.tensor([ts], dtype=torch.float64))
 
     def encode(self, st: Any) -> bytes:
-        from model.state import encode_state
+        from hytrec.model.state import encode_state
 
         return encode_state(st, self.cfg, self.mv)
 
     def decode(self, blob: bytes) -> Any:
-        from model.state import decode_state
+        from hytrec.model.state import decode_state
 
         return decode_state(blob, self.cfg, self.mv)
 
@@ -170,8 +170,8 @@ def test_concurrent_writers_fold_codec(redis_url: str) -> None:
 def test_concurrent_writers_real_model(redis_standalone_url: str) -> None:
     pytest.importorskip("torch")
     try:
-        import model.hytrec  # noqa: F401
-        import model.state  # noqa: F401
+        import hytrec.model.hytrec  # noqa: F401
+        import hytrec.model.state  # noqa: F401
     except ImportError as exc:  # the model core is written in parallel
         pytest.skip(f"model core not importable: {exc}")
     check_concurrent_writers(redis_standalone_url, "model")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from state_store import StoreSettings, StoreUnavailable, Write, open_store
-from state_store import metrics as m
+from hytrec.state_store import StoreSettings, StoreUnavailable, Write, open_store
+from hytrec.state_store import metrics as m
 from tests.redis_servers import RedisServer
 from tests.test_state_store import decode, encode
 

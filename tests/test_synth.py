@@ -10,9 +10,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from training.commands import synth
-from training.data import Interactions, leave_one_out
-from training.synth import SynthConfig, generate, items_path_for, parse_events_spec, write_interactions
+from hytrec.training.commands import synth
+from hytrec.training.data import Interactions, leave_one_out
+from hytrec.training.synth import SynthConfig, generate, items_path_for, parse_events_spec, write_interactions
 
 
 def small(**kw) -> SynthConfig:

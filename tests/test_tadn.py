@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.layers import TADNLayer
-from model.tadn import (
+from hytrec.model.layers import TADNLayer
+from hytrec.model.tadn import (
     chunk_gated_delta_rule,
     naive_gated_delta_rule,
     recurrent_gated_delta_step,

@@ -8,7 +8,7 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from hytrec.cli import app
-from training.synth import SynthConfig, generate, write_interactions
+from hytrec.training.synth import SynthConfig, generate, write_interactions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,7 +30,7 @@ def test_bench_train_times_this_and_another_checkout(tmp_path) -> None:
 
 
 def test_bench_state_dtype_reports_each_storage_dtype(tmp_path) -> None:
-    from training.train import TrainConfig, train
+    from hytrec.training.train import TrainConfig, train
 
     log = tmp_path / "log.tsv.gz"
     write_interactions(generate(SynthConfig(n_users=30, n_items=50, events_per_user="20:60", seed=1)), log)

@@ -9,12 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from model.checkpoint import load_checkpoint
-from model.serving import ServingModel
-from training.data import Interactions, eval_batches, leave_one_out
-from training.evaluate import evaluate, final_user_vectors
-from training.synth import SynthConfig, generate, write_interactions
-from training.train import TrainConfig, train
+from hytrec.model.checkpoint import load_checkpoint
+from hytrec.model.serving import ServingModel
+from hytrec.training.data import Interactions, eval_batches, leave_one_out
+from hytrec.training.evaluate import evaluate, final_user_vectors
+from hytrec.training.synth import SynthConfig, generate, write_interactions
+from hytrec.training.train import TrainConfig, train
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +85,7 @@ def test_offline_recommend_matches_streaming_service_path(tmp_path, log_file) ->
 
 
 def test_results_report_pairs_users_and_plots(tmp_path, log_file) -> None:
-    from training.report import report
+    from hytrec.training.report import report
 
     for model_type, seed in (("hytrec", 0), ("hytrec", 1), ("sasrec", 0)):
         extra = {"max_len": 32} if model_type == "sasrec" else {}
@@ -108,7 +108,7 @@ def test_run_rebuilt_from_a_published_checkpoint_reports_like_the_original(tmp_p
     from typer.testing import CliRunner
 
     from hytrec.cli import app
-    from training.report import report
+    from hytrec.training.report import report
 
     run = tmp_path / "run"
     train(log_file, run, small_cfg(epochs=1), quiet=True)

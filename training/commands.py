@@ -25,7 +25,7 @@ def synth(
     ] = True,
 ) -> None:
     """Write a synthetic interaction log (user_id, item_id, timestamp) with long-term tastes and sessions."""
-    from training.synth import SynthConfig, generate, items_path_for, write_interactions, write_items
+    from hytrec.training.synth import SynthConfig, generate, items_path_for, write_interactions, write_items
 
     t0 = time.perf_counter()
     cfg = SynthConfig(
@@ -77,8 +77,8 @@ def train(
     """Train a model on the leave-one-out split of DATA; writes a checkpoint, log.jsonl and metrics.json."""
     import json
 
-    from training.train import TrainConfig
-    from training.train import train as run_training
+    from hytrec.training.train import TrainConfig
+    from hytrec.training.train import train as run_training
 
     try:
         cfg = TrainConfig(
@@ -134,10 +134,10 @@ def evaluate(
     import dataclasses
     import json
 
-    from model.checkpoint import load_checkpoint
-    from model.config import STATE_DTYPES
-    from training.data import Interactions, ItemVocab, leave_one_out
-    from training.evaluate import evaluate_both
+    from hytrec.model.checkpoint import load_checkpoint
+    from hytrec.model.config import STATE_DTYPES
+    from hytrec.training.data import Interactions, ItemVocab, leave_one_out
+    from hytrec.training.evaluate import evaluate_both
 
     t0 = time.perf_counter()
     ckpt = load_checkpoint(model)
@@ -197,8 +197,8 @@ def recommend(
 
     import numpy as np
 
-    from model.serving import ServingModel
-    from training.data import read_events
+    from hytrec.model.serving import ServingModel
+    from hytrec.training.data import read_events
 
     users, items, times = read_events(history)
     mine = users == user
@@ -233,7 +233,7 @@ def results(
     candidate: Annotated[str, typer.Option(help="Model type compared.")] = "hytrec",
 ) -> None:
     """Markdown tables of finished runs: metrics (mean ± std over seeds), buckets, paired bootstrap CIs."""
-    from training.report import report
+    from hytrec.training.report import report
 
     try:
         typer.echo(report(runs, baseline=baseline, candidate=candidate, plot=plot))

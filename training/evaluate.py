@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from model.baselines import SASRec
-from model.hytrec import HyTRec
-from model.state import StateBatch
-from training.data import EvalSet, eval_batches
-from training.metrics import per_user_metrics, summarize, target_ranks
+from hytrec.model.baselines import SASRec
+from hytrec.model.hytrec import HyTRec
+from hytrec.model.state import StateBatch
+from hytrec.training.data import EvalSet, eval_batches
+from hytrec.training.metrics import per_user_metrics, summarize, target_ranks
 
 
 def history_max_len(model: nn.Module) -> int | None:

@@ -6,7 +6,7 @@ computed while the block is in cache, and the gradients are kept for the backwar
 them). Same value and gradients as ``F.cross_entropy(user @ items.T, targets)`` (tests/test_losses.py). The
 unfused form writes and re-reads a 120 MB logit matrix per ML-1M batch (8,192 rows x 3,706 items) in each of
 scores, log-softmax and both backward passes; this one keeps each block in cache. Whole training steps got
-1.50x (HyTRec) / 1.42x (SASRec+) faster with it and the age-bias lookup of :mod:`model.short_branch`
+1.50x (HyTRec) / 1.42x (SASRec+) faster with it and the age-bias lookup of :mod:`hytrec.model.short_branch`
 (``hytrec bench train --compare``, docs/results.md).
 """
 

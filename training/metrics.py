@@ -2,7 +2,7 @@
 
 Conventions:
 
-- Score matrices are ``(B, n_rows)`` over vocabulary rows (:class:`training.data.ItemVocab`); the first
+- Score matrices are ``(B, n_rows)`` over vocabulary rows (:class:`hytrec.training.data.ItemVocab`); the first
   ``n_special`` columns (padding, unknown) are never ranked.
 - rank = number of candidate items whose score is STRICTLY greater than the target's (0 = top). Ties with
   the target therefore count in its favour (optimistic); a model giving every item the same score gets
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from training.data import BUCKET_LABELS
+from hytrec.training.data import BUCKET_LABELS
 
 KS: tuple[int, ...] = (10, 50, 500)
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data import BUCKET_LABELS, Interactions, leave_one_out
-from training.metrics import paired_bootstrap, paired_bootstrap_ratio, per_user_metrics
+from hytrec.training.data import BUCKET_LABELS, Interactions, leave_one_out
+from hytrec.training.metrics import paired_bootstrap, paired_bootstrap_ratio, per_user_metrics
 
 METRICS = ("HR@10", "NDCG@10", "HR@50", "NDCG@50", "HR@500", "NDCG@500")
 

@@ -1,7 +1,7 @@
 """Training: next-item prediction at every position, AdamW, early stopping on validation NDCG@10.
 
 One loop for every model type (the HyTRec variants and the SASRec+ baseline). The output directory is a
-checkpoint (:mod:`model.checkpoint`: the best epoch's weights, config and items) plus ``log.jsonl``
+checkpoint (:mod:`hytrec.model.checkpoint`: the best epoch's weights, config and items) plus ``log.jsonl``
 (one line per epoch), ``metrics.json`` (validation and test of the best epoch) and the resumable
 ``train_state.safetensors`` / ``train_state.json`` (weights, optimiser moments, RNG states, counters).
 """
@@ -22,11 +22,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from model.checkpoint import MODEL_TYPES, build_model, load_checkpoint, save_checkpoint
-from model.config import FIRST_ITEM_ROW
-from training.data import Interactions, Split, leave_one_out, train_batches
-from training.evaluate import evaluate, evaluate_both
-from training.losses import full_softmax_cross_entropy
+from hytrec.model.checkpoint import MODEL_TYPES, build_model, load_checkpoint, save_checkpoint
+from hytrec.model.config import FIRST_ITEM_ROW
+from hytrec.training.data import Interactions, Split, leave_one_out, train_batches
+from hytrec.training.evaluate import evaluate, evaluate_both
+from hytrec.training.losses import full_softmax_cross_entropy
 
 
 @dataclass

@@ -26,7 +26,7 @@ def chunk_gated_delta_rule(
     chunk_size: int = 64,
     initial_state: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Parallel form, identical in value to :func:`model.tadn.naive.naive_gated_delta_rule`.
+    """Parallel form, identical in value to :func:`hytrec.model.tadn.naive.naive_gated_delta_rule`.
 
     Any length works: the tail is padded with g = 0, beta = 0, which leaves the state unchanged, so
     the returned final state is the state after the last real event. Right-padded batches of users

@@ -11,7 +11,7 @@ def naive_gated_delta_rule(
 ) -> tuple[Tensor, Tensor]:
     """Run S_t = exp(g_t) S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T with explicit matrices.
 
-    Shapes as in :mod:`model.tadn`; returns (o (B, H, L, d_v), final state (B, H, d_v, d_k)).
+    Shapes as in :mod:`hytrec.model.tadn`; returns (o (B, H, L, d_v), final state (B, H, d_v, d_k)).
     """
     b, h, length, d_k = k.shape
     d_v = v.shape[-1]

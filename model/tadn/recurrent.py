@@ -12,7 +12,7 @@ def recurrent_gated_delta_step(
     """Advance ``state`` (B, H, d_v, d_k) by one event; ``q, k`` (B, H, d_k), ``v`` (B, H, d_v), ``g, beta`` (B, H).
 
     Uses the rank-1 form S' = a S; S = S' + beta (v - S' k) k^T, which equals the equation in
-    :mod:`model.tadn` without forming a d_k x d_k matrix. Returns (o (B, H, d_v), new state).
+    :mod:`hytrec.model.tadn` without forming a d_k x d_k matrix. Returns (o (B, H, d_v), new state).
     """
     decayed = state * torch.exp(g)[..., None, None]
     predicted = (decayed @ k[..., None]).squeeze(-1)  # matmul, not einsum: half the time at B = 1
