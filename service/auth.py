@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import hmac
 
-from fastapi import Request
-
-from hytrec.service.errors import Problem
-
 
 class ApiKeyAuth:
-    """A dependency: with keys configured, ``Authorization: Bearer <key>`` must name one of them, else 401."""
+    """With keys configured, ``Authorization: Bearer <key>`` must name one of them (the Guard answers 401)."""
 
     def __init__(self, keys: list[str]) -> None:
         self._keys = [k.encode() for k in keys]
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self._keys)
 
     def check(self, header: str | None) -> bool:
         """Whether the Authorization header carries a configured key (compared in constant time)."""
@@ -31,13 +23,3 @@ class ApiKeyAuth:
         for key in self._keys:  # compare against every key, so timing does not tell which one matched
             ok |= hmac.compare_digest(given, key)
         return ok
-
-    async def __call__(self, request: Request) -> None:
-        if not self.check(request.headers.get("authorization")):
-            raise Problem(
-                401,
-                "unauthorized",
-                "Unauthorized",
-                "a valid API key is required: Authorization: Bearer <key>",
-                headers={"WWW-Authenticate": 'Bearer realm="hytrec"'},
-            )

@@ -1,7 +1,7 @@
 """Micro-batching of recommendation requests: concurrent requests share one catalogue product.
 
 Requests queue up on the event loop; one task takes what is queued (waiting at most ``max_wait_ms`` for
-company, up to ``max_size``), decodes the states and runs ``ServingModel.recommend`` in the torch thread,
+company, up to ``max_size``), decodes the stored blobs and runs ``ServingModel.recommend`` in the torch thread,
 then resolves each request's future. While a batch computes, the next one fills, so under load the batch
 size grows by itself.
 """
@@ -12,22 +12,20 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
 
 from hytrec.model.serving import Recommendation, ServingModel
 from hytrec.model.state import StateBatch
 from hytrec.service import metrics
+from hytrec.service.states import decode_snapshot
+from hytrec.state_store import Runner, Snapshot
 
-T = TypeVar("T")
-Runner = Callable[[Callable[[], T]], Awaitable[T]]
 log = logging.getLogger("hytrec.service")
 
 
 @dataclass
 class _Request:
-    state: Any  # a Snapshot-like object whose ``.state`` decodes (in the torch thread)
+    snapshot: Snapshot  # decoded in the torch thread
     now: float
     k: int
     exclude_seen: bool
@@ -69,8 +67,8 @@ class RecommendBatcher:
             if not req.future.done():
                 req.future.cancel()
 
-    async def submit(self, snapshot: Any, now: float, k: int, exclude_seen: bool) -> Scored:
-        """Score one user (``snapshot.state`` gives the decoded state) at request time ``now``."""
+    async def submit(self, snapshot: Snapshot, now: float, k: int, exclude_seen: bool) -> Scored:
+        """Score one user's stored state at request time ``now`` (``CorruptStateError`` if it does not decode)."""
         if self._task is None:
             raise RuntimeError("batcher not started")
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
@@ -137,9 +135,12 @@ class RecommendBatcher:
         states: list[StateBatch] = []
         for i, r in enumerate(batch):
             try:
-                states.append(r.state.state)
+                state = decode_snapshot(self.model, r.snapshot)
+                if state is None:
+                    raise ValueError(f"no state stored for user {r.snapshot.user_id!r}")
+                states.append(state)
                 good.append(i)
-            except Exception as exc:  # noqa: BLE001 - CorruptStateError, handed to that request
+            except Exception as exc:  # noqa: BLE001 - CorruptStateError mostly, handed to that request
                 out[i] = exc
         if states:
             batched = StateBatch.cat(states)

@@ -96,8 +96,8 @@ def replay(
 
     import numpy as np
 
+    from hytrec.eventlog import read_events
     from hytrec.service.client import HyTRecClient
-    from hytrec.training.data import read_events
 
     users, items, times = read_events(log)
     order = np.argsort(times, kind="stable")
@@ -140,10 +140,10 @@ def backfill(
 
     import numpy as np
 
+    from hytrec.eventlog import read_events
     from hytrec.model.serving import ServingModel
     from hytrec.service.settings import Settings
     from hytrec.state_store import open_store
-    from hytrec.training.data import read_events
 
     _set_env("model", model)
     settings = Settings()

@@ -2,10 +2,10 @@
 
 Steps: map item ids to embedding rows (strict mode rejects the whole batch if one is unknown); group the
 events by user keeping their order; drop repeated ``(user, event_id)`` pairs inside the batch; then one
-``StateStore.update_many``: one round trip reads every user's state and which of their event ids are already
-applied, ``compute`` (in the torch thread) skips those, advances all users together through the batched TADN
-step and encodes the new states, and a per-user compare-and-set writes state and ring buffer together
-(recomputing the users that lost a race).
+``StateStore.update_many``: one round trip reads every user's state blob and which of their event ids are
+already applied, ``compute`` (in the torch thread) skips those, decodes the blobs, advances all users
+together through the batched TADN step and encodes the new states, and a per-user compare-and-set writes
+state and ring buffer together (recomputing the users that lost a race).
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from hytrec.model.config import UNKNOWN_ROW
 from hytrec.model.serving import ServingModel
+from hytrec.model.vocab import UNKNOWN_ROW
 from hytrec.service import metrics
-from hytrec.service.batcher import Runner
 from hytrec.service.errors import field_problem
 from hytrec.service.schemas import Event, IngestResult
+from hytrec.service.states import decode_snapshot
 from hytrec.state_store import Snapshot, StateStore, Write
 
 
@@ -47,10 +47,9 @@ class _Outcome:
 class EventIngestor:
     """Applies event batches to the store with the model; see the module docstring."""
 
-    def __init__(self, model: ServingModel, store: StateStore, runner: Runner, strict_items: bool = False) -> None:
+    def __init__(self, model: ServingModel, store: StateStore, strict_items: bool = False) -> None:
         self.model = model
-        self.store = store
-        self.run = runner
+        self.store = store  # runs ``compute`` through the runner it was opened with (the torch thread)
         self.strict_items = strict_items
 
     def _check_items(self, events: Sequence[Event]) -> None:
@@ -85,7 +84,7 @@ class EventIngestor:
             return self._compute(snaps, pending, outcomes)
 
         asked = {u: p.event_ids for u, p in pending.items() if p.event_ids}
-        commits = await self.store.update_many(list(pending), compute, event_ids=asked, runner=self.run)
+        commits = await self.store.update_many(list(pending), compute, event_ids=asked)
         for c in commits.values():
             metrics.CAS_ATTEMPTS.observe(c.attempts)
         total = _Outcome()
@@ -123,7 +122,7 @@ class EventIngestor:
             outcomes[u] = out
             if not fresh:
                 continue
-            state = snap.state  # None for a new user; CorruptStateError for an undecodable blob
+            state = decode_snapshot(self.model, snap)  # None for a new user; CorruptStateError if undecodable
             last = float(state.last_ts[0]) if state is not None and int(state.count[0]) > 0 else None
             for r, t, _ in fresh:
                 if last is not None and t < last:

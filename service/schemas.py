@@ -103,4 +103,3 @@ class ModelInfo(BaseModel):
 class Health(BaseModel):
     status: str
     model_version: str | None = None
-    detail: str | None = None

@@ -1,13 +1,15 @@
 """Per-user state in Redis: opaque state blobs, atomic optimistic updates, batched, cluster-ready.
 
-The store knows bytes, keys, versions and concurrency; the state codec (``hytrec.model.state``) is handed in
-by the caller. See docs/state_store.md for the key layout and the update protocol.
+The store knows bytes, keys, versions and concurrency; what a blob means (the model's state codec) is the
+caller's business: it decodes the blobs it reads and encodes the ones it writes. See docs/state_store.md for
+the key layout and the update protocol.
 """
 
+from hytrec.state_store.connect import open_store
 from hytrec.state_store.errors import ConflictError, CorruptStateError, StoreError, StoreUnavailable
 from hytrec.state_store.keys import KeySpace, check_user_id
 from hytrec.state_store.settings import StoreSettings
-from hytrec.state_store.store import Commit, Compute, Snapshot, StateStore, Write, open_store
+from hytrec.state_store.store import Commit, Compute, Runner, Snapshot, StateStore, Write
 
 __all__ = [
     "Commit",
@@ -15,6 +17,7 @@ __all__ = [
     "ConflictError",
     "CorruptStateError",
     "KeySpace",
+    "Runner",
     "Snapshot",
     "StateStore",
     "StoreError",

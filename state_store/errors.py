@@ -2,6 +2,22 @@
 
 from __future__ import annotations
 
+from redis import exceptions as rex
+
+# Redis failures that mean "not reachable or not serving right now": answered 503 + Retry-After, never 500.
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    rex.ConnectionError,
+    rex.TimeoutError,
+    rex.BusyLoadingError,
+    rex.ClusterDownError,
+    rex.ClusterError,
+    rex.MasterDownError,
+    rex.TryAgainError,
+    rex.ReadOnlyError,
+    rex.SlotNotCoveredError,
+    OSError,
+)
+
 
 class StoreError(Exception):
     """Base class of the state store's errors."""

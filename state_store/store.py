@@ -4,44 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import os
-import random
 import time
 from base64 import b64encode
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
 from redis import exceptions as rex
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialWithJitterBackoff
+from redis.backoff import FullJitterBackoff
 
 from hytrec.state_store import metrics
 from hytrec.state_store.embedded import EmbeddedRedis
-from hytrec.state_store.errors import ConflictError, CorruptStateError, StoreError, StoreUnavailable
+from hytrec.state_store.errors import UNAVAILABLE, ConflictError, CorruptStateError, StoreError, StoreUnavailable
 from hytrec.state_store.keys import KeySpace
 from hytrec.state_store.scripts import CAS, CAS_SHA, COMMITTED, CONFLICT, DUPLICATE, MALFORMED, READ, READ_SHA, REPLAYED
 from hytrec.state_store.settings import StoreSettings
 
 T = TypeVar("T")
+# Runs a synchronous callable somewhere off the event loop (the service: its one torch thread).
 Runner = Callable[[Callable[[], T]], Awaitable[T]]
-Decode = Callable[[bytes], Any]
 
 _FIELDS = ("blob", "ver", "n", "lts", "ts")
 _CAS_FIELDS = ("blob", "ver")
-_UNAVAILABLE = (
-    rex.ConnectionError,
-    rex.TimeoutError,
-    rex.BusyLoadingError,
-    rex.ClusterDownError,
-    rex.ClusterError,
-    rex.MasterDownError,
-    rex.TryAgainError,
-    rex.ReadOnlyError,
-    rex.SlotNotCoveredError,
-    OSError,
-)
 
 
 async def _to_thread(fn: Callable[[], T]) -> T:
@@ -55,8 +40,8 @@ class Snapshot:
     ``applied`` is the subset of the event ids asked about that this user has already applied.
     ``event_count``, ``last_ts`` and ``updated_ms`` are read by ``get_many`` (None in the snapshots
     ``update_many`` hands to ``compute``, which reads only the blob and version).
-    ``state`` decodes the blob with the store's codec; a blob that fails to decode raises
-    ``CorruptStateError`` and is counted, so a corrupt value is never served.
+    ``corrupt`` says why the stored hash is malformed (it is counted, and ``checked_blob`` raises): the store
+    checks its own metadata; what the blob means is the caller's business.
     """
 
     user_id: str
@@ -68,26 +53,17 @@ class Snapshot:
     updated_ms: int | None = None
     model_version: str = ""
     corrupt: str | None = None
-    _decode: Callable[[str, bytes], Any] | None = field(default=None, repr=False, compare=False)
-    _state: Any = field(default=None, repr=False, compare=False)
 
     @property
     def exists(self) -> bool:
         """Whether the user has a stored state."""
         return self.version > 0
 
-    @property
-    def state(self) -> Any:
-        """The decoded state (None for a user without state); decoded once, then cached."""
+    def checked_blob(self) -> bytes | None:
+        """The blob (None for a user without state); ``CorruptStateError`` if the stored hash is malformed."""
         if self.corrupt is not None:
             raise CorruptStateError(self.user_id, self.model_version, self.corrupt)
-        if self.blob is None:
-            return None
-        if self._state is None:
-            if self._decode is None:
-                raise StoreError("this store was opened without a decode callable")
-            self._state = self._decode(self.user_id, self.blob)
-        return self._state
+        return self.blob
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,8 +100,6 @@ class StateStore:
         model_version: str,
         *,
         cluster: bool = False,
-        decode: Decode | None = None,
-        decode_errors: tuple[type[BaseException], ...] = (Exception,),
         runner: Runner | None = None,
         embedded: EmbeddedRedis | None = None,
     ) -> None:
@@ -135,10 +109,11 @@ class StateStore:
         self.model_version = model_version
         self.cluster = cluster
         self.embedded = embedded
-        self._decode = decode
-        self._decode_errors = decode_errors
         self._runner: Runner = runner or _to_thread
         self._ttl_ms = (settings.user_ttl_s or 0) * 1000
+        self._cas_backoff = FullJitterBackoff(
+            cap=settings.cas_backoff_cap_ms / 1000, base=settings.cas_backoff_ms / 1000
+        )
 
     # ---------------------------------------------------------------- plumbing
     @contextmanager
@@ -149,7 +124,7 @@ class StateStore:
             yield
         except StoreError:
             raise
-        except _UNAVAILABLE as exc:
+        except UNAVAILABLE as exc:
             metrics.REDIS_ERRORS.labels(op, type(exc).__name__).inc()
             raise StoreUnavailable(f"redis unavailable during {op}: {exc}") from exc
         except rex.RedisError as exc:
@@ -160,6 +135,10 @@ class StateStore:
             if users:
                 metrics.BATCH_USERS.labels(op).observe(users)
 
+    # Scripts run as raw EVALSHA in the pipeline, and on NOSCRIPT the scripts are reloaded and only the failed
+    # commands resent. redis-py's Script objects preload themselves only into the standalone asyncio Pipeline
+    # (Script.__call__ checks isinstance(client, redis.asyncio.client.Pipeline)); the async ClusterPipeline gets
+    # no such load, so a server that lost its script cache would fail the whole batch. One path serves both.
     def _pipeline(self) -> Any:
         return self.client.pipeline() if self.cluster else self.client.pipeline(transaction=False)
 
@@ -169,24 +148,10 @@ class StateStore:
             if isinstance(res, Exception) and not isinstance(res, rex.NoScriptError):
                 raise res
 
-    def _decode_blob(self, user_id: str, blob: bytes) -> Any:
-        try:
-            return self._decode(blob)  # type: ignore[misc]
-        except self._decode_errors as exc:
-            metrics.CORRUPT_VALUES.inc()
-            raise CorruptStateError(user_id, self.model_version, f"{type(exc).__name__}: {exc}") from exc
-
     def _snapshot(self, user_id: str, row: list[Any], scores: list[Any] | None, asked: Sequence[str]) -> Snapshot:
         blob, ver = row[0], row[1]
         applied = frozenset(e for e, s in zip(asked, scores, strict=True) if s is not None) if scores else frozenset()
-        snap = Snapshot(
-            user_id,
-            0,
-            None,
-            applied,
-            model_version=self.model_version,
-            _decode=None if self._decode is None else self._decode_blob,
-        )
+        snap = Snapshot(user_id, 0, None, applied, model_version=self.model_version)
         if ver is None and blob is None:
             return snap
         try:
@@ -298,35 +263,39 @@ class StateStore:
             else:
                 await self.client.script_load(script)
 
-    def _backoff(self, attempt: int) -> float:
-        cap = min(self.settings.cas_backoff_cap_ms, self.settings.cas_backoff_ms * 2**attempt)
-        return random.uniform(0.0, cap) / 1000.0
-
     async def update_many(
         self,
         user_ids: Iterable[str],
         compute: Compute,
         *,
         event_ids: Mapping[str, Sequence[str]] | None = None,
-        runner: Runner | None = None,
     ) -> dict[str, Commit]:
         """Optimistic read-compute-write of many users, pipelined.
 
         ``compute(snapshots)`` gets a ``Snapshot`` for every user still to write (``blob`` None for a new
         user; ``applied`` says which of that user's ``event_ids`` are already applied, so they can be
-        skipped) and returns a ``Write`` for each user that changes; it runs through ``runner`` (default
-        ``asyncio.to_thread``) and may be called again for the users whose compare-and-set lost a race.
+        skipped) and returns a ``Write`` for each user that changes; it runs through the store's runner (given
+        to ``open_store``; default ``asyncio.to_thread``) and may be called again for the users whose
+        compare-and-set lost a race.
         Each user's state, metadata and event ids are written by one Lua script or not at all. Returns the
         commits; raises ``ConflictError`` for users still conflicting after ``cas_max_retries`` retries.
         """
-        run = runner or self._runner
+        return await self._update(user_ids, compute, event_ids, self._runner)
+
+    async def _update(
+        self,
+        user_ids: Iterable[str],
+        compute: Compute,
+        event_ids: Mapping[str, Sequence[str]] | None,
+        run: Runner,
+    ) -> dict[str, Commit]:
         todo = list(dict.fromkeys(user_ids))
         asked: dict[str, list[str]] = {u: list((event_ids or {}).get(u, ())) for u in todo}
         commits: dict[str, Commit] = {}
         attempts = self.settings.cas_max_retries + 1
         for attempt in range(attempts):
             if attempt:
-                await asyncio.sleep(self._backoff(attempt - 1))
+                await asyncio.sleep(self._cas_backoff.compute(attempt - 1))
             snaps = await self._read(todo, asked, _CAS_FIELDS)
             for s in snaps.values():
                 if s.corrupt is not None:
@@ -371,9 +340,8 @@ class StateStore:
 
     async def put(self, user_id: str, blob: bytes, *, n_events: int = 0, last_ts: float | None = None) -> Commit:
         """Overwrite one user's state, event count and latest timestamp whatever its version (backfill)."""
-        commits = await self.update_many(
-            [user_id], lambda snaps: {user_id: Write(blob, (), n_events, last_ts, replace_count=True)}, runner=_direct
-        )
+        write = Write(blob, (), n_events, last_ts, replace_count=True)
+        commits = await self._update([user_id], lambda snaps: {user_id: write}, None, _direct)
         return commits[user_id]
 
     # ---------------------------------------------------------------- lifecycle
@@ -434,82 +402,3 @@ class StateStore:
 
 async def _direct(fn: Callable[[], T]) -> T:
     return fn()
-
-
-def _cluster_url(url: str) -> tuple[str, bool]:
-    for scheme, plain in (("redis+cluster://", "redis://"), ("rediss+cluster://", "rediss://")):
-        if url.startswith(scheme):
-            return plain + url[len(scheme) :], True
-    return url, False
-
-
-async def open_store(
-    settings: StoreSettings | None = None,
-    model_version: str = "v0",
-    *,
-    decode: Decode | None = None,
-    decode_errors: tuple[type[BaseException], ...] = (Exception,),
-    runner: Runner | None = None,
-) -> StateStore:
-    """Connect to the configured Redis (embedded, standalone or cluster) and return a store.
-
-    ``decode`` turns a blob into the caller's state (``Snapshot.state``); the exceptions in
-    ``decode_errors`` mark a blob as corrupt. ``runner`` runs ``compute`` (default ``asyncio.to_thread``).
-    """
-    s = settings or StoreSettings()
-    retry = Retry(
-        ExponentialWithJitterBackoff(cap=s.redis_retry_backoff_cap_ms / 1000, base=s.redis_retry_backoff_ms / 1000),
-        s.redis_retries,
-    )
-    common: dict[str, Any] = {
-        "socket_timeout": s.socket_timeout_s,
-        "socket_connect_timeout": s.connect_timeout_s,
-        "retry": retry,
-        "retry_on_error": [rex.ConnectionError, rex.TimeoutError],
-    }
-    embedded: EmbeddedRedis | None = None
-    cluster = False
-    try:
-        if s.redis_url is None:
-            embedded = EmbeddedRedis(s.data_dir)
-            socket_path = await asyncio.to_thread(embedded.start)
-            pool = aioredis.BlockingConnectionPool(
-                connection_class=aioredis.UnixDomainSocketConnection,
-                path=socket_path,
-                max_connections=s.pool_size,
-                timeout=s.connect_timeout_s,
-                **common,
-            )
-            client: Any = aioredis.Redis(connection_pool=pool)
-        else:
-            url, cluster = _cluster_url(s.redis_url)
-            cluster = cluster or s.redis_cluster
-            if cluster:
-                client = aioredis.RedisCluster.from_url(url, max_connections=s.pool_size, **common)
-                await client.initialize()
-            else:
-                pool = aioredis.BlockingConnectionPool.from_url(
-                    url, max_connections=s.pool_size, timeout=s.connect_timeout_s, **common
-                )
-                client = aioredis.Redis(connection_pool=pool)
-        store = StateStore(
-            client,
-            s,
-            model_version,
-            cluster=cluster,
-            decode=decode,
-            decode_errors=decode_errors,
-            runner=runner,
-            embedded=embedded,
-        )
-        with store._guard("open"):
-            await store._load_scripts()
-        return store
-    except _UNAVAILABLE as exc:
-        if embedded is not None:
-            embedded.stop()
-        raise StoreUnavailable(f"cannot open the state store: {exc}") from exc
-    except BaseException:
-        if embedded is not None:
-            embedded.stop()
-        raise

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -16,8 +15,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from hytrec.model.checkpoint import save_checkpoint
-from tests.helpers_model import make_model
 from tests.redis_servers import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,16 +27,6 @@ class Checkpoint:
     path: Path
     version: str
     item_ids: list[str]
-
-
-@pytest.fixture(scope="session")
-def service_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Checkpoint:
-    """A random-init small HyTRec (items "1".."300") saved as a checkpoint."""
-    path = tmp_path_factory.mktemp("service-ckpt")
-    item_ids = [str(i) for i in range(1, N_ITEMS + 1)]
-    rng = random.Random(0)
-    version = save_checkpoint(path, make_model(n_items=N_ITEMS), item_ids, [rng.randint(0, 100) for _ in item_ids])
-    return Checkpoint(path, version, item_ids)
 
 
 @dataclass

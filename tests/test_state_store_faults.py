@@ -10,7 +10,7 @@ import pytest
 from hytrec.state_store import StoreSettings, StoreUnavailable, Write, open_store
 from hytrec.state_store import metrics as m
 from tests.redis_servers import RedisServer
-from tests.test_state_store import decode, encode
+from tests.test_state_store import encode, payload
 
 
 @pytest.fixture
@@ -33,7 +33,7 @@ def test_kill_between_read_and_write_leaves_old_state(persistent_server: RedisSe
     server = persistent_server
 
     async def main() -> None:
-        store = await open_store(fast_fail(server.url), "m1", decode=decode)
+        store = await open_store(fast_fail(server.url), "m1")
         try:
             await store.update_many(["u", "v"], lambda s: {u: Write(encode(b"old"), (f"{u}0",)) for u in s})
 
@@ -52,10 +52,10 @@ def test_kill_between_read_and_write_leaves_old_state(persistent_server: RedisSe
             # the same store object reconnects by itself
             snaps = await store.get_many(["u", "v"], event_ids={"u": ["u0", "u1"], "v": ["v1"]})
             for u in ("u", "v"):
-                assert snaps[u].state == b"old" and snaps[u].version == 1 and snaps[u].event_count == 1
+                assert payload(snaps[u]) == b"old" and snaps[u].version == 1 and snaps[u].event_count == 1
             assert snaps["u"].applied == {"u0"} and snaps["v"].applied == frozenset()
             commits = await store.update_many(["u"], lambda s: {"u": Write(encode(b"new"), ("u1",))})
-            assert commits["u"].version == 2 and (await store.get("u")).state == b"new"
+            assert commits["u"].version == 2 and payload(await store.get("u")) == b"new"
         finally:
             await store.close()
 
@@ -66,12 +66,12 @@ def test_store_reconnects_after_restart(persistent_server: RedisServer) -> None:
     server = persistent_server
 
     async def main() -> None:
-        store = await open_store(fast_fail(server.url), "m1", decode=decode)
+        store = await open_store(fast_fail(server.url), "m1")
         try:
             await store.put("u", encode(b"1"))
             server.restart()  # every pooled connection is now dead
             assert await store.ping()
-            assert (await store.get("u")).state == b"1"
+            assert payload(await store.get("u")) == b"1"
         finally:
             await store.close()
 
@@ -82,7 +82,7 @@ def test_embedded_store_keeps_users_across_restart(tmp_path: Path) -> None:
     settings = StoreSettings(redis_url=None, data_dir=tmp_path / "var")
 
     async def first() -> int:
-        store = await open_store(settings, "m1", decode=decode)
+        store = await open_store(settings, "m1")
         try:
             await store.update_many(["u"], lambda s: {"u": Write(encode(b"kept"), ("e1",), last_ts=5.0)})
             return store.embedded._server.pid
@@ -90,7 +90,7 @@ def test_embedded_store_keeps_users_across_restart(tmp_path: Path) -> None:
             await store.close()
 
     async def second() -> tuple:
-        store = await open_store(settings, "m1", decode=decode)
+        store = await open_store(settings, "m1")
         try:
             snap = (await store.get_many(["u"], event_ids={"u": ["e1"]}))["u"]
             return store.embedded._server.pid, snap, [u async for u in store.scan_users()]
@@ -100,6 +100,6 @@ def test_embedded_store_keeps_users_across_restart(tmp_path: Path) -> None:
     pid1 = asyncio.run(first())
     pid2, snap, users = asyncio.run(second())
     assert pid1 != pid2  # a new server process, reading the persisted data
-    assert snap.state == b"kept" and snap.version == 1 and snap.applied == {"e1"} and snap.last_ts == 5.0
+    assert payload(snap) == b"kept" and snap.version == 1 and snap.applied == {"e1"} and snap.last_ts == 5.0
     assert users == ["u"]
     assert (tmp_path / "var" / "redis").is_dir()

@@ -1,0 +1,81 @@
+"""Pure-ASGI middleware in front of every route: API keys on /v1, the body size limit, latency metrics.
+
+Pure ASGI rather than a Starlette ``BaseHTTPMiddleware``: it runs for every request, so it must not copy
+bodies or spawn tasks; it counts the bytes of a streamed body as they arrive and stops at the limit.
+"""
+
+from __future__ import annotations
+
+import time
+
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from hytrec.service import metrics
+from hytrec.service.auth import ApiKeyAuth
+from hytrec.service.errors import Problem, problem_response
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """A streamed body went over the limit (answered 413 by the HTTP error handler)."""
+
+
+def _too_large(limit: int) -> Problem:
+    return Problem(413, "too-large", "Content too large", f"request body larger than {limit} bytes")
+
+
+class Guard:
+    """Checks the API key and the body size before a route runs, and times every request."""
+
+    def __init__(self, app: ASGIApp, auth: ApiKeyAuth, max_body: int) -> None:
+        self.app, self.auth, self.max_body = app, auth, max_body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = {"code": 500}
+
+        async def send_wrapper(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            path = getattr(route, "path", None) or "<unmatched>"
+            metrics.REQUEST_SECONDS.labels(path, scope["method"], str(status["code"])).observe(
+                time.perf_counter() - start
+            )
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if scope["path"].startswith("/v1/") and not self.auth.check(headers.get("authorization")):
+            p = Problem(
+                401,
+                "unauthorized",
+                "Unauthorized",
+                "a valid API key is required: Authorization: Bearer <key>",
+                headers={"WWW-Authenticate": 'Bearer realm="hytrec"'},
+            )
+            await problem_response(None, p)(scope, receive, send)
+            return
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            await problem_response(None, _too_large(self.max_body))(scope, receive, send)
+            return
+        seen = 0
+
+        async def counting_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    raise BodyTooLarge(413, f"request body larger than {self.max_body} bytes")
+            return message
+
+        await self.app(scope, counting_receive, send)

@@ -1,0 +1,148 @@
+"""The HTTP routes: module-level routers that map parameters in and answers out, over the use-case objects.
+
+Routes reach the worker's resources through ``Ready`` (503 ``not-ready`` until the model and Redis are up).
+The configured limits (``max_k``, ``max_batch_events``) are checked here, answered as 422 naming the field,
+and written into the OpenAPI document by ``app.py`` (``openapi_with_limits``), so clients see them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi.security import HTTPBearer
+
+from hytrec.service import metrics
+from hytrec.service.errors import Problem, field_problem, problem_response, unavailable
+from hytrec.service.runtime import Lifecycle, Runtime
+from hytrec.service.schemas import (
+    ID_PATTERN,
+    MAX_TS,
+    Deleted,
+    EventBatch,
+    Health,
+    IngestResult,
+    ModelInfo,
+    Recommendations,
+    UserSummary,
+)
+from hytrec.state_store import StoreUnavailable
+
+
+def lifecycle(request: Request) -> Lifecycle:
+    return request.app.state.lifecycle
+
+
+def ready(lc: Annotated[Lifecycle, Depends(lifecycle)]) -> Runtime:
+    """The worker's runtime, or 503 ``not-ready`` with Retry-After while it starts (or after it failed)."""
+    if lc.runtime is None:
+        detail = lc.error or f"service not ready ({lc.phase})"
+        raise unavailable(detail, lc.settings.retry_after_s, "not-ready")
+    return lc.runtime
+
+
+def too_large(field: str, where: str, message: str, kind: str) -> Problem:
+    return field_problem([{"field": field, "in": where, "message": message, "type": kind}])
+
+
+Ready = Annotated[Runtime, Depends(ready)]
+UserId = Annotated[str, Path(pattern=ID_PATTERN, description="User id: [A-Za-z0-9_.:@-]{1,128}.")]
+
+# Declares the bearer scheme in the OpenAPI document; the key itself is checked by the Guard middleware.
+_bearer = HTTPBearer(auto_error=False, description="Needed when HYTREC_API_KEYS is set.")
+
+events = APIRouter(prefix="/v1", tags=["events"], dependencies=[Depends(_bearer)])
+users = APIRouter(prefix="/v1/users", tags=["users"], dependencies=[Depends(_bearer)])
+model = APIRouter(prefix="/v1", tags=["model"], dependencies=[Depends(_bearer)])
+operations = APIRouter(tags=["operations"])
+
+
+@events.post("/events", response_model=IngestResult, operation_id="post_events", summary="Apply a batch of events")
+async def post_events(batch: EventBatch, rt: Ready) -> IngestResult:
+    """Validated as a whole: a bad event rejects the batch (422 naming it) and nothing is applied.
+
+    At most ``HYTREC_MAX_BATCH_EVENTS`` events (the OpenAPI document carries the configured limit).
+    """
+    limit = rt.settings.max_batch_events
+    if len(batch.events) > limit:
+        raise too_large("events", "body", f"List should have at most {limit} items", "too_long")
+    return await rt.ingestor.ingest(batch.events)
+
+
+@users.get(
+    "/{user_id}/recommendations",
+    response_model=Recommendations,
+    operation_id="get_recommendations",
+    summary="Top-K for a user",
+)
+async def get_recommendations(
+    user_id: UserId,
+    rt: Ready,
+    k: Annotated[int, Query(ge=1, description="How many items (at most HYTREC_MAX_K).")] = 10,
+    exclude_seen: Annotated[bool, Query(description="Drop the items of the last K events.")] = True,
+    at: Annotated[float | None, Query(gt=0, lt=MAX_TS, description="Request time (default: now).")] = None,
+) -> Recommendations:
+    if k > rt.settings.max_k:
+        raise too_large("k", "query", f"Input should be less than or equal to {rt.settings.max_k}", "less_than_equal")
+    now = time.time() if at is None else at
+    return await rt.recommender.recommend(user_id, k, exclude_seen, now)
+
+
+@users.get(
+    "/{user_id}",
+    response_model=UserSummary,
+    operation_id="get_user",
+    summary="What is held for a user",
+    responses={404: {"description": "No state for this user"}},
+)
+async def get_user(user_id: UserId, rt: Ready) -> UserSummary:
+    summary = await rt.recommender.summary(user_id)
+    if summary is None:
+        raise Problem(404, "not-found", "Not found", f"no state for user {user_id!r}")
+    return summary
+
+
+@users.delete("/{user_id}", response_model=Deleted, operation_id="delete_user", summary="Erase a user")
+async def delete_user(user_id: UserId, rt: Ready) -> Deleted:
+    """Removes every key held for the user, under every model version."""
+    return Deleted(user_id=user_id, deleted=await rt.store.delete_user(user_id))
+
+
+@model.get("/model", response_model=ModelInfo, operation_id="get_model", summary="The served model")
+async def get_model(rt: Ready) -> ModelInfo:
+    m = rt.model
+    return ModelInfo(
+        version=m.version,
+        model_type=m.model_type,
+        n_items=m.n_items,
+        config=m.cfg.to_dict(),
+        state_dtype=m.state_dtype,
+        strict_items=rt.settings.strict_items,
+    )
+
+
+@operations.get("/healthz", response_model=Health, operation_id="healthz", summary="Liveness")
+async def healthz(lc: Annotated[Lifecycle, Depends(lifecycle)]) -> Any:
+    if lc.error is not None:
+        return problem_response(None, Problem(503, "failed", "Model failed to load", lc.error))
+    return Health(status="ok", model_version=lc.model_version)
+
+
+@operations.get(
+    "/readyz", response_model=Health, operation_id="readyz", summary="Readiness: model loaded and Redis answering"
+)
+async def readyz(rt: Ready) -> Health:
+    s = rt.settings
+    try:
+        await asyncio.wait_for(rt.store.ping(), timeout=s.socket_timeout_s)
+    except (StoreUnavailable, TimeoutError) as exc:
+        raise unavailable(f"redis is not answering: {exc}", s.retry_after_s, "not-ready") from exc
+    return Health(status="ready", model_version=rt.model.version)
+
+
+@operations.get("/metrics", include_in_schema=False)
+async def get_metrics() -> Response:
+    body, content_type = metrics.render()
+    return Response(body, media_type=content_type)

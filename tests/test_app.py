@@ -1,0 +1,187 @@
+"""The app in process (httpx's ASGI transport, lifespan run) over a real Redis: the fast paths of the service.
+
+The process-level behaviour (workers, signals, the CLI) is in test_service.py; here each case costs
+milliseconds, so the corners get covered: limits from the settings in validation and in the OpenAPI, corrupt
+stored states, readiness, schema-true answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import redis
+
+from hytrec.service.app import create_app
+from hytrec.service.schemas import IngestResult, Recommendations, UserSummary
+from hytrec.service.settings import Settings
+from hytrec.state_store import metrics as store_metrics
+from tests.service_fixtures import Checkpoint
+
+T0 = 1_700_000_000.0
+
+
+@asynccontextmanager
+async def running(settings: Settings, wait_ready: bool = True) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
+    """The app with its lifespan running, and an httpx client talking ASGI to it."""
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        lifecycle = app.state.lifecycle
+        if wait_ready:  # until the runtime is built or the start-up failed
+            for _ in range(1000):
+                if lifecycle.runtime is not None or lifecycle.error is not None:
+                    break
+                await asyncio.sleep(0.01)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://app") as client:
+            yield client, app
+
+
+def settings_for(ckpt: Checkpoint, redis_url: str, **extra: Any) -> Settings:
+    return Settings(model=ckpt.path, redis_url=redis_url, key_prefix=f"a{uuid.uuid4().hex[:10]}", **extra)
+
+
+def run(body: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(body())
+
+
+def events(user: str, n: int, start: int = 1) -> list[dict[str, Any]]:
+    return [
+        {"user_id": user, "item_id": str(i), "ts": T0 + 60 * i, "event_id": f"{user}-{i}"}
+        for i in range(start, n + start)
+    ]
+
+
+def test_limits_come_from_the_settings_in_validation_and_openapi(
+    service_checkpoint: Checkpoint, redis_standalone_url: str
+) -> None:
+    s = settings_for(service_checkpoint, redis_standalone_url, max_k=7, max_batch_events=5)
+
+    async def body() -> None:
+        async with running(s) as (client, app):
+            assert app.state.lifecycle.runtime is not None
+            doc = (await client.get("/openapi.json")).json()
+            get = doc["paths"]["/v1/users/{user_id}/recommendations"]["get"]
+            k = next(p for p in get["parameters"] if p["name"] == "k")
+            assert k["schema"]["maximum"] == 7 and k["schema"]["minimum"] == 1
+            assert doc["components"]["schemas"]["EventBatch"]["properties"]["events"]["maxItems"] == 5
+            ops = {op["operationId"]: op["tags"] for path in doc["paths"].values() for op in path.values()}
+            assert ops == {
+                "post_events": ["events"],
+                "get_recommendations": ["users"],
+                "get_user": ["users"],
+                "delete_user": ["users"],
+                "get_model": ["model"],
+                "healthz": ["operations"],
+                "readyz": ["operations"],
+            }
+            too_many = await client.post("/v1/events", json={"events": events("lim", 6)})
+            assert too_many.status_code == 422 and too_many.json()["errors"][0]["field"] == "events"
+            assert (await client.get("/v1/users/lim")).status_code == 404  # nothing applied
+            assert (await client.post("/v1/events", json={"events": events("lim", 5)})).status_code == 200
+            big_k = await client.get("/v1/users/lim/recommendations", params={"k": 8})
+            assert big_k.status_code == 422 and big_k.json()["errors"][0]["field"] == "k"
+            assert len((await client.get("/v1/users/lim/recommendations", params={"k": 7})).json()["items"]) == 7
+
+    run(body)
+
+
+def test_answers_match_their_schemas_and_exclude_seen_filters_the_ranking(
+    service_checkpoint: Checkpoint, redis_standalone_url: str
+) -> None:
+    s = settings_for(service_checkpoint, redis_standalone_url)
+
+    async def body() -> None:
+        async with running(s) as (client, _):
+            posted = await client.post("/v1/events", json={"events": events("sch", 30)})
+            assert IngestResult.model_validate(posted.json()).applied == 30
+            params = {"k": 10, "at": T0 + 5000}
+            rec = Recommendations.model_validate(
+                (await client.get("/v1/users/sch/recommendations", params=params)).json()
+            )
+            full = Recommendations.model_validate(
+                (
+                    await client.get("/v1/users/sch/recommendations", params={**params, "k": 60, "exclude_seen": False})
+                ).json()
+            )
+            seen = {str(i) for i in range(1, 31)}
+            unseen = [(i.item_id, i.score) for i in full.items if i.item_id not in seen]
+            assert len(unseen) >= 10  # 60 over 300 items: at most 30 of them seen
+            # the filtered answer is the unfiltered ranking with the seen items taken out, same scores
+            assert [(i.item_id, i.score) for i in rec.items] == unseen[:10]
+            summary = UserSummary.model_validate((await client.get("/v1/users/sch")).json())
+            # fewer events than the window: the padding rows of the ring buffer are not reported
+            assert summary.history_length == 30 and [e.item_id for e in summary.recent] == [
+                str(i) for i in range(1, 31)
+            ]
+
+    run(body)
+
+
+def test_corrupt_state_is_never_served_nor_overwritten(
+    service_checkpoint: Checkpoint, redis_standalone_url: str
+) -> None:
+    s = settings_for(service_checkpoint, redis_standalone_url)
+
+    async def body() -> None:
+        async with running(s) as (client, app):
+            await client.post("/v1/events", json={"events": events("bad", 5) + events("good", 5)})
+            store = app.state.lifecycle.runtime.store
+            key = store.keys.state("bad")
+            r = redis.Redis.from_url(redis_standalone_url)
+            blob = r.hget(key, "blob")
+            r.hset(key, "blob", blob[:40] + bytes([blob[40] ^ 0x01]) + blob[41:])
+            flipped = r.hget(key, "blob")
+            before = store_metrics.CORRUPT_VALUES._value.get()
+
+            rec = (await client.get("/v1/users/bad/recommendations", params={"k": 5})).json()
+            assert rec["fallback"] == "popularity" and len(rec["items"]) == 5 and rec["history_length"] == 0
+            post = await client.post("/v1/events", json={"events": events("bad", 2, start=50) + events("good", 1, 60)})
+            assert post.status_code == 500 and post.json()["type"].endswith("/corrupt-state")
+            assert "'bad'" in post.json()["detail"]
+            user = await client.get("/v1/users/bad")
+            assert user.status_code == 500 and user.json()["type"].endswith("/corrupt-state")
+            assert r.hget(key, "blob") == flipped and r.hget(key, "ver") == b"1"  # left for DELETE or a backfill
+            assert store_metrics.CORRUPT_VALUES._value.get() == before + 3
+            good = (await client.get("/v1/users/good")).json()
+            assert good["history_length"] == 5  # the batch that met the corrupt user applied nothing
+            assert (await client.delete("/v1/users/bad")).json()["deleted"] is True
+            assert (await client.post("/v1/events", json={"events": events("bad", 2)})).status_code == 200
+
+    run(body)
+
+
+def test_not_ready_is_503_with_retry_after(service_checkpoint: Checkpoint, redis_standalone_url: str) -> None:
+    s = settings_for(service_checkpoint, redis_standalone_url, startup_delay_s=30.0, retry_after_s=3)
+
+    async def body() -> None:
+        async with running(s, wait_ready=False) as (client, _):
+            for resp in (
+                await client.get("/readyz"),
+                await client.post("/v1/events", json={"events": events("nr", 1)}),
+                await client.get("/v1/users/nr/recommendations"),
+            ):
+                assert resp.status_code == 503 and resp.headers["retry-after"] == "3"
+                assert resp.json()["type"].endswith("/not-ready") and "not ready" in resp.json()["detail"]
+            health = await client.get("/healthz")
+            assert health.status_code == 200 and health.json() == {"status": "ok", "model_version": None}
+
+    run(body)
+
+
+def test_a_model_that_cannot_load_fails_health(tmp_path: Any, redis_standalone_url: str) -> None:
+    s = Settings(model=tmp_path / "nothing", redis_url=redis_standalone_url)
+
+    async def body() -> None:
+        async with running(s) as (client, app):
+            assert app.state.lifecycle.runtime is None
+            health = await client.get("/healthz")
+            assert health.status_code == 503 and "cannot load the model" in health.json()["detail"]
+            ready = await client.get("/readyz")
+            assert ready.status_code == 503 and "cannot load the model" in ready.json()["detail"]
+
+    run(body)
