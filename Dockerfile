@@ -6,14 +6,13 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     HYTREC_HOST=0.0.0.0 \
     HYTREC_PORT=8000 \
-    HYTREC_MODEL=/app/models/demo \
     HYTREC_DATA_DIR=/data
 
 WORKDIR /app
 # CPU-only torch first, from PyTorch's own index (the default index would pull the CUDA build).
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md requirements.lock ./
 COPY hytrec ./hytrec
 COPY model ./model
 COPY state_store ./state_store
@@ -21,9 +20,11 @@ COPY service ./service
 COPY training ./training
 COPY benchmarks ./benchmarks
 COPY loadtest ./loadtest
-RUN pip install .
-# The checkpoint served by default; mount another one and set HYTREC_MODEL to serve it.
-COPY models ./models
+# The demo checkpoint ships inside the package (hytrec.demo) and is served by default; mount another
+# checkpoint and set HYTREC_MODEL to serve it.
+COPY models/demo ./models/demo
+# The serving install: the base dependencies, pinned by the lock file (no training or dev extras).
+RUN pip install -c requirements.lock .
 
 RUN useradd --system --uid 10001 --home-dir /app hytrec && mkdir -p /data && chown hytrec /data
 USER hytrec

@@ -4,13 +4,21 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint serve bench-model demo-model clean
+.PHONY: install test lint serve bench-model demo-model docs lock clean
 
-$(STAMP): pyproject.toml
+# requirements.lock pins every dependency (pip-tools); `make lock` re-resolves it after a change to pyproject.toml.
+$(STAMP): pyproject.toml requirements.lock
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c requirements.lock -e '.[train,dev]'
 	touch $(STAMP)
+
+lock: $(STAMP)
+	$(BIN)/pip-compile -q --extra train --extra dev --strip-extras --no-emit-find-links --no-emit-index-url \
+		--no-emit-trusted-host -o requirements.lock pyproject.toml
+
+docs: $(STAMP)
+	$(BIN)/hytrec docs
 
 install: $(STAMP)
 

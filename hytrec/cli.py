@@ -7,6 +7,7 @@ registered here; heavy imports (torch, redis) happen inside the commands, so `hy
 from __future__ import annotations
 
 import importlib
+from typing import Annotated
 
 import typer
 
@@ -29,6 +30,21 @@ _COMMANDS: list[tuple[str, str, typer.Typer, str]] = [
     ("hytrec.service.commands", "replay", app, "replay"),
     ("hytrec.service.commands", "backfill", app, "backfill"),
 ]
+
+
+@app.command("docs")
+def docs(
+    check: Annotated[bool, typer.Option("--check", help="Only report pages whose generated tables are stale.")] = False,
+) -> None:
+    """Regenerate the settings and metrics tables of docs/ from the code that defines them."""
+    from hytrec.docs import update
+
+    stale = update(check=check)
+    for page in stale:
+        typer.echo(f"{'stale' if check else 'updated'}: {page}")
+    if check and stale:
+        raise typer.Exit(1)
+
 
 for _module, _attr, _target, _name in _COMMANDS:
     _target.command(_name)(getattr(importlib.import_module(_module), _attr))

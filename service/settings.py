@@ -1,11 +1,12 @@
 """Settings of the inference service: one pydantic-settings class, environment variables prefixed ``HYTREC_``.
 
 It extends the state store's settings (Redis URL, key prefix, pool, retries...), so one environment configures
-both; docs/service.md has the full table.
+both. The tables in docs/service.md and docs/state_store.md are generated from these classes (``hytrec docs``).
 """
 
 from __future__ import annotations
 
+from importlib.resources import files
 from pathlib import Path
 from typing import Literal
 
@@ -15,16 +16,27 @@ from pydantic_settings import SettingsConfigDict
 from hytrec.state_store.settings import StoreSettings
 
 
+def demo_model() -> Path:
+    """The demo checkpoint shipped inside the package, so `hytrec serve` starts from any directory."""
+    return Path(str(files("hytrec.demo")))
+
+
 class Settings(StoreSettings):
     """Everything ``hytrec serve`` reads from the environment (see docs/service.md for the table)."""
 
     model_config = SettingsConfigDict(env_prefix="HYTREC_", extra="ignore", protected_namespaces=())
 
-    model: Path = Field(Path("models/demo"), description="Checkpoint directory served (HYTREC_MODEL).")
+    model: Path = Field(
+        default_factory=demo_model,
+        description="Checkpoint directory served (a directory written by `hytrec train`).",
+        json_schema_extra={"shown_default": "the bundled demo checkpoint"},
+    )
     host: str = Field("127.0.0.1", description="Interface `hytrec serve` binds.")
     port: int = Field(8000, ge=0, le=65535, description="Port `hytrec serve` binds.")
     workers: int = Field(1, ge=1, description="Uvicorn worker processes of `hytrec serve`.")
-    log_level: str = Field("info", description="Uvicorn and service log level.")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="Uvicorn and service log level."
+    )
     api_keys: str = Field("", description="Comma-separated API keys; when set, every /v1 route needs a bearer key.")
     strict_items: bool = Field(False, description="Reject a batch holding an item id the model does not know.")
     max_batch_events: int = Field(1000, ge=1, le=100_000, description="Most events in one POST /v1/events.")

@@ -24,14 +24,20 @@ class StoreSettings(BaseSettings):
     data_dir: Path = Field(Path("./var"), description="Folder of the embedded Redis's persisted data.")
     key_prefix: str = Field("hytrec", description="First component of every key.")
     pool_size: int = Field(64, ge=1, description="Maximum connections per Redis node.")
-    socket_timeout_s: float = Field(2.0, gt=0)
-    connect_timeout_s: float = Field(2.0, gt=0)
+    socket_timeout_s: float = Field(2.0, gt=0, description="Redis socket timeout per command (also bounds /readyz).")
+    connect_timeout_s: float = Field(
+        2.0, gt=0, description="Redis connect timeout, and the longest wait for a free pooled connection."
+    )
     redis_retries: int = Field(3, ge=0, description="Reconnect-and-retry attempts on connection errors.")
-    redis_retry_backoff_ms: float = Field(10.0, ge=0, description="Base of the reconnect backoff.")
-    redis_retry_backoff_cap_ms: float = Field(500.0, ge=0)
+    redis_retry_backoff_ms: float = Field(
+        10.0, ge=0, description="Base of the reconnect backoff (exponential with jitter, redis-py's own)."
+    )
+    redis_retry_backoff_cap_ms: float = Field(500.0, ge=0, description="Cap of the reconnect backoff.")
     cas_max_retries: int = Field(16, ge=0, description="Compare-and-set retries per user before ConflictError.")
-    cas_backoff_ms: float = Field(2.0, ge=0, description="Base of the exponential compare-and-set backoff.")
-    cas_backoff_cap_ms: float = Field(50.0, ge=0)
+    cas_backoff_ms: float = Field(
+        2.0, ge=0, description="Base of the compare-and-set backoff (full jitter, doubling per retry)."
+    )
+    cas_backoff_cap_ms: float = Field(50.0, ge=0, description="Cap of the compare-and-set backoff.")
     user_ttl_s: int | None = Field(None, ge=1, description="Expire a user this long after its last write.")
     dedup_window: int = Field(
         128,

@@ -350,7 +350,7 @@ def test_delete_user_removes_every_key(redis_url: str) -> None:
 
 
 def test_delete_user_erases_every_model_version(redis_url: str) -> None:
-    """Erasure (BRIEF section 4) removes the user's keys under older model versions too."""
+    """Erasure removes the user's keys under older model versions too."""
     old_mv = f"o{uuid.uuid4().hex[:8]}"
 
     async def body(store) -> None:
