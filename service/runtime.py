@@ -60,8 +60,6 @@ class Lifecycle:
             import torch
 
             await self.run(lambda: torch.set_num_threads(s.torch_threads))
-            if s.startup_delay_s:
-                await asyncio.sleep(s.startup_delay_s)
             self.phase = "loading model"
             model = await self.run(lambda: ServingModel.load(s.model, s.state_dtype))
             popular = await self.run(lambda: model.popular(s.max_k))

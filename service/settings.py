@@ -51,7 +51,6 @@ class Settings(StoreSettings):
         None, description="Storage dtype of new states (default: the checkpoint's)."
     )
     retry_after_s: int = Field(1, ge=1, description="Retry-After of 503 answers.")
-    startup_delay_s: float = Field(0.0, ge=0, description="Wait before loading the model (tests of /readyz).")
 
     @property
     def api_key_list(self) -> list[str]:

@@ -43,7 +43,12 @@ class ServiceProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 90.0) -> ServiceProcess:
+    def start(self, timeout: float = 90.0, until: int = 200) -> ServiceProcess:
+        """Start `hytrec serve` and poll /readyz until it answers ``until``."""
+        self.launch()
+        return self.wait_for(until, timeout)
+
+    def launch(self) -> None:
         env = {**os.environ, **self.env, "HYTREC_PORT": str(self.port), "HYTREC_HOST": "127.0.0.1"}
         env.setdefault("HYTREC_LOG_LEVEL", "warning")
         env["PYTHONPATH"] = str(REPO)
@@ -51,6 +56,10 @@ class ServiceProcess:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "hytrec.cli", "serve"], cwd=REPO, env=env, stdout=self.log, stderr=subprocess.STDOUT
         )
+
+    def wait_for(self, until: int = 200, timeout: float = 90.0) -> ServiceProcess:
+        """Poll /readyz until it answers ``until`` (the codes seen are kept in ``startup_statuses``)."""
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -61,11 +70,11 @@ class ServiceProcess:
                 code = 0
             if code:
                 self.startup_statuses.append(code)
-            if code == 200:
+            if code == until:
                 return self
             time.sleep(0.05)
         self.stop()
-        raise TimeoutError(f"hytrec serve not ready after {timeout}s:\n{self.output()}")
+        raise TimeoutError(f"hytrec serve: /readyz never answered {until} in {timeout}s:\n{self.output()}")
 
     def output(self) -> str:
         return (self.workdir / f"serve-{self.port}.log").read_text(errors="replace")[-5000:]
@@ -97,7 +106,7 @@ def service_env(ckpt: Checkpoint, redis_url: str, **extra: object) -> dict[str, 
 def service(
     service_checkpoint: Checkpoint, redis_standalone_url: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServiceProcess]:
-    """One worker, API keys on, small batch and body limits, model loading delayed by a second."""
+    """One worker, API keys on, small batch and body limits."""
     env = service_env(
         service_checkpoint,
         redis_standalone_url,
@@ -105,7 +114,6 @@ def service(
         max_batch_events=200,
         max_body_bytes=65536,
         max_k=100,
-        startup_delay_s=1.0,
     )
     proc = ServiceProcess(env, tmp_path_factory.mktemp("serve")).start()
     try:

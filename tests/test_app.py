@@ -8,6 +8,7 @@ stored states, readiness, schema-true answers.
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -26,9 +27,16 @@ T0 = 1_700_000_000.0
 
 
 @asynccontextmanager
-async def running(settings: Settings, wait_ready: bool = True) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
-    """The app with its lifespan running, and an httpx client talking ASGI to it."""
+async def running(
+    settings: Settings, wait_ready: bool = True, hold: threading.Event | None = None
+) -> AsyncIterator[tuple[httpx.AsyncClient, Any]]:
+    """The app with its lifespan running, and an httpx client talking ASGI to it.
+
+    ``hold``: the torch thread waits for it before anything else, so the model cannot load until it is set.
+    """
     app = create_app(settings)
+    if hold is not None:
+        app.state.lifecycle.executor.submit(hold.wait)
     async with app.router.lifespan_context(app):
         lifecycle = app.state.lifecycle
         if wait_ready:  # until the runtime is built or the start-up failed
@@ -156,10 +164,11 @@ def test_corrupt_state_is_never_served_nor_overwritten(
 
 
 def test_not_ready_is_503_with_retry_after(service_checkpoint: Checkpoint, redis_standalone_url: str) -> None:
-    s = settings_for(service_checkpoint, redis_standalone_url, startup_delay_s=30.0, retry_after_s=3)
+    s = settings_for(service_checkpoint, redis_standalone_url, retry_after_s=3)
 
     async def body() -> None:
-        async with running(s, wait_ready=False) as (client, _):
+        release = threading.Event()
+        async with running(s, wait_ready=False, hold=release) as (client, _):
             for resp in (
                 await client.get("/readyz"),
                 await client.post("/v1/events", json={"events": events("nr", 1)}),
@@ -169,6 +178,12 @@ def test_not_ready_is_503_with_retry_after(service_checkpoint: Checkpoint, redis
                 assert resp.json()["type"].endswith("/not-ready") and "not ready" in resp.json()["detail"]
             health = await client.get("/healthz")
             assert health.status_code == 200 and health.json() == {"status": "ok", "model_version": None}
+            release.set()
+            for _ in range(1000):
+                if (await client.get("/readyz")).status_code == 200:
+                    break
+                await asyncio.sleep(0.01)
+            assert (await client.get("/readyz")).json()["status"] == "ready"
 
     run(body)
 

@@ -15,11 +15,13 @@ import pytest
 
 from hytrec.service.client import AsyncHyTRecClient, HyTRecClient, HyTRecError
 from hytrec.training.synth import SynthConfig, generate, write_interactions
+from tests.redis_servers import RedisServer
 from tests.service_fixtures import (  # noqa: F401 - fixtures
     API_KEY,
     REPO,
     ServiceProcess,
     service,
+    service_env,
     strict_service,
 )
 
@@ -32,11 +34,23 @@ def client(service: ServiceProcess):  # noqa: F811
         yield c
 
 
-def test_readyz_before_and_after_model_load(service: ServiceProcess) -> None:  # noqa: F811
-    # The server answered /readyz with 503 while its (delayed) model load was pending, then 200.
-    assert service.startup_statuses[0] == 503
-    assert service.startup_statuses[-1] == 200
-    assert httpx.get(service.url + "/healthz").json()["status"] == "ok"
+def test_readyz_waits_for_a_redis_that_comes_up_later(service_checkpoint, tmp_path: Path) -> None:  # noqa: F811
+    """Started before its Redis, the service answers /readyz 503 (with Retry-After) and /healthz 200, then
+    becomes ready by itself once the Redis answers: no restart."""
+    redis_server = RedisServer()  # a free port, nothing listening yet
+    proc = ServiceProcess(service_env(service_checkpoint, redis_server.url, retry_after_s=2), tmp_path)
+    try:
+        proc.start(until=503)
+        waiting = httpx.get(proc.url + "/readyz")
+        assert waiting.status_code == 503 and waiting.headers["retry-after"] == "2"
+        assert "connecting to redis" in waiting.json()["detail"]
+        assert httpx.get(proc.url + "/healthz").status_code == 200
+        redis_server.start()
+        proc.wait_for(200)
+        assert httpx.get(proc.url + "/readyz").json()["status"] == "ready"
+    finally:
+        proc.stop()
+        redis_server.stop()
 
 
 def test_full_flow(client: HyTRecClient, service: ServiceProcess, service_checkpoint) -> None:  # noqa: F811
