@@ -10,8 +10,8 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hytrec.model.config import FIRST_ITEM_ROW
 from hytrec.model.layers import FeedForward, ItemEmbedding
+from hytrec.model.vocab import FIRST_ITEM_ROW
 
 
 @dataclass(frozen=True)

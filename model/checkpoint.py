@@ -1,15 +1,17 @@
 """Checkpoints: a directory with safetensors weights, a JSON config and the item vocabulary.
 
 Files: ``model.safetensors`` (weights only), ``config.json`` (``model_type`` and its config),
-``items.json`` (external item ids in row order, from row 2, and each item's training popularity, for
-the cold-start fallback). The model version is ``<model_type>-<sha256 of config + weights>[:12]``, so
-different weights never share a version (and never share serving state). Nothing is unpickled.
+``items.json`` (the :class:`~hytrec.model.vocab.Vocab`: external item ids in row order and each item's
+training popularity, for the cold-start fallback). The model version is
+``<model_type>-<sha256 of config + weights>[:12]``, so different weights never share a version (and never
+share serving state); the items file is not part of it. Nothing is unpickled.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ from torch import nn
 from hytrec.model.baselines import SASRec, SASRecConfig
 from hytrec.model.config import VARIANTS, HyTRecConfig
 from hytrec.model.hytrec import HyTRec
+from hytrec.model.vocab import Vocab, VocabError
 
 WEIGHTS, CONFIG, ITEMS = "model.safetensors", "config.json", "items.json"
 MODEL_TYPES = (*VARIANTS, "sasrec")
@@ -34,8 +37,7 @@ class Checkpoint:
     model: nn.Module
     model_type: str
     config: HyTRecConfig | SASRecConfig
-    item_ids: list[str]  # item_ids[i] is the external id of row i + 2
-    popularity: list[int]  # training interactions per item, aligned with item_ids
+    vocab: Vocab  # item ids <-> rows, and training popularity
     version: str
     meta: dict[str, Any]
 
@@ -63,22 +65,29 @@ def _version(model_type: str, config_json: str, weights: Path) -> str:
 def save_checkpoint(
     directory: str | Path,
     model: nn.Module,
-    item_ids: list[str],
-    popularity: list[int],
+    item_ids: Sequence[str],
+    popularity: Sequence[int],
     meta: dict[str, Any] | None = None,
 ) -> str:
-    """Write the checkpoint files and return the model version."""
+    """Write the checkpoint files and return the model version.
+
+    ``item_ids`` in row order and their training ``popularity`` become ``items.json`` (:class:`Vocab`).
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
-    if len(item_ids) != cfg.n_items or len(popularity) != cfg.n_items:
-        raise CheckpointError(f"{len(item_ids)} item ids / {len(popularity)} counts for {cfg.n_items} items")
+    try:
+        vocab = Vocab(item_ids, popularity)
+    except VocabError as exc:
+        raise CheckpointError(f"cannot save the items: {exc}") from exc
+    if vocab.n_items != cfg.n_items:
+        raise CheckpointError(f"{vocab.n_items} item ids for {cfg.n_items} items")
     model_type = model_type_of(model)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, directory / WEIGHTS)
     config_json = json.dumps({"model_type": model_type, "config": cfg.to_dict(), "meta": meta or {}}, indent=2)
     (directory / CONFIG).write_text(config_json + "\n")
-    (directory / ITEMS).write_text(json.dumps({"item_ids": item_ids, "popularity": popularity}))
+    vocab.save(directory / ITEMS)
     return _version(model_type, config_json + "\n", directory / WEIGHTS)
 
 
@@ -91,18 +100,17 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
     config_json = (directory / CONFIG).read_text()
     try:
         spec = json.loads(config_json)
-        items = json.loads((directory / ITEMS).read_text())
         model_type, config = spec["model_type"], spec["config"]
-        item_ids, popularity = [str(i) for i in items["item_ids"]], [int(c) for c in items["popularity"]]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        vocab = Vocab.load(directory / ITEMS)
+    except (json.JSONDecodeError, KeyError, TypeError, VocabError) as exc:
         raise CheckpointError(f"checkpoint {directory}: malformed config or items file: {exc}") from exc
     model, cfg = build_model(model_type, config)
-    if len(item_ids) != cfg.n_items or len(popularity) != cfg.n_items:
-        raise CheckpointError(f"checkpoint {directory}: {len(item_ids)} item ids for {cfg.n_items} items")
+    if vocab.n_items != cfg.n_items:
+        raise CheckpointError(f"checkpoint {directory}: {vocab.n_items} item ids for {cfg.n_items} items")
     try:
         model.load_state_dict(load_file(directory / WEIGHTS, device="cpu"))
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {directory}: weights do not match the config: {exc}") from exc
     model.eval()
     version = _version(model_type, config_json, directory / WEIGHTS)
-    return Checkpoint(model, model_type, cfg, item_ids, popularity, version, spec.get("meta", {}))
+    return Checkpoint(model, model_type, cfg, vocab, version, spec.get("meta", {}))

@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 import torch
 
+from hytrec.model.vocab import FIRST_ITEM_ROW
+
 Variant = Literal["hytrec", "hytrec-notime", "tadn-only", "recent-softmax"]
 VARIANTS: tuple[str, ...] = ("hytrec", "hytrec-notime", "tadn-only", "recent-softmax")
 STATE_DTYPES: dict[str, torch.dtype] = {
@@ -16,14 +18,10 @@ STATE_DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
 }
 
-PAD_ROW = 0  # item-embedding row of padding
-UNKNOWN_ROW = 1  # shared row of items the vocabulary does not know
-FIRST_ITEM_ROW = 2
-
 
 @dataclass(frozen=True)
 class HyTRecConfig:
-    """Sizes and switches of the hybrid model (BRIEF section 2).
+    """Sizes and switches of the hybrid model (docs/model.md has the equations they size).
 
     ``variant`` picks the ablation: ``hytrec`` (both branches, time-aware TADN), ``hytrec-notime``
     (TADN without the time terms = Gated DeltaNet), ``tadn-only`` (long branch alone) and

@@ -16,11 +16,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from hytrec.model.config import PAD_ROW, HyTRecConfig
+from hytrec.model.config import HyTRecConfig
 from hytrec.model.layers import ItemEmbedding, RMSNorm, TADNBlock
 from hytrec.model.short_branch import ShortBranch
 from hytrec.model.state import StateBatch
 from hytrec.model.tadn import time_deltas, time_feature
+from hytrec.model.vocab import PAD_ROW
 
 
 class HyTRec(nn.Module):
@@ -54,30 +55,23 @@ class HyTRec(nn.Module):
 
     # ----------------------------------------------------------------------------- parallel form
     def encode_long(
-        self,
-        emb: Tensor,
-        times: Tensor,
-        valid: Tensor,
-        initial_state: Tensor | None = None,
-        naive: bool = False,
+        self, emb: Tensor, times: Tensor, valid: Tensor, initial_state: Tensor | None = None
     ) -> tuple[Tensor, Tensor]:
         """Long branch over (B, L, d): normalised outputs (B, L, d) and final TADN states (B, n_long, H, d, d)."""
         phi = time_feature(time_deltas(times), self.cfg.tau, emb.dtype)
         x, states = emb, []
         for i, block in enumerate(self.blocks):
             init = initial_state[:, i] if initial_state is not None else None
-            x, s = block(x, phi, valid, initial_state=init, chunk_size=self.cfg.chunk_size, naive=naive)
+            x, s = block(x, phi, valid, initial_state=init, chunk_size=self.cfg.chunk_size)
             states.append(s)
         return self.long_norm(x), torch.stack(states, dim=1)
 
-    def forward(
-        self, items: Tensor, times: Tensor, query_times: Tensor, lengths: Tensor, naive: bool = False
-    ) -> Tensor:
+    def forward(self, items: Tensor, times: Tensor, query_times: Tensor, lengths: Tensor) -> Tensor:
         """User vectors (B, L, d) for right-padded item rows (B, L), times and request times (float64 s)."""
         valid = torch.arange(items.shape[1], device=items.device)[None, :] < lengths[:, None]
         emb = self.emb_dropout(self.item_emb(items))
         gap_phi = time_feature(query_times - torch.cummax(times, dim=-1).values, self.cfg.tau, emb.dtype)
-        long = self.encode_long(emb, times, valid, naive=naive)[0] if self.cfg.uses_long else None
+        long = self.encode_long(emb, times, valid)[0] if self.cfg.uses_long else None
         short = self.short(emb, times, query_times, gap_phi, long) if self.short is not None else None
         return self._fuse(long, short, gap_phi)
 

@@ -8,13 +8,14 @@ parallel (chunked) and the recurrent (one event) forms differ only in the recurr
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hytrec.model.config import FIRST_ITEM_ROW, PAD_ROW
-from hytrec.model.tadn import chunk_gated_delta_rule, naive_gated_delta_rule, recurrent_gated_delta_step
+from hytrec.model.tadn import chunk_gated_delta_rule, recurrent_gated_delta_step
+from hytrec.model.vocab import FIRST_ITEM_ROW, PAD_ROW
 
 
 class ItemEmbedding(nn.Embedding):
@@ -59,12 +60,16 @@ class FeedForward(nn.Module):
 
 
 class TADNLayer(nn.Module):
-    """Temporal-Aware Delta Network layer (BRIEF section 2).
+    """Temporal-Aware Delta Network layer (docs/model.md, "TADN").
 
     log-decay g = -exp(A_h) softplus(w_a x + b_h) - lambda_h phi(Delta), lambda_h = softplus(.) >= 0;
     write strength beta = sigmoid(w_b x + mu_h phi(Delta)); q, k L2-normalised; output through a
     per-head RMSNorm gated by silu(W_g x), then W_o. ``time_terms=False`` drops the phi terms.
     """
+
+    # The recurrence of the parallel form. Only :func:`hytrec.model.tadn.naive.use_naive_recurrence` replaces it
+    # (per instance, for the benchmark of the literal loop), so no production signature carries a reference switch.
+    parallel_rule: Callable[..., tuple[Tensor, Tensor]] = staticmethod(chunk_gated_delta_rule)
 
     def __init__(self, d_model: int, n_heads: int, time_terms: bool = True) -> None:
         super().__init__()
@@ -110,17 +115,13 @@ class TADNLayer(nn.Module):
         valid: Tensor,
         initial_state: Tensor | None = None,
         chunk_size: int = 64,
-        naive: bool = False,
     ) -> tuple[Tensor, Tensor]:
         """Parallel form over (B, L, d); padding (``valid`` False) leaves the state untouched."""
         q, k, v, g, beta = self.project(x, dt_feature)
         g = torch.where(valid[..., None], g, torch.zeros_like(g))
         beta = torch.where(valid[..., None], beta, torch.zeros_like(beta))
         heads_first = [t.transpose(1, 2) for t in (q, k, v, g, beta)]
-        if naive:
-            o, state = naive_gated_delta_rule(*heads_first, initial_state=initial_state)
-        else:
-            o, state = chunk_gated_delta_rule(*heads_first, chunk_size=chunk_size, initial_state=initial_state)
+        o, state = self.parallel_rule(*heads_first, chunk_size=chunk_size, initial_state=initial_state)
         return self.read_out(o.transpose(1, 2), x), state
 
     def step(self, x: Tensor, dt_feature: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:

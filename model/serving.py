@@ -14,9 +14,10 @@ from pathlib import Path
 import torch
 
 from hytrec.model.checkpoint import Checkpoint, load_checkpoint
-from hytrec.model.config import FIRST_ITEM_ROW, PAD_ROW, UNKNOWN_ROW, HyTRecConfig
+from hytrec.model.config import HyTRecConfig
 from hytrec.model.hytrec import HyTRec
 from hytrec.model.state import StateBatch, decode_state, encode_state
+from hytrec.model.vocab import FIRST_ITEM_ROW, PAD_ROW, Vocab
 
 
 @dataclass(frozen=True)
@@ -26,7 +27,10 @@ class Recommendation:
 
 
 class ServingModel:
-    """A HyTRec checkpoint in eval mode with its vocabulary; see the module docstring."""
+    """A HyTRec checkpoint in eval mode with its vocabulary; see the module docstring.
+
+    Item lookups (``row``, ``knows``, ``item_id``, ``item_ids``, ``n_items``) delegate to :attr:`vocab`.
+    """
 
     def __init__(self, checkpoint: Checkpoint, state_dtype: str | None = None) -> None:
         if not isinstance(checkpoint.model, HyTRec):
@@ -35,12 +39,11 @@ class ServingModel:
         self.cfg: HyTRecConfig = checkpoint.config
         self.version = checkpoint.version
         self.model_type = checkpoint.model_type
-        self.item_ids = checkpoint.item_ids
+        self.vocab: Vocab = checkpoint.vocab
+        self.item_ids: list[str] = self.vocab.ids
         self.state_dtype = state_dtype or self.cfg.state_dtype
-        self._row = {item: row for row, item in enumerate(self.item_ids, start=FIRST_ITEM_ROW)}
-        popularity = torch.tensor(checkpoint.popularity, dtype=torch.float64)
-        self._popular = torch.argsort(-popularity, stable=True)
-        self._popularity = popularity
+        self._popular: list[int] = self.vocab.by_popularity().tolist()
+        self._popularity: list[int] = self.vocab.popularity.tolist()
 
     @classmethod
     def load(cls, directory: str | Path, state_dtype: str | None = None) -> ServingModel:
@@ -52,13 +55,13 @@ class ServingModel:
 
     def row(self, item_id: str) -> int:
         """Embedding row of an external item id (UNKNOWN_ROW if the catalogue does not have it)."""
-        return self._row.get(item_id, UNKNOWN_ROW)
+        return self.vocab.row(item_id)
 
     def knows(self, item_id: str) -> bool:
-        return item_id in self._row
+        return self.vocab.knows(item_id)
 
     def item_id(self, row: int) -> str | None:
-        return self.item_ids[row - FIRST_ITEM_ROW] if row >= FIRST_ITEM_ROW else None
+        return self.vocab.item_id(row)
 
     # -------------------------------------------------------------------------------------- codec
     def encode(self, state: StateBatch) -> bytes:
@@ -123,14 +126,14 @@ class ServingModel:
 
     def popular(self, k: int, exclude: Sequence[str] = ()) -> Recommendation:
         """Cold-start fallback: the most popular training items (score = share of interactions)."""
-        total = float(self._popularity.sum()) or 1.0
+        total = float(sum(self._popularity)) or 1.0
         skip = set(exclude)
         ids, scores = [], []
-        for i in self._popular.tolist():
+        for i in self._popular:
             if self.item_ids[i] in skip:
                 continue
             ids.append(self.item_ids[i])
-            scores.append(float(self._popularity[i]) / total)
+            scores.append(self._popularity[i] / total)
             if len(ids) == k:
                 break
         return Recommendation(ids, scores)

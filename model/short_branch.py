@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hytrec.model.config import PAD_ROW, HyTRecConfig
+from hytrec.model.config import HyTRecConfig
 from hytrec.model.layers import FeedForward
 from hytrec.model.tadn import time_feature
+from hytrec.model.vocab import PAD_ROW
 
 
 class _SmallTableLookup(torch.autograd.Function):

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from hytrec.model.config import PAD_ROW, STATE_DTYPES, HyTRecConfig
+from hytrec.model.config import STATE_DTYPES, HyTRecConfig
+from hytrec.model.vocab import PAD_ROW
 
 MAGIC = b"HYTS"
 LAYOUT_VERSION = 1

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from hytrec.model.config import FIRST_ITEM_ROW, HyTRecConfig
+from hytrec.model.config import HyTRecConfig
 from hytrec.model.hytrec import HyTRec
+from hytrec.model.vocab import FIRST_ITEM_ROW
 
 
 def make_model(variant: str = "hytrec", seed: int = 0, **overrides) -> HyTRec:

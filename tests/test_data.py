@@ -1,4 +1,5 @@
-"""Loader, vocabulary, leave-one-out split and batching (training/data.py)."""
+"""Event-log reader (hytrec/eventlog.py), item vocabulary (model/vocab.py), leave-one-out split and batching
+(training/data.py)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hytrec.eventlog import DataFormatError, read_events
+from hytrec.model.vocab import FIRST_ITEM_ROW, PAD_ROW, UNKNOWN_ROW, Vocab, VocabError
 from hytrec.training.data import (
     BUCKET_LABELS,
-    DataFormatError,
     Interactions,
-    ItemVocab,
     eval_batches,
     leave_one_out,
     length_buckets,
     make_batch,
-    read_events,
     train_batches,
 )
 
@@ -116,36 +116,47 @@ def test_corrupt_gzip(tmp_path: Path) -> None:
 
 
 def test_vocab_rows_unknown_and_round_trip(tmp_path: Path) -> None:
-    v = ItemVocab.build(["b", "a", "c", "a"])
-    assert (v.n_items, v.n_rows) == (3, 5)
-    assert (ItemVocab.PAD, ItemVocab.UNK) == (0, 1)
+    v = Vocab.build(["b", "a", "c", "a"])
+    assert (v.n_items, v.n_rows, len(v)) == (3, 5, 3)
+    assert (PAD_ROW, UNKNOWN_ROW, FIRST_ITEM_ROW) == (0, 1, 2)
     enc = v.encode(["a", "b", "c", "zzz", ""])
     assert enc.dtype == np.int64 and enc.tolist() == [2, 3, 4, 1, 1]
+    assert v.encode(np.array([["c", "a"], ["q", "b"]])).tolist() == [[4, 2], [1, 3]]  # keeps the shape
+    assert v.encode([]).tolist() == [] and Vocab([]).encode(["a"]).tolist() == [UNKNOWN_ROW]
     assert v.decode([2, 3, 4]) == ["a", "b", "c"]
     assert v.decode(np.array([0, 1])) == ["<pad>", "<unk>"]
-    assert "a" in v and "zzz" not in v
+    assert "a" in v and "zzz" not in v and v.knows("c") and not v.knows("")
     with pytest.raises(ValueError):
         v.decode([5])
-    path = tmp_path / "vocab.json"
-    v.save(path)
-    assert path.read_text().startswith("{")
-    w = ItemVocab.load(path)
-    assert w == v and w.encode(["c", "q"]).tolist() == [4, 1]
-    assert ItemVocab.from_json(v.to_json()) == v
-    with pytest.raises(ValueError):
-        ItemVocab(["a", "a"])
-    with pytest.raises(ValueError):
-        ItemVocab.from_dict({"items": ["a"]})
+    path = tmp_path / "items.json"
+    v.with_popularity([5, 0, 2]).save(path)
+    w = Vocab.load(path)
+    assert w == v.with_popularity([5, 0, 2]) and w != v and w.encode(["c", "q"]).tolist() == [4, 1]
+    assert w.popularity.tolist() == [5, 0, 2] and w.by_popularity().tolist() == [0, 2, 1]
+    with pytest.raises(VocabError, match="duplicate"):
+        Vocab(["a", "a"])
+    with pytest.raises(VocabError, match="popularity"):
+        Vocab(["a", "b"], [1])
+    for bad in ('{"items": ["a"]}', '{"item_ids": ["a"], "popularity": ["x"]}', "not json"):
+        path.write_text(bad)
+        with pytest.raises(VocabError, match="not an items file"):
+            Vocab.load(path)
 
 
-def test_vocab_keeps_given_row_order() -> None:
-    v = ItemVocab(["z", "a", "m"])
+def test_vocab_keeps_given_row_order_and_both_lookups_agree() -> None:
+    v = Vocab(["z", "a", "m"])
     assert v.encode(["a", "m", "z", "q"]).tolist() == [3, 4, 2, 1]
+    assert [v.row(i) for i in ["a", "m", "z", "q"]] == [3, 4, 2, UNKNOWN_ROW]  # the serving lookup
     assert v.decode([2, 3, 4]) == ["z", "a", "m"]
+    assert [v.item_id(r) for r in (PAD_ROW, UNKNOWN_ROW, 2, 4)] == [None, None, "z", "m"]
+    ids = [f"i{k:03d}" for k in range(500)][::-1]
+    big = Vocab(ids)
+    probe = np.array([*ids[::7], "nope", "i1000"])
+    assert big.encode(probe).tolist() == [big.row(str(i)) for i in probe]
 
 
 def test_load_with_foreign_vocab_maps_unknown(tmp_path: Path) -> None:
-    d = Interactions.from_file(write(tmp_path / "x.tsv", SMALL), vocab=ItemVocab(["a", "b"]))
+    d = Interactions.from_file(write(tmp_path / "x.tsv", SMALL), vocab=Vocab(["a", "b"]))
     assert d.vocab.n_items == 2
     assert d.sequence(0)[0].tolist() == [1, 2, 1, 3]  # d, a, c, b
 

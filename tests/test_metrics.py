@@ -26,14 +26,17 @@ SCORES = np.array(
 )
 
 
-def test_rank_strictly_greater_ignores_special_rows() -> None:
-    assert target_ranks(SCORES, [5, 2]).tolist() == [2, 0]
-    assert target_ranks(torch.tensor(SCORES), torch.tensor([5, 2])).tolist() == [2, 0]
-    assert target_ranks(SCORES, [3, 2], n_special=0).tolist() == [2, 2]  # rows 0, 1 (99) now count
+def test_rank_counts_higher_items_and_ignores_special_rows() -> None:
+    # rows 0 and 1 score 99 but are never ranked; row 3 (0.9) is the top item
+    assert target_ranks(SCORES[[0, 0]], [5, 3]).tolist() == [2, 0]
+    assert target_ranks(torch.tensor(SCORES[[0, 0]]), torch.tensor([5, 3])).tolist() == [2, 0]
 
 
-def test_tie_modes() -> None:
+def test_tie_modes_default_pessimistic() -> None:
+    # the all-tied row: the default ranks the target below its 5 equals, so a constant scorer gets no credit
+    assert target_ranks(SCORES, [5, 2]).tolist() == [2, 5]
     assert target_ranks(SCORES, [5, 2], ties="pessimistic").tolist() == [2, 5]
+    assert target_ranks(SCORES, [5, 2], ties="optimistic").tolist() == [2, 0]
     assert target_ranks(SCORES, [5, 2], ties="mean").tolist() == [2, 2]
     with pytest.raises(ValueError):
         target_ranks(SCORES, [5, 2], ties="random")
@@ -46,13 +49,15 @@ def test_exclusion_changes_rank_and_never_excludes_target() -> None:
     # the target itself in the exclusion list (a re-consumed item) is still ranked, not dropped
     assert target_ranks(SCORES[:1], [5], exclude=[[5]]).tolist() == [2]
     assert target_ranks(SCORES[:1], [5], exclude=[[3, 5]]).tolist() == [1]
-    assert target_ranks(SCORES[:1], [5], exclude=[[3, 5]], ties="pessimistic").tolist() == [1]
+    assert target_ranks(SCORES[:1], [5], exclude=[[3, 5]], ties="optimistic").tolist() == [1]
+    # excluded items never count as ties either: 5 equals, 2 of them excluded
+    assert target_ranks(SCORES[1:], [2], exclude=[[3, 4]]).tolist() == [3]
     # boolean masks, numpy or torch, behave the same
     mask = exclusion_mask([[3, 5], []], 8)
     assert mask.dtype == torch.bool and mask.sum().item() == 2
-    assert target_ranks(SCORES, [5, 2], exclude=mask).tolist() == [1, 0]
-    assert target_ranks(SCORES, [5, 2], exclude=mask.numpy()).tolist() == [1, 0]
-    assert target_ranks(SCORES, [5, 2], exclude=[np.array([3, 5]), np.array([], dtype=np.int64)]).tolist() == [1, 0]
+    assert target_ranks(SCORES, [5, 2], exclude=mask).tolist() == [1, 5]
+    assert target_ranks(SCORES, [5, 2], exclude=mask.numpy()).tolist() == [1, 5]
+    assert target_ranks(SCORES, [5, 2], exclude=[np.array([3, 5]), np.array([], dtype=np.int64)]).tolist() == [1, 5]
     with pytest.raises(ValueError):
         target_ranks(SCORES, [5, 2], exclude=np.zeros((2, 3), dtype=bool))
 
@@ -60,8 +65,9 @@ def test_exclusion_changes_rank_and_never_excludes_target() -> None:
 def test_misses_and_bad_input() -> None:
     s = SCORES.copy()
     s[0, 5] = np.nan
-    s[1, 4] = np.nan  # a NaN non-target never ranks above
-    assert target_ranks(s, [5, 2]).tolist() == [6, 0]
+    s[1, 4] = np.nan  # a NaN non-target never ranks above, nor ties
+    assert target_ranks(s, [5, 2], ties="optimistic").tolist() == [6, 0]
+    assert target_ranks(s, [5, 2]).tolist() == [6, 4]
     assert target_ranks(SCORES, [1, 0]).tolist() == [6, 6]  # unknown / padding target: miss
     with pytest.raises(ValueError):
         target_ranks(SCORES, [8, 2])
@@ -83,7 +89,7 @@ def test_hr_ndcg_exact_values() -> None:
 
 
 def test_end_to_end_from_scores() -> None:
-    ranks = target_ranks(SCORES, [5, 2])  # ranks 2 and 0
+    ranks = target_ranks(SCORES[[0, 0]], [5, 3])  # ranks 2 and 0
     m = per_user_metrics(ranks, ks=(1, 10))
     assert m["HR@1"].tolist() == [0, 1] and m["NDCG@10"].tolist() == [0.5, 1.0]
 
@@ -122,3 +128,12 @@ def test_paired_bootstrap_ratio() -> None:
     a = np.maximum(b, (rng.random(3000) < 0.2).astype(float))  # about 1.47x
     r, lo, hi = paired_bootstrap_ratio(a, b, n=300, seed=0)
     assert lo > 1.08 and lo <= r <= hi
+
+
+def test_paired_bootstrap_ratio_upper_bound_is_inf_when_the_baseline_can_vanish() -> None:
+    # 2 hits of the baseline among 20 users: some resamples hold none of them, so mean(b) == 0 there
+    b = np.zeros(20)
+    b[:2] = 1.0
+    a = np.ones(20)
+    _, _, hi = paired_bootstrap_ratio(a, b, n=500, seed=0)
+    assert hi == np.inf

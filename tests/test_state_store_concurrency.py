@@ -52,8 +52,9 @@ class ModelCodec:
     def __init__(self, model_version: str) -> None:
         import torch
 
-        from hytrec.model.config import FIRST_ITEM_ROW, HyTRecConfig
+        from hytrec.model.config import HyTRecConfig
         from hytrec.model.hytrec import HyTRec
+        from hytrec.model.vocab import FIRST_ITEM_ROW
 
         torch.set_num_threads(1)
         torch.manual_seed(0)

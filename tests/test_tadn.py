@@ -9,11 +9,12 @@ import torch.nn.functional as F
 from hytrec.model.layers import TADNLayer
 from hytrec.model.tadn import (
     chunk_gated_delta_rule,
-    naive_gated_delta_rule,
     recurrent_gated_delta_step,
     time_deltas,
     time_feature,
 )
+from hytrec.model.tadn.naive import naive_gated_delta_rule, use_naive_recurrence
+from tests.helpers_model import make_model, random_history
 
 CHUNK = 16
 LENGTHS = [1, CHUNK - 1, CHUNK, CHUNK + 1, 1000]
@@ -105,7 +106,10 @@ def test_tadn_layer_chunked_matches_naive(length: int, time_terms: bool) -> None
     times = torch.stack([edge_case_times(length, gen) for _ in range(2)])
     phi = time_feature(time_deltas(times), tau=60.0, dtype=torch.float64)
     valid = torch.ones(2, length, dtype=torch.bool)
-    y_ref, s_ref = layer(x, phi, valid, chunk_size=CHUNK, naive=True)
+    # the reference: the layer's own projections and read-out around the literal recurrence
+    heads_first = [t.transpose(1, 2) for t in layer.project(x, phi)]
+    o_ref, s_ref = naive_gated_delta_rule(*heads_first)
+    y_ref = layer.read_out(o_ref.transpose(1, 2), x)
     y, s = layer(x, phi, valid, chunk_size=CHUNK)
     assert rel_err(y, y_ref) <= 1e-9 and rel_err(s, s_ref) <= 1e-9
     params = [layer.a_log, layer.lambda_raw, layer.mu, layer.k_proj.weight, layer.b_proj.bias]
@@ -116,6 +120,17 @@ def test_tadn_layer_chunked_matches_naive(length: int, time_terms: bool) -> None
             assert ga is None and not time_terms
             continue
         assert rel_err(ga, gb) <= 1e-9
+
+
+def test_whole_model_on_the_naive_recurrence_matches() -> None:
+    """``use_naive_recurrence`` (the benchmark's "naive" series) swaps only the kernel: same user vectors."""
+    model = make_model(chunk_size=CHUNK).double()
+    items, ts = random_history(3 * CHUNK + 5, model.cfg.n_items, seed=4)
+    args = (items[None], ts[None], ts[None] + 30.0, torch.tensor([len(items)]))
+    with torch.no_grad():
+        chunked = model(*args)
+        naive = use_naive_recurrence(model)(*args)
+    assert rel_err(naive, chunked) <= 1e-9
 
 
 def test_time_terms_change_the_gates() -> None:

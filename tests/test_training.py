@@ -11,8 +11,10 @@ import torch
 
 from hytrec.model.checkpoint import load_checkpoint
 from hytrec.model.serving import ServingModel
-from hytrec.training.data import Interactions, eval_batches, leave_one_out
+from hytrec.model.vocab import FIRST_ITEM_ROW
+from hytrec.training.data import EvalSet, Interactions, eval_batches, leave_one_out
 from hytrec.training.evaluate import evaluate, final_user_vectors
+from hytrec.training.metrics import per_user_metrics, summarize, target_ranks
 from hytrec.training.synth import SynthConfig, generate, write_interactions
 from hytrec.training.train import TrainConfig, train
 
@@ -26,6 +28,15 @@ def log_file(tmp_path_factory):
 
 def small_cfg(**kw) -> TrainConfig:
     return TrainConfig(**{"d_model": 16, "window": 8, "chunk_size": 16, "batch_tokens": 4096, "epochs": 2, **kw})
+
+
+def popularity_baseline(eval_set: EvalSet, popularity: np.ndarray) -> dict[str, float]:
+    """HR/NDCG of the cold-start fallback (rank by training popularity, the same for every user), scored
+    like the models: full catalogue, seen items excluded, ties pessimistic."""
+    scores = np.full((len(eval_set), len(popularity) + FIRST_ITEM_ROW), -np.inf)
+    scores[:, FIRST_ITEM_ROW:] = popularity
+    seen = [eval_set.history.sequence(i)[0] for i in range(len(eval_set))]
+    return summarize(per_user_metrics(target_ranks(scores, eval_set.targets, seen)))["all"]
 
 
 @pytest.mark.parametrize("model_type", ["hytrec", "hytrec-notime", "tadn-only", "recent-softmax", "sasrec"])
@@ -44,11 +55,20 @@ def test_every_model_type_trains_and_round_trips(tmp_path, log_file, model_type:
 
 
 def test_training_learns_beyond_popularity(tmp_path, log_file) -> None:
-    """A few epochs on a log with strong tastes beat the untrained model by a wide margin."""
+    """A few epochs on a log with strong tastes beat the popularity ranking on the held-out test events.
+
+    On this log the popularity baseline scores test HR@10 0.433, NDCG@10 0.207; over training seeds 0..7 the
+    model scored HR@10 0.567..0.733 and NDCG@10 0.403..0.501 (smallest margins +0.13 and +0.20).
+    """
     result = train(log_file, tmp_path, small_cfg(epochs=6, lr=3e-3), quiet=True)
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert log[-1]["train_loss"] < log[0]["train_loss"]
     assert result["valid"]["all"]["NDCG@10"] > log[0]["val"]["NDCG@10"]
+    split = leave_one_out(Interactions.from_file(log_file))
+    popular = popularity_baseline(split.test, load_checkpoint(tmp_path).vocab.popularity)
+    model = result["test"]["all"]
+    assert model["HR@10"] >= popular["HR@10"] + 0.07, (model, popular)
+    assert model["NDCG@10"] >= popular["NDCG@10"] + 0.12, (model, popular)
 
 
 def test_resume_continues_where_it_stopped(tmp_path, log_file) -> None:
@@ -63,8 +83,17 @@ def test_resume_continues_where_it_stopped(tmp_path, log_file) -> None:
 
 
 def test_sampled_softmax_trains(tmp_path, log_file) -> None:
-    result = train(log_file, tmp_path, small_cfg(loss="sampled", negatives=32), quiet=True)
-    assert np.isfinite(result["test"]["all"]["NDCG@10"])
+    """The logQ-corrected sampled softmax learns too: it beats the popularity ranking on both held-out splits.
+
+    Popularity here: NDCG@10 0.093 (valid), 0.207 (test); over training seeds 0..5 this run scored valid
+    0.377..0.427 and test 0.313..0.381.
+    """
+    result = train(log_file, tmp_path, small_cfg(loss="sampled", negatives=32, epochs=3, lr=5e-3), quiet=True)
+    split = leave_one_out(Interactions.from_file(log_file))
+    popularity = load_checkpoint(tmp_path).vocab.popularity
+    for name in ("valid", "test"):
+        popular = popularity_baseline(getattr(split, name), popularity)["NDCG@10"]
+        assert result[name]["all"]["NDCG@10"] >= popular + 0.06, (name, result[name]["all"], popular)
 
 
 def test_offline_recommend_matches_streaming_service_path(tmp_path, log_file) -> None:

@@ -1,233 +1,26 @@
-"""Interaction logs: loading, item vocabulary, leave-one-out split and padded batches.
+"""Interaction logs in memory: per-user sequences, leave-one-out split and padded batches.
 
-File format: tab-separated text, plain or gzip (detected by magic bytes), a header line naming the columns
-``user_id``, ``item_id`` and ``timestamp`` (any order; extra columns are allowed and ignored), then one event
-a line. Ids are kept as strings; timestamps are numeric seconds (int or float), stored as float64.
-
-Layout in memory (:class:`Interactions`): one sequence per user in CSR form: vocab rows
-``items[offsets[u]:offsets[u+1]]`` and ``timestamps`` over the same slice, each user's events sorted by
-time with ties kept in file order.
-Item rows come from :class:`ItemVocab`: row 0 is padding, row 1 the unknown item, rows 2.. the items.
+Files are read by :func:`hytrec.eventlog.read_events` (format described there). Layout in memory
+(:class:`Interactions`): one sequence per user in CSR form: vocab rows ``items[offsets[u]:offsets[u+1]]``
+and ``timestamps`` over the same slice, each user's events sorted by time with ties kept in file order.
+Item rows come from :class:`hytrec.model.vocab.Vocab` (padding, unknown, then the items).
 """
 
 from __future__ import annotations
 
-import gzip
-import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-REQUIRED_COLUMNS = ("user_id", "item_id", "timestamp")
-GZIP_MAGIC = b"\x1f\x8b"
-_HEADER = "\t".join(REQUIRED_COLUMNS)
+from hytrec.eventlog import read_events
+from hytrec.model.vocab import PAD_ROW, Vocab
 
 # History-length buckets for per-bucket metrics: [0, 100), [100, 500), [500, 1000), [1000, inf).
 BUCKET_EDGES = (100, 500, 1000)
 BUCKET_LABELS = ("<100", "100-499", "500-999", ">=1000")
-
-
-class DataFormatError(ValueError):
-    """An interaction file that cannot be read: missing, empty, bad header, or a malformed line."""
-
-
-# --------------------------------------------------------------------------------------------- reading
-
-
-def _read_text(path: Path) -> str:
-    if not path.is_file():
-        raise DataFormatError(f"{path}: no such file")
-    raw = path.read_bytes()
-    if raw[:2] == GZIP_MAGIC:
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as exc:
-            raise DataFormatError(f"{path}: corrupt gzip data ({exc})") from exc
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataFormatError(f"{path}: not UTF-8 text ({exc})") from exc
-    if text.startswith("\ufeff"):
-        text = text[1:]
-    if "\r" in text:
-        text = text.replace("\r\n", "\n")
-    return text
-
-
-def _fields_per_line(body: str) -> np.ndarray:
-    """Number of tab-separated fields on each line of ``body`` (no trailing newline), vectorised."""
-    buf = np.frombuffer(body.encode("utf-8"), dtype=np.uint8)
-    tabs = np.flatnonzero(buf == 0x09)
-    line_ends = np.append(np.flatnonzero(buf == 0x0A), len(buf))
-    return np.diff(np.searchsorted(tabs, line_ends), prepend=0) + 1
-
-
-def read_events(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Read an interaction file in file order: (user ids str array, item ids str array, timestamps float64).
-
-    Raises :class:`DataFormatError` for a missing or empty file, a header lacking a required column, a line
-    with the wrong number of fields, an empty id, or a non-numeric / non-finite timestamp (line numbers are
-    1-based and count the header as line 1).
-    """
-    path = Path(path)
-    text = _read_text(path)
-    text = text.rstrip("\n")
-    if not text.strip():
-        raise DataFormatError(f"{path}: empty file (expected a header line {_HEADER!r})")
-    header, _, body = text.partition("\n")
-    columns = header.split("\t")
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-    if missing:
-        raise DataFormatError(
-            f"{path}: line 1: header {columns!r} lacks column(s) {missing}; "
-            f"expected tab-separated {'/'.join(REQUIRED_COLUMNS)}"
-        )
-    if len(set(columns)) != len(columns):
-        raise DataFormatError(f"{path}: line 1: duplicate column names in header {columns!r}")
-    n_cols = len(columns)
-    iu, ii, it = (columns.index(c) for c in REQUIRED_COLUMNS)
-    if not body:
-        return np.array([], dtype=str), np.array([], dtype=str), np.array([], dtype=np.float64)
-
-    counts = _fields_per_line(body)
-    bad = np.flatnonzero(counts != n_cols)
-    if len(bad):
-        line = int(bad[0])
-        raise DataFormatError(
-            f"{path}: line {line + 2}: expected {n_cols} tab-separated fields, found {int(counts[line])}"
-        )
-    fields = body.replace("\n", "\t").split("\t")
-    users = np.array(fields[iu::n_cols])
-    items = np.array(fields[ii::n_cols])
-    ts_text = fields[it::n_cols]
-    try:
-        ts = np.array(ts_text, dtype=np.float64)
-    except ValueError:
-        ts = None
-    if ts is None or not np.isfinite(ts).all():
-        for k, value in enumerate(ts_text):
-            try:
-                ok = np.isfinite(float(value))
-            except ValueError:
-                ok = False
-            if not ok:
-                raise DataFormatError(
-                    f"{path}: line {k + 2}: timestamp {value!r} is not a finite number of seconds"
-                ) from None
-    for name, arr in (("user_id", users), ("item_id", items)):
-        empty = np.flatnonzero(arr == "")
-        if len(empty):
-            raise DataFormatError(f"{path}: line {int(empty[0]) + 2}: empty {name}")
-    return users, items, ts
-
-
-# --------------------------------------------------------------------------------------------- vocabulary
-
-
-class ItemVocab:
-    """External item ids (str) <-> embedding rows. Row 0 = padding, row 1 = unknown item, rows 2.. = items."""
-
-    PAD = 0
-    UNK = 1
-    OFFSET = 2
-    _FORMAT = "hytrec-item-vocab"
-
-    def __init__(self, ids: Sequence[str]) -> None:
-        """``ids`` in row order (row ``OFFSET + k`` is ``ids[k]``); they must be unique non-empty strings."""
-        self._ids = np.array([str(x) for x in ids], dtype=str) if len(ids) else np.array([], dtype=str)
-        self._order = np.argsort(self._ids, kind="stable")
-        self._sorted = self._ids[self._order]
-        if len(self._sorted) > 1 and (self._sorted[1:] == self._sorted[:-1]).any():
-            raise ValueError("ItemVocab: duplicate item ids")
-
-    @classmethod
-    def build(cls, ids: Iterable[str]) -> ItemVocab:
-        """Vocabulary of the distinct ids, in sorted (string) order for determinism."""
-        arr = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), dtype=str)
-        return cls(np.unique(arr).tolist())
-
-    @property
-    def n_items(self) -> int:
-        """Number of real items."""
-        return len(self._ids)
-
-    @property
-    def n_rows(self) -> int:
-        """Rows of an embedding table for this vocabulary (items + padding + unknown)."""
-        return len(self._ids) + self.OFFSET
-
-    @property
-    def ids(self) -> list[str]:
-        """Item ids in row order (row ``OFFSET + k`` is ``ids[k]``)."""
-        return self._ids.tolist()
-
-    def __len__(self) -> int:
-        return self.n_items
-
-    def __contains__(self, item_id: object) -> bool:
-        return int(self.encode([str(item_id)])[0]) != self.UNK
-
-    def encode(self, ids: Iterable[str] | np.ndarray) -> np.ndarray:
-        """Rows (int64) of the given ids; unknown ids map to ``UNK`` (1)."""
-        arr = np.asarray(ids if isinstance(ids, np.ndarray) else list(ids), dtype=str)
-        out = np.full(arr.shape, self.UNK, dtype=np.int64)
-        if not len(self._sorted) or not arr.size:
-            return out
-        pos = np.searchsorted(self._sorted, arr)
-        pos_c = np.minimum(pos, len(self._sorted) - 1)
-        hit = self._sorted[pos_c] == arr
-        out[hit] = self._order[pos_c[hit]] + self.OFFSET
-        return out
-
-    def decode(self, rows: Iterable[int] | np.ndarray) -> list[str]:
-        """Item ids of the given rows; row 0 decodes to ``"<pad>"``, row 1 to ``"<unk>"``."""
-        r = np.asarray(rows if isinstance(rows, np.ndarray) else list(rows), dtype=np.int64).ravel()
-        if r.size and (r.min() < 0 or r.max() >= self.n_rows):
-            raise ValueError(f"ItemVocab.decode: rows must lie in [0, {self.n_rows}), got {r.min()}..{r.max()}")
-        special = {self.PAD: "<pad>", self.UNK: "<unk>"}
-        return [special[x] if x < self.OFFSET else str(self._ids[x - self.OFFSET]) for x in r.tolist()]
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return {
-            "format": self._FORMAT,
-            "version": 1,
-            "pad_row": self.PAD,
-            "unk_row": self.UNK,
-            "items": self.ids,
-        }
-
-    @classmethod
-    def from_dict(cls, obj: dict[str, Any]) -> ItemVocab:
-        """Inverse of :meth:`to_dict`."""
-        if obj.get("format") != cls._FORMAT or obj.get("version") != 1:
-            raise ValueError(f"not a {cls._FORMAT} v1 document")
-        return cls(obj["items"])
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), ensure_ascii=False)
-
-    @classmethod
-    def from_json(cls, text: str) -> ItemVocab:
-        return cls.from_dict(json.loads(text))
-
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json(), encoding="utf-8")
-
-    @classmethod
-    def load(cls, path: str | Path) -> ItemVocab:
-        return cls.from_json(Path(path).read_text(encoding="utf-8"))
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, ItemVocab) and np.array_equal(self._ids, other._ids)
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"ItemVocab(n_items={self.n_items})"
 
 
 # --------------------------------------------------------------------------------------------- sequences
@@ -245,11 +38,11 @@ class Interactions:
     offsets: np.ndarray
     items: np.ndarray
     timestamps: np.ndarray
-    vocab: ItemVocab
+    vocab: Vocab
 
     @classmethod
-    def from_file(cls, path: str | Path, vocab: ItemVocab | None = None) -> Interactions:
-        """Load a file; build the vocabulary from its items unless ``vocab`` is given (then unknown -> row 1).
+    def from_file(cls, path: str | Path, vocab: Vocab | None = None) -> Interactions:
+        """Load a file; build the vocabulary from its items unless ``vocab`` is given (then unknown -> UNKNOWN_ROW).
 
         Users keep their order of first appearance in the file.
         """
@@ -262,7 +55,7 @@ class Interactions:
         users: Sequence[str] | np.ndarray,
         items: Sequence[str] | np.ndarray,
         timestamps: Sequence[float] | np.ndarray,
-        vocab: ItemVocab | None = None,
+        vocab: Vocab | None = None,
     ) -> Interactions:
         """Build from parallel arrays of events in file order (see :meth:`from_file`)."""
         users = np.asarray(users, dtype=str)
@@ -271,7 +64,7 @@ class Interactions:
         if not (len(users) == len(items) == len(ts)):
             raise ValueError("users, items and timestamps must have the same length")
         if vocab is None:
-            vocab = ItemVocab.build(items)
+            vocab = Vocab.build(items)
         uniq, first, inverse = np.unique(users, return_index=True, return_inverse=True)
         by_first = np.argsort(first, kind="stable")  # users in order of first appearance
         rank = np.empty(len(uniq), dtype=np.int64)
@@ -453,7 +246,7 @@ def make_batch(data: Interactions, index: np.ndarray, max_len: int | None = None
     else:
         items = np.zeros((len(index), width), dtype=np.int64)
         ts = np.zeros((len(index), width), dtype=np.float64)
-    items[pad] = ItemVocab.PAD
+    items[pad] = PAD_ROW
     ts[used == 0] = 0.0
     return Batch(items=items, timestamps=ts, lengths=used.astype(np.int64), index=index)
 

@@ -2,13 +2,13 @@
 
 Conventions:
 
-- Score matrices are ``(B, n_rows)`` over vocabulary rows (:class:`hytrec.training.data.ItemVocab`); the first
-  ``n_special`` columns (padding, unknown) are never ranked.
-- rank = number of candidate items whose score is STRICTLY greater than the target's (0 = top). Ties with
-  the target therefore count in its favour (optimistic); a model giving every item the same score gets
-  rank 0, so pass ``ties="pessimistic"`` (or ``"mean"``) where degenerate scorers are possible. NaN scores
-  never rank above the target; a NaN target score, or a target row < ``n_special`` (e.g. an unknown
-  item), counts as a miss.
+- Score matrices are ``(B, n_rows)`` over vocabulary rows (:class:`hytrec.model.vocab.Vocab`); the columns
+  below ``FIRST_ITEM_ROW`` (padding, unknown) are never ranked.
+- rank = number of candidate items scoring above the target (0 = top). By default ties count against the
+  target (pessimistic: other items with an equal score rank above it), so a degenerate model giving every
+  item the same score ranks every target last instead of first; ``ties="optimistic"`` (strictly above only)
+  and ``"mean"`` are there for comparisons. NaN scores never rank above the target; a NaN target score, or a
+  target row below ``FIRST_ITEM_ROW`` (e.g. an unknown item), counts as a miss.
 - Excluded items (already seen) are simply not counted; the target itself is never excluded, even if it
   appears among the excluded rows (a re-consumed item is a valid target).
 - HR@k = 1 if rank < k; NDCG@k = 1 / log2(rank + 2) if rank < k, else 0 (one relevant item).
@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hytrec.model.vocab import FIRST_ITEM_ROW
 from hytrec.training.data import BUCKET_LABELS
 
 KS: tuple[int, ...] = (10, 50, 500)
@@ -50,14 +51,13 @@ def target_ranks(
     targets: torch.Tensor | np.ndarray | Sequence[int],
     exclude: torch.Tensor | np.ndarray | Sequence[Sequence[int] | np.ndarray] | None = None,
     *,
-    n_special: int = 2,
-    ties: str = "optimistic",
+    ties: str = "pessimistic",
 ) -> np.ndarray:
     """Rank (int64, 0-based) of each target among the candidate items; see the module docstring.
 
-    ``ties``: ``"optimistic"`` (default, count items scoring strictly above the target), ``"pessimistic"``
-    (also count other items with an equal score) or ``"mean"`` (strictly above plus half the equal ones,
-    rounded down).
+    ``ties``: ``"pessimistic"`` (default, what evaluation reports: count items scoring strictly above the
+    target and the other items with an equal score), ``"optimistic"`` (strictly above only) or ``"mean"``
+    (strictly above plus half the equal ones, rounded down).
 
     ``exclude``: a boolean ``(B, n_rows)`` mask, or one sequence of rows per user, of items not to rank.
     Computed in torch on the scores' device; returns a numpy array of shape ``(B,)``.
@@ -75,11 +75,11 @@ def target_ranks(
     if ties not in ("optimistic", "pessimistic", "mean"):
         raise ValueError(f"ties must be optimistic, pessimistic or mean, got {ties!r}")
     above = s > t_score
-    above[:, :n_special] = False
+    above[:, :FIRST_ITEM_ROW] = False
     equal = None
     if ties != "optimistic":
         equal = s == t_score
-        equal[:, :n_special] = False
+        equal[:, :FIRST_ITEM_ROW] = False
         equal[torch.arange(n_users, device=s.device), tgt] = False
     if exclude is not None:
         is_mask = (isinstance(exclude, torch.Tensor) and exclude.dtype == torch.bool) or (
@@ -98,8 +98,8 @@ def target_ranks(
     if equal is not None:
         n_equal = equal.sum(dim=1)
         ranks = ranks + (n_equal if ties == "pessimistic" else n_equal // 2)
-    miss = torch.isnan(t_score[:, 0]) | (tgt < n_special)
-    ranks = torch.where(miss, torch.full_like(ranks, max(n_rows - n_special, 0)), ranks)
+    miss = torch.isnan(t_score[:, 0]) | (tgt < FIRST_ITEM_ROW)
+    ranks = torch.where(miss, torch.full_like(ranks, max(n_rows - FIRST_ITEM_ROW, 0)), ranks)
     return ranks.cpu().numpy().astype(np.int64)
 
 
@@ -167,8 +167,9 @@ def paired_bootstrap_ratio(
         for idx in _chunks(len(a), n, seed):
             ratios.append(a[idx].mean(axis=1) / b[idx].mean(axis=1))
         point = a.mean() / b.mean()
-    r = np.nan_to_num(np.concatenate(ratios), nan=np.inf)
-    lo, hi = np.quantile(r, [alpha / 2, 1 - alpha / 2])
+    r = np.nan_to_num(np.concatenate(ratios), nan=np.inf, posinf=np.inf)  # nan_to_num caps inf by default
+    # interpolating between two infinite resamples gives inf - inf = NaN: that bound is infinite
+    lo, hi = (np.inf if np.isnan(q) else q for q in np.quantile(r, [alpha / 2, 1 - alpha / 2]))
     return float(point), float(lo), float(hi)
 
 

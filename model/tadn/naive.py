@@ -1,9 +1,14 @@
-"""The literal step-by-step gated delta rule: slow, obvious, and the reference the tests trust."""
+"""The literal step-by-step gated delta rule: slow, obvious, and the reference the tests trust.
+
+Tests call :func:`naive_gated_delta_rule` directly; nothing in the model's forward path takes a switch to it.
+:func:`use_naive_recurrence` exists for the one place that needs a whole model on the literal loop (the
+"naive" series of ``hytrec bench model``).
+"""
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def naive_gated_delta_rule(
@@ -26,3 +31,23 @@ def naive_gated_delta_rule(
         outputs.append((state @ q_t[..., None]).squeeze(-1))
     out = torch.stack(outputs, dim=2) if outputs else v.new_zeros(b, h, 0, d_v)
     return out, state
+
+
+def _naive_parallel_rule(
+    q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, chunk_size: int = 64, initial_state: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """:func:`naive_gated_delta_rule` with the chunked form's signature (``chunk_size`` is ignored)."""
+    return naive_gated_delta_rule(q, k, v, g, beta, initial_state=initial_state)
+
+
+def use_naive_recurrence(model: nn.Module) -> nn.Module:
+    """Make every TADN layer of ``model`` run its parallel form through the literal loop, in place; returns it.
+
+    For benchmarking the loop against the chunked form on a whole model; the serving step is unchanged.
+    """
+    from hytrec.model.layers import TADNLayer  # here, not at the top: layers imports this package
+
+    for module in model.modules():
+        if isinstance(module, TADNLayer):
+            module.parallel_rule = _naive_parallel_rule
+    return model
