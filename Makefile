@@ -44,7 +44,7 @@ clean:
 DEMO_RUN := var/demo-run
 demo-model: $(STAMP)
 	$(BIN)/hytrec synth --users 1000 --items 500 --events-per-user lognormal:200 --seed 7 --out $(DEMO_RUN)/synth.tsv.gz
-	$(BIN)/hytrec train --data $(DEMO_RUN)/synth.tsv.gz --out $(DEMO_RUN)/model --epochs 12 --patience 3 \
+	$(BIN)/hytrec train --data $(DEMO_RUN)/synth.tsv.gz --out $(DEMO_RUN)/model --epochs 12 --patience 3 --lr 1e-3 --batch-tokens 32768 \
 		--state-dtype float16 --seed 0 --threads 1 --quiet
 	mkdir -p models/demo
 	cp $(DEMO_RUN)/model/model.safetensors $(DEMO_RUN)/model/config.json $(DEMO_RUN)/model/items.json \

@@ -1,12 +1,72 @@
-"""Training-side commands registered by ``hytrec/cli.py``: synth, train, eval and recommend."""
+"""Training-side commands registered by ``hytrec/cli.py``: synth, train, eval, recommend and results.
+
+Options are ``Annotated[type, typer.Option(...)]`` throughout; choices are enums, so typer rejects a bad
+value and ``--help`` lists the good ones. ``train``'s options come from :class:`TrainConfig`'s fields.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import time
+import typing
+from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
+
+from hytrec.training.config import ModelType, StateDtype, TrainConfig
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+class Split(StrEnum):
+    TEST = "test"
+    VALID = "valid"
+
+
+class RequestTime(StrEnum):
+    TARGET = "target"
+    LAST_EVENT = "last-event"
+
+
+def config_options(config_cls: type) -> Callable[[_F], _F]:
+    """Give a command one ``--field-name`` option per field of the dataclass ``config_cls``.
+
+    Type, default and help (``metadata["help"]``) come from the field, so the dataclass stays the one
+    source of the configuration; the command receives the values as ``**kwargs`` and builds the dataclass.
+    Fields with ``metadata["cli"] = False`` are left out. The options go after the command's own
+    parameters without a default and before those with one.
+    """
+    hints = typing.get_type_hints(config_cls, include_extras=True)
+    added = []
+    for f in dataclasses.fields(config_cls):
+        if not f.metadata.get("cli", True):
+            continue
+        if not f.metadata.get("help"):
+            raise TypeError(f"{config_cls.__name__}.{f.name} needs metadata['help'] (its --help text)")
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        option = typer.Option(f"--{f.name.replace('_', '-')}", help=f.metadata["help"])
+        added.append(
+            inspect.Parameter(
+                f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[hints[f.name], option]
+            )
+        )
+
+    def decorate(func: _F) -> _F:
+        sig = inspect.signature(func, eval_str=True)  # typer reads __signature__ as is: no string annotations
+        own = [p.replace(kind=p.KEYWORD_ONLY) for p in sig.parameters.values() if p.kind is not p.VAR_KEYWORD]
+        clash = {p.name for p in own} & {p.name for p in added}
+        if clash:
+            raise TypeError(f"{func.__name__} already has parameters {sorted(clash)}")
+        required = [p for p in own if p.default is p.empty]
+        optional = [p for p in own if p.default is not p.empty]
+        func.__signature__ = sig.replace(parameters=[*required, *added, *optional])  # type: ignore[attr-defined]
+        return func
+
+    return decorate
 
 
 def synth(
@@ -49,84 +109,52 @@ def synth(
     typer.echo(f"{msg} in {time.perf_counter() - t0:.1f}s")
 
 
+@config_options(TrainConfig)
 def train(
     data: Annotated[Path, typer.Option("--data", help="Interactions file (user_id item_id timestamp).")],
     out: Annotated[Path, typer.Option("--out", help="Checkpoint directory to write.")],
-    model_type: Annotated[
-        str, typer.Option("--model-type", help="hytrec | hytrec-notime | tadn-only | recent-softmax | sasrec")
-    ] = "hytrec",
-    epochs: Annotated[int, typer.Option(help="Maximum epochs.")] = 200,
-    patience: Annotated[int, typer.Option(help="Stop after this many epochs without a better val NDCG@10.")] = 10,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-3,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.01,
-    batch_tokens: Annotated[int, typer.Option(help="Events per batch.")] = 32768,
-    max_len: Annotated[int | None, typer.Option(help="Latest events a model reads (SASRec default 200).")] = None,
-    d_model: Annotated[int, typer.Option(help="Model width.")] = 64,
-    n_layers: Annotated[int, typer.Option(help="TADN blocks (HyTRec) or transformer blocks (SASRec).")] = 2,
-    n_heads: Annotated[int, typer.Option(help="Attention / TADN heads.")] = 2,
-    window: Annotated[int, typer.Option(help="K: events of the short branch and the ring buffer.")] = 64,
-    dropout: Annotated[float, typer.Option(help="Dropout.")] = 0.2,
-    state_dtype: Annotated[str, typer.Option(help="Serving state storage: float32 | float16 | bfloat16.")] = "float32",
-    loss: Annotated[str, typer.Option(help="full | sampled (logQ-corrected sampled softmax).")] = "full",
-    negatives: Annotated[int, typer.Option(help="Negatives per batch for the sampled softmax.")] = 1024,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-    threads: Annotated[int, typer.Option(help="Torch threads (0: default).")] = 0,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/train_state.*.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    **config: Any,
 ) -> None:
-    """Train a model on the leave-one-out split of DATA; writes a checkpoint, log.jsonl and metrics.json."""
+    """Train a model on the leave-one-out split of DATA; writes a checkpoint, log.jsonl and metrics.json.
+
+    The defaults are the recipe of docs/results.md; every TrainConfig field is an option.
+    """
     import json
 
-    from hytrec.training.train import TrainConfig
     from hytrec.training.train import train as run_training
 
-    try:
-        cfg = TrainConfig(
-            model_type=model_type,
-            epochs=epochs,
-            patience=patience,
-            lr=lr,
-            weight_decay=weight_decay,
-            batch_tokens=batch_tokens,
-            max_len=max_len,
-            d_model=d_model,
-            n_layers=n_layers,
-            n_heads=n_heads,
-            window=window,
-            dropout=dropout,
-            state_dtype=state_dtype,
-            loss=loss,
-            negatives=negatives,
-            seed=seed,
-            threads=threads,
-        )
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
-    result = run_training(data, out, cfg, resume=resume, quiet=quiet)
+    result = run_training(data, out, TrainConfig(**config), resume=resume, quiet=quiet)
     typer.echo(json.dumps({k: result[k] for k in ("model_version", "best_epoch", "test")}, indent=2))
 
 
 def evaluate(
     model: Annotated[Path, typer.Option("--model", help="Checkpoint directory.")],
     data: Annotated[Path, typer.Option("--data", help="Interactions file; evaluated on its leave-one-out test split.")],
-    split: Annotated[str, typer.Option(help="test | valid")] = "test",
+    split: Annotated[Split, typer.Option("--split", help="Which held-out event to rank.")] = Split.TEST,
     request_time: Annotated[
-        str,
+        RequestTime,
         typer.Option(
+            "--request-time",
             help="target: the held-out event's timestamp (the protocol) | last-event: the history's latest "
-            "timestamp (a probe: how much the model leans on knowing the request time)"
+            "timestamp (a probe: how much the model leans on knowing the request time)",
         ),
-    ] = "target",
+    ] = RequestTime.TARGET,
     stream_state: Annotated[
-        str | None,
+        StateDtype | None,
         typer.Option(
+            "--stream-state",
             help="HyTRec only: build each history's state through the serving recurrence, one event at a "
-            "time, storing the state as float32 | float16 | bfloat16 after every event (default: parallel form)"
+            "time, storing the state in this dtype after every event (default: parallel form)",
         ),
     ] = None,
     save_ranks: Annotated[
         Path | None,
-        typer.Option(help="Write the target ranks (seen items excluded) as .npy, like a training run's test_ranks.npy"),
+        typer.Option(
+            "--save-ranks",
+            help="Write the target ranks (seen items excluded) as .npy, like a training run's test_ranks.npy",
+        ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
@@ -135,31 +163,30 @@ def evaluate(
     import json
 
     from hytrec.model.checkpoint import load_checkpoint
-    from hytrec.model.config import STATE_DTYPES
-    from hytrec.training.data import Interactions, ItemVocab, leave_one_out
+    from hytrec.training.data import Interactions, leave_one_out
     from hytrec.training.evaluate import evaluate_both
 
     t0 = time.perf_counter()
     ckpt = load_checkpoint(model)
-    interactions = Interactions.from_file(data, vocab=ItemVocab(ckpt.item_ids))
-    eval_set = getattr(leave_one_out(interactions), split)
-    if request_time == "last-event":
+    interactions = Interactions.from_file(data, vocab=ckpt.vocab)
+    eval_set = getattr(leave_one_out(interactions), split.value)
+    if request_time is RequestTime.LAST_EVENT:
         h = eval_set.history
         eval_set = dataclasses.replace(eval_set, request_ts=h.timestamps[h.offsets[1:] - 1].copy())
-    elif request_time != "target":
-        raise typer.BadParameter("must be 'target' or 'last-event'", param_hint="--request-time")
-    if stream_state is not None and (ckpt.model_type == "sasrec" or stream_state not in STATE_DTYPES):
-        raise typer.BadParameter(f"needs a HyTRec model and one of {tuple(STATE_DTYPES)}", param_hint="--stream-state")
-    filtered, unfiltered = evaluate_both(ckpt.model, eval_set, stream_dtype=stream_state)
+    if stream_state is not None and ckpt.model_type == ModelType.SASREC:
+        raise typer.BadParameter("needs a HyTRec model (SASRec+ has no recurrent state)", param_hint="--stream-state")
+    filtered, unfiltered = evaluate_both(
+        ckpt.model, eval_set, stream_dtype=stream_state.value if stream_state else None
+    )
     if save_ranks is not None:
         import numpy as np
 
         np.save(save_ranks, filtered.ranks)
     result = {
         "model_version": ckpt.version,
-        "split": split,
-        "request_time": request_time,
-        "state": f"streamed, stored as {stream_state}" if stream_state else "parallel form",
+        "split": split.value,
+        "request_time": request_time.value,
+        "state": f"streamed, stored as {stream_state.value}" if stream_state else "parallel form",
         "users": len(eval_set),
         "seconds": round(time.perf_counter() - t0, 2),
         "metrics": filtered.summary,
@@ -169,7 +196,7 @@ def evaluate(
         typer.echo(json.dumps(result, indent=2))
         return
     typer.echo(
-        f"{ckpt.version} on {data} ({split}, {len(eval_set)} users, {result['state']}, {result['seconds']} s); "
+        f"{ckpt.version} on {data} ({split.value}, {len(eval_set)} users, {result['state']}, {result['seconds']} s); "
         "seen items excluded:"
     )
     typer.echo(format_summary(filtered.summary))
@@ -197,8 +224,8 @@ def recommend(
 
     import numpy as np
 
+    from hytrec.eventlog import read_events
     from hytrec.model.serving import ServingModel
-    from hytrec.training.data import read_events
 
     users, items, times = read_events(history)
     mine = users == user
@@ -227,15 +254,37 @@ def recommend(
 
 
 def results(
-    runs: Annotated[list[Path], typer.Argument(help="Run directories written by `hytrec train` (one data file).")],
-    plot: Annotated[Path | None, typer.Option(help="Write a PNG of HR@10 per history-length bucket.")] = None,
-    baseline: Annotated[str, typer.Option(help="Model type compared against.")] = "sasrec",
-    candidate: Annotated[str, typer.Option(help="Model type compared.")] = "hytrec",
+    runs: Annotated[
+        list[Path] | None,
+        typer.Argument(help="Run directories written by `hytrec train` (one data file).", show_default=False),
+    ] = None,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of HR@10 per history-length bucket.")] = None,
+    baseline: Annotated[ModelType, typer.Option("--baseline", help="Model type compared against.")] = ModelType.SASREC,
+    candidate: Annotated[ModelType, typer.Option("--candidate", help="Model type compared.")] = ModelType.HYTREC,
+    from_page: Annotated[
+        Path | None,
+        typer.Option(
+            "--from-page",
+            help="Instead of RUNS: redraw the figures of a results page (e.g. docs/results.md) from the bucket "
+            "table above each of its PNG links, in place.",
+        ),
+    ] = None,
 ) -> None:
     """Markdown tables of finished runs: metrics (mean ± std over seeds), buckets, paired bootstrap CIs."""
-    from hytrec.training.report import report
+    from hytrec.training.report import redraw_page_figures, report
 
+    if from_page is not None:
+        if runs or plot:
+            raise typer.BadParameter("--from-page takes no RUNS and no --plot", param_hint="--from-page")
+        try:
+            written = redraw_page_figures(from_page)
+        except (ValueError, FileNotFoundError) as exc:
+            raise typer.BadParameter(str(exc), param_hint="--from-page") from exc
+        typer.echo("\n".join(f"wrote {p}" for p in written))
+        return
+    if not runs:
+        raise typer.BadParameter("give run directories, or --from-page", param_hint="RUNS")
     try:
-        typer.echo(report(runs, baseline=baseline, candidate=candidate, plot=plot))
+        typer.echo(report(runs, baseline=baseline.value, candidate=candidate.value, plot=plot))
     except (ValueError, FileNotFoundError) as exc:
         raise typer.BadParameter(str(exc), param_hint="RUNS") from exc

@@ -4,6 +4,7 @@ One loop for every model type (the HyTRec variants and the SASRec+ baseline). Th
 checkpoint (:mod:`hytrec.model.checkpoint`: the best epoch's weights, config and items) plus ``log.jsonl``
 (one line per epoch), ``metrics.json`` (validation and test of the best epoch) and the resumable
 ``train_state.safetensors`` / ``train_state.json`` (weights, optimiser moments, RNG states, counters).
+The run's settings are :class:`hytrec.training.config.TrainConfig` (re-exported here).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,58 +23,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from hytrec.model.checkpoint import MODEL_TYPES, build_model, load_checkpoint, save_checkpoint
-from hytrec.model.config import FIRST_ITEM_ROW
+from hytrec.model.checkpoint import build_model, load_checkpoint, save_checkpoint
+from hytrec.model.vocab import FIRST_ITEM_ROW
+from hytrec.training.config import Loss, TrainConfig
 from hytrec.training.data import Interactions, Split, leave_one_out, train_batches
 from hytrec.training.evaluate import evaluate, evaluate_both
 from hytrec.training.losses import full_softmax_cross_entropy
-
-
-@dataclass
-class TrainConfig:
-    model_type: str = "hytrec"
-    epochs: int = 200
-    patience: int = 10  # epochs without a better validation NDCG@10 before stopping
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    batch_tokens: int = 32768  # events per batch (B x L); a longer history is a batch of its own
-    max_len: int | None = None  # history events a model reads (SASRec default 200; HyTRec all)
-    d_model: int = 64
-    n_layers: int = 2  # TADN blocks (HyTRec) or transformer blocks (SASRec)
-    n_heads: int = 2
-    window: int = 64
-    chunk_size: int = 64
-    dropout: float = 0.2
-    state_dtype: str = "float32"
-    loss: str = "full"  # full softmax | sampled (logQ-corrected, for large catalogues)
-    negatives: int = 1024
-    seed: int = 0
-    threads: int = 0  # torch intra-op threads (0: torch's default)
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if self.model_type not in MODEL_TYPES:
-            raise ValueError(f"model_type must be one of {MODEL_TYPES}")
-        if self.loss not in ("full", "sampled"):
-            raise ValueError("loss must be 'full' or 'sampled'")
-        if self.model_type == "sasrec" and self.max_len is None:
-            self.max_len = 200
-
-    def model_config(self, n_items: int) -> dict[str, Any]:
-        common = {"n_items": n_items, "d_model": self.d_model, "dropout": self.dropout}
-        if self.model_type == "sasrec":
-            cfg = {**common, "n_layers": self.n_layers, "n_heads": self.n_heads, "max_len": self.max_len}
-        else:
-            cfg = {
-                **common,
-                "n_long": self.n_layers,
-                "n_heads": self.n_heads,
-                "short_heads": self.n_heads,
-                "window": self.window,
-                "chunk_size": self.chunk_size,
-                "state_dtype": self.state_dtype,
-            }
-        return {**cfg, **self.model_overrides}
 
 
 def item_popularity(split: Split) -> np.ndarray:
@@ -89,7 +44,7 @@ def next_item_loss(model: nn.Module, batch: dict[str, torch.Tensor], cfg: TrainC
     u = model(items[:, :-1], times[:, :-1], times[:, 1:], lengths)
     mask = torch.arange(items.shape[1] - 1)[None, :] < lengths[:, None]
     u, targets = u[mask], items[:, 1:][mask]
-    if cfg.loss == "full":  # over catalogue columns only, in row blocks (the logit matrix is never stored)
+    if cfg.loss == Loss.FULL:  # over catalogue columns only, in row blocks (the logit matrix is never stored)
         return full_softmax_cross_entropy(u, model.item_emb.weight[FIRST_ITEM_ROW:], targets - FIRST_ITEM_ROW)
     # Sampled softmax with logQ correction: shared negatives drawn from the popularity distribution.
     emb = model.item_emb.weight
@@ -133,7 +88,7 @@ def train(data_path: str | Path, out: str | Path, cfg: TrainConfig, resume: bool
     data = Interactions.from_file(data_path)
     split = leave_one_out(data)
     popularity = item_popularity(split)
-    model, _ = build_model(cfg.model_type, cfg.model_config(data.vocab.n_items))
+    model, _ = build_model(str(cfg.model_type), cfg.model_config(data.vocab.n_items))
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     log_q = torch.log(torch.from_numpy(popularity + 1.0).float() / float(popularity.sum() + len(popularity)))
     info = {"epoch": 0, "best_ndcg": -1.0, "best_epoch": 0, "bad_epochs": 0, "rng": None}
@@ -196,7 +151,7 @@ def train(data_path: str | Path, out: str | Path, cfg: TrainConfig, resume: bool
     valid = evaluate(best.model, split.valid)
     log = [json.loads(line) for line in log_path.read_text().splitlines()]
     result = {
-        "model_type": cfg.model_type,
+        "model_type": str(cfg.model_type),
         "model_version": best.version,
         "data": str(data_path),
         "seed": cfg.seed,

@@ -1,0 +1,119 @@
+"""Training configuration: the one place its fields, defaults and help text are written.
+
+``hytrec train`` builds one option per field from this dataclass (:func:`hytrec.training.commands.train`), so
+adding a field adds an option. The defaults are the recipe of docs/results.md (the committed ML-1M
+checkpoints' ``meta``; ``tests/test_train_cli.py`` checks both). This module imports neither torch nor
+numpy, so the CLI can read it while ``hytrec --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class ModelType(StrEnum):
+    """The HyTRec variants of the ablation and the SASRec+ baseline (``model.checkpoint.MODEL_TYPES``)."""
+
+    HYTREC = "hytrec"
+    HYTREC_NOTIME = "hytrec-notime"
+    TADN_ONLY = "tadn-only"
+    RECENT_SOFTMAX = "recent-softmax"
+    SASREC = "sasrec"
+
+
+class Loss(StrEnum):
+    FULL = "full"
+    SAMPLED = "sampled"
+
+
+class StateDtype(StrEnum):
+    """Storage dtypes of a serving state (``model.config.STATE_DTYPES``)."""
+
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+
+
+SASREC_MAX_LEN = 200  # SASRec+ reads the latest 200 events unless told otherwise; HyTRec reads them all
+
+
+def _help(text: str, **extra: Any) -> dict[str, Any]:
+    return {"help": text, **extra}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on besides its data file (written to ``train_config.json``).
+
+    A field's ``metadata["help"]`` is its ``hytrec train`` help text; ``metadata["cli"] = False`` keeps a
+    field off the command line (Python API only).
+    """
+
+    model_type: ModelType = field(
+        default=ModelType.HYTREC,
+        metadata=_help("hytrec (both branches), hytrec-notime / tadn-only / recent-softmax (ablations), sasrec."),
+    )
+    epochs: int = field(
+        default=40,
+        metadata=_help("Maximum epochs (docs/results.md: 40; its ML-1M HyTRec rows 29, for CPU time)."),
+    )
+    patience: int = field(default=5, metadata=_help("Stop after this many epochs without a better val NDCG@10."))
+    lr: float = field(default=2e-3, metadata=_help("AdamW learning rate."))
+    weight_decay: float = field(default=0.01, metadata=_help("AdamW weight decay."))
+    batch_tokens: int = field(
+        default=8192, metadata=_help("Events per batch (B x L); a longer history is a batch of its own.")
+    )
+    max_len: int | None = field(
+        default=None,
+        metadata=_help(f"Latest events a model reads (default: all for HyTRec, {SASREC_MAX_LEN} for SASRec+)."),
+    )
+    d_model: int = field(default=64, metadata=_help("Model width."))
+    n_layers: int = field(default=2, metadata=_help("TADN blocks (HyTRec) or transformer blocks (SASRec+)."))
+    n_heads: int = field(default=2, metadata=_help("Attention / TADN heads."))
+    window: int = field(default=64, metadata=_help("K: events of the short branch and of the serving ring buffer."))
+    chunk_size: int = field(default=64, metadata=_help("TADN chunk length of the parallel (training) form."))
+    dropout: float = field(default=0.2, metadata=_help("Dropout."))
+    state_dtype: StateDtype = field(
+        default=StateDtype.FLOAT32, metadata=_help("Storage dtype of the serving state (HyTRec).")
+    )
+    loss: Loss = field(
+        default=Loss.FULL,
+        metadata=_help("full softmax, or sampled (logQ-corrected, shared negatives; for large catalogues)."),
+    )
+    negatives: int = field(default=1024, metadata=_help("Negatives per batch of the sampled softmax."))
+    seed: int = field(default=0, metadata=_help("Random seed (weights, batch order, dropout)."))
+    threads: int = field(
+        default=0,
+        metadata=_help("Torch intra-op threads (0: torch's default; docs/results.md ran 1 per run, 2 at a time)."),
+    )
+    model_overrides: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=_help("Extra model-config keys, over the ones above (tests and benchmarks).", cli=False),
+    )
+
+    def __post_init__(self) -> None:
+        # Enum constructors turn a plain string (Python callers, JSON) into its member or raise ValueError.
+        self.model_type = ModelType(self.model_type)
+        self.loss = Loss(self.loss)
+        self.state_dtype = StateDtype(self.state_dtype)
+        if self.model_type is ModelType.SASREC and self.max_len is None:
+            self.max_len = SASREC_MAX_LEN
+
+    def model_config(self, n_items: int) -> dict[str, Any]:
+        """Keyword arguments of the model's config (``HyTRecConfig`` / ``SASRecConfig``)."""
+        common = {"n_items": n_items, "d_model": self.d_model, "dropout": self.dropout}
+        if self.model_type == ModelType.SASREC:
+            cfg = {**common, "n_layers": self.n_layers, "n_heads": self.n_heads, "max_len": self.max_len}
+        else:
+            cfg = {
+                **common,
+                "n_long": self.n_layers,
+                "n_heads": self.n_heads,
+                "short_heads": self.n_heads,
+                "window": self.window,
+                "chunk_size": self.chunk_size,
+                "state_dtype": str(self.state_dtype),
+            }
+        return {**cfg, **self.model_overrides}
