@@ -24,6 +24,7 @@ from hytrec.service.schemas import (
     EventBatch,
     Health,
     IngestResult,
+    ItemPage,
     ModelInfo,
     Recommendations,
     UserSummary,
@@ -56,6 +57,7 @@ _bearer = HTTPBearer(auto_error=False, description="Needed when HYTREC_API_KEYS 
 events = APIRouter(prefix="/v1", tags=["events"], dependencies=[Depends(_bearer)])
 users = APIRouter(prefix="/v1/users", tags=["users"], dependencies=[Depends(_bearer)])
 model = APIRouter(prefix="/v1", tags=["model"], dependencies=[Depends(_bearer)])
+items = APIRouter(prefix="/v1", tags=["items"], dependencies=[Depends(_bearer)])
 operations = APIRouter(tags=["operations"])
 
 
@@ -121,6 +123,16 @@ async def get_model(rt: Ready) -> ModelInfo:
         state_dtype=m.state_dtype,
         strict_items=rt.settings.strict_items,
     )
+
+
+@items.get("/items", response_model=ItemPage, operation_id="list_items", summary="The catalogue, paged")
+async def list_items(
+    rt: Ready,
+    offset: Annotated[int, Query(ge=0, description="First item of the page (row order).")] = 0,
+    limit: Annotated[int, Query(ge=1, le=10_000, description="Items per page.")] = 1000,
+) -> ItemPage:
+    """Item ids the model knows, with their training popularity: what a client may post and will be shown."""
+    return rt.catalogue.page(offset, limit)
 
 
 @operations.get("/healthz", response_model=Health, operation_id="healthz", summary="Liveness")

@@ -17,6 +17,7 @@ from typing import TypeVar
 from hytrec.model.serving import ServingModel
 from hytrec.service import metrics
 from hytrec.service.batcher import RecommendBatcher
+from hytrec.service.catalogue import Catalogue
 from hytrec.service.events import EventIngestor
 from hytrec.service.recommend import Recommender
 from hytrec.service.settings import Settings
@@ -36,6 +37,7 @@ class Runtime:
     batcher: RecommendBatcher
     ingestor: EventIngestor
     recommender: Recommender
+    catalogue: Catalogue
 
 
 class Lifecycle:
@@ -82,6 +84,7 @@ class Lifecycle:
             batcher=batcher,
             ingestor=EventIngestor(model, store, s.strict_items),
             recommender=Recommender(model, store, batcher, popular, self.run),
+            catalogue=Catalogue(model.vocab),
         )
         self.phase = "ready"
 

@@ -86,6 +86,20 @@ class UserSummary(BaseModel):
     updated_ms: int | None
 
 
+class CatalogueItem(BaseModel):
+    item_id: str
+    popularity: int = Field(description="Training interactions of the item (what the cold-start fallback ranks by).")
+
+
+class ItemPage(BaseModel):
+    """One page of the served model's catalogue, in row order; ``next_offset`` is null on the last page."""
+
+    items: list[CatalogueItem]
+    total: int
+    offset: int
+    next_offset: int | None
+
+
 class Deleted(BaseModel):
     user_id: str
     deleted: bool

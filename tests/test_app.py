@@ -84,6 +84,7 @@ def test_limits_come_from_the_settings_in_validation_and_openapi(
                 "get_user": ["users"],
                 "delete_user": ["users"],
                 "get_model": ["model"],
+                "list_items": ["items"],
                 "healthz": ["operations"],
                 "readyz": ["operations"],
             }
@@ -198,5 +199,29 @@ def test_a_model_that_cannot_load_fails_health(tmp_path: Any, redis_standalone_u
             assert health.status_code == 503 and "cannot load the model" in health.json()["detail"]
             ready = await client.get("/readyz")
             assert ready.status_code == 503 and "cannot load the model" in ready.json()["detail"]
+
+    run(body)
+
+
+def test_items_are_listed_in_pages_with_their_popularity(
+    service_checkpoint: Checkpoint, redis_standalone_url: str
+) -> None:
+    s = settings_for(service_checkpoint, redis_standalone_url)
+
+    async def body() -> None:
+        async with running(s) as (client, app):
+            seen, offset, pages = [], 0, 0
+            while offset is not None:
+                page = (await client.get("/v1/items", params={"offset": offset, "limit": 128})).json()
+                assert page["total"] == len(service_checkpoint.item_ids) and page["offset"] == offset
+                seen += page["items"]
+                offset, pages = page["next_offset"], pages + 1
+            assert pages == 3 and [i["item_id"] for i in seen] == service_checkpoint.item_ids
+            vocab = app.state.lifecycle.runtime.model.vocab
+            assert [i["popularity"] for i in seen] == vocab.popularity.tolist()
+            past = (await client.get("/v1/items", params={"offset": 10_000})).json()
+            assert past["items"] == [] and past["next_offset"] is None
+            bad = await client.get("/v1/items", params={"limit": 0})
+            assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "limit"
 
     run(body)
