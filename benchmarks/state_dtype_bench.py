@@ -9,16 +9,20 @@ overlap of the top-10.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
+from hytrec.benchmarks.harness import BenchPage, echo_result
+
 
 def bench_state_dtype(
-    model: Path = typer.Option(..., "--model", help="HyTRec checkpoint directory."),
-    data: Path = typer.Option(..., "--data", help="Interactions file (its leave-one-out test histories are used)."),
-    threads: int = typer.Option(1, "--threads", help="torch threads."),
+    model: Annotated[Path, typer.Option("--model", help="HyTRec checkpoint directory.")],
+    data: Annotated[
+        Path, typer.Option("--data", help="Interactions file (its leave-one-out test histories are used).")
+    ],
+    threads: Annotated[int, typer.Option("--threads", help="torch threads.")] = 1,
 ) -> None:
     """Relative error of the user vector and top-10 overlap, streamed fp32/fp16/bf16 state vs parallel form."""
     import numpy as np
@@ -26,14 +30,15 @@ def bench_state_dtype(
 
     from hytrec.model.checkpoint import load_checkpoint
     from hytrec.model.config import STATE_DTYPES
-    from hytrec.training.data import Interactions, ItemVocab, eval_batches, leave_one_out
+    from hytrec.training.data import Interactions, eval_batches, leave_one_out
     from hytrec.training.evaluate import final_user_vectors
 
+    page = BenchPage.start(threads=threads)
     torch.set_num_threads(threads)
     ckpt = load_checkpoint(model)
     if ckpt.model_type == "sasrec":
         raise typer.BadParameter("needs a HyTRec checkpoint", param_hint="--model")
-    test = leave_one_out(Interactions.from_file(data, vocab=ItemVocab(ckpt.item_ids))).test
+    test = leave_one_out(Interactions.from_file(data, vocab=ckpt.vocab)).test
     batches = list(eval_batches(test.history, 65536, max_batch_size=512))
     picked = {id(b): b for b in (batches[0], batches[len(batches) // 2], *batches[-2:])}.values()
     net = ckpt.model.eval()
@@ -55,4 +60,4 @@ def bench_state_dtype(
                     "median_rel_error": float(rel.median()),
                     "mean_top10_shared": float(np.mean(shared)),
                 }
-    typer.echo(json.dumps({"model_version": ckpt.version, "data": str(data), "batches": result}, indent=2))
+    echo_result({"model_version": ckpt.version, "data": str(data), "batches": result, "meta": page.finish().meta()})

