@@ -29,6 +29,7 @@ _COMMANDS: list[tuple[str, str, typer.Typer, str]] = [
     ("hytrec.service.commands", "serve", app, "serve"),
     ("hytrec.service.commands", "replay", app, "replay"),
     ("hytrec.service.commands", "backfill", app, "backfill"),
+    ("hytrec.loadtest.commands", "loadtest", app, "loadtest"),
 ]
 
 
