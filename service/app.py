@@ -67,7 +67,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.lifecycle = lifecycle
     install(app, s.retry_after_s)
-    app.add_middleware(Guard, auth=ApiKeyAuth(s.api_key_list), max_body=s.max_body_bytes)
+    app.add_middleware(
+        Guard,
+        auth=ApiKeyAuth(s.api_key_list),
+        max_body=s.max_body_bytes,
+        max_in_flight=s.max_in_flight,
+        retry_after=s.retry_after_s,
+    )
     for router in (routes.events, routes.users, routes.items, routes.model, routes.operations):
         app.include_router(router)
     app.openapi = openapi_with_limits(app, s)  # type: ignore[method-assign]

@@ -69,6 +69,7 @@ def serve(
             port=settings.port,
             workers=settings.workers,
             log_level=settings.log_level.lower(),
+            access_log=settings.access_log,
         )
     finally:
         if embedded is not None:

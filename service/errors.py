@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from hytrec.service.microbatch import Overloaded
 from hytrec.state_store import ConflictError, CorruptStateError, StoreError, StoreUnavailable
 
 log = logging.getLogger("hytrec.service")
@@ -124,6 +125,11 @@ def install(app: FastAPI, retry_after: int) -> None:
     async def _store_down(request: Request, exc: StoreUnavailable) -> JSONResponse:
         log.warning("state store unavailable: %s", exc)
         return problem_response(request, unavailable("the state store is unavailable; retry later", retry_after))
+
+    @app.exception_handler(Overloaded)
+    async def _overloaded(request: Request, exc: Overloaded) -> JSONResponse:
+        detail = f"the service is over capacity ({exc.reason}); retry after the delay"
+        return problem_response(request, unavailable(detail, retry_after, "overloaded"))
 
     @app.exception_handler(ConflictError)
     async def _conflict(request: Request, exc: ConflictError) -> JSONResponse:

@@ -1,16 +1,20 @@
-"""The event-ingest use case: a validated batch in, every user's state advanced and written atomically.
+"""The event-ingest use case: validated posts in, every user's state advanced and written atomically.
 
-Steps: map item ids to embedding rows (strict mode rejects the whole batch if one is unknown); group the
-events by user keeping their order; drop repeated ``(user, event_id)`` pairs inside the batch; then one
-``StateStore.update_many``: one round trip reads every user's state blob and which of their event ids are
-already applied, ``compute`` (in the torch thread) skips those, decodes the blobs, advances all users
-together through the batched TADN step and encodes the new states, and a per-user compare-and-set writes
-state and ring buffer together (recomputing the users that lost a race).
+A post's events are mapped to embedding rows (strict mode rejects the whole post if one item is unknown) and
+grouped by user in order. Posts then queue in the events micro-batcher, which coalesces every post waiting
+into one ``StateStore.update_many``: one round trip reads each user's blob and which of their event ids are
+already applied; ``compute`` (in the torch thread) skips those, decodes the blobs, advances all users of all
+posts together and encodes the new states; a per-user compare-and-set writes state and ring buffer together.
+
+**Single flight.** Concurrent posts for one user inside a worker are merged, in arrival order, into that
+user's one write of the batch, and batches run one after another, so a worker never races itself: the
+compare-and-set only arbitrates between processes. Each post still gets its own counts and its own error.
 """
 
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -18,38 +22,155 @@ from hytrec.model.serving import ServingModel
 from hytrec.model.vocab import UNKNOWN_ROW
 from hytrec.service import metrics
 from hytrec.service.errors import field_problem
+from hytrec.service.microbatch import MicroBatcher
 from hytrec.service.schemas import Event, IngestResult
 from hytrec.service.states import decode_snapshot
-from hytrec.state_store import Snapshot, StateStore, Write
+from hytrec.state_store import ConflictError, CorruptStateError, Snapshot, StateStore, Write
+
+# One event of a post, ready for the model: (item row, timestamp, event id or None).
+Row = tuple[int, float, str | None]
 
 
 @dataclass
-class _Pending:
-    """One user's events of a batch, in order: (row, ts, event_id or None)."""
+class Post:
+    """One POST's events grouped by user (in order), after in-post duplicates were dropped."""
 
-    events: list[tuple[int, float, str | None]] = field(default_factory=list)
-
-    @property
-    def event_ids(self) -> list[str]:
-        return [e for _, _, e in self.events if e is not None]
+    users: dict[str, list[Row]]
+    in_post_duplicates: int = 0
 
 
 @dataclass
-class _Outcome:
-    """Per-user counts of the latest compute run (a retried user is recounted)."""
-
+class _Counts:
     applied: int = 0
     duplicates: int = 0
     unknown: int = 0
     out_of_order: int = 0
 
 
-class EventIngestor:
-    """Applies event batches to the store with the model; see the module docstring."""
+@dataclass
+class _Merged:
+    """One user's events of a batch across posts: (post index, row) in arrival order."""
 
-    def __init__(self, model: ServingModel, store: StateStore, strict_items: bool = False) -> None:
+    events: list[tuple[int, Row]] = field(default_factory=list)
+
+
+class EventBatcher(MicroBatcher[Post, IngestResult]):
+    """Coalesces queued posts into one read-compute-write; see the module docstring."""
+
+    name = "events"
+
+    def __init__(
+        self, model: ServingModel, store: StateStore, max_size: int, max_wait_ms: float, max_queue: int
+    ) -> None:
+        super().__init__(max_size, max_wait_ms, max_queue)
         self.model = model
-        self.store = store  # runs ``compute`` through the runner it was opened with (the torch thread)
+        self.store = store
+
+    async def process(self, posts: Sequence[Post]) -> Sequence[IngestResult | BaseException]:
+        results: list[IngestResult | BaseException | None] = [None] * len(posts)
+        todo = list(range(len(posts)))
+        while todo:
+            counts: list[dict[str, _Counts]] = [{} for _ in todo]
+            computed = [0]
+            try:
+                await self._apply([posts[i] for i in todo], counts, computed)
+            except CorruptStateError as exc:
+                if computed[0] > 1:  # a compare-and-set already ran: nothing may be applied twice, so stop here
+                    for i in todo:
+                        results[i] = exc
+                    break
+                failed = {i for i in todo if exc.user_id in posts[i].users}  # nothing written yet: retry the rest
+                for i in failed:
+                    results[i] = exc
+                todo = [i for i in todo if i not in failed]
+                continue
+            except ConflictError as exc:  # every other user committed; the posts naming a loser fail
+                lost = set(exc.user_ids)
+                for n, i in enumerate(todo):
+                    results[i] = exc if lost.intersection(posts[i].users) else _result(posts[i], counts[n])
+                break
+            for n, i in enumerate(todo):
+                results[i] = _result(posts[i], counts[n])
+            break
+        return results  # type: ignore[return-value]
+
+    async def _apply(self, posts: Sequence[Post], counts: list[dict[str, _Counts]], computed: list[int]) -> None:
+        """One update_many for every user of ``posts``, filling ``counts`` (per post, per user)."""
+        merged: dict[str, _Merged] = defaultdict(_Merged)
+        for p, post in enumerate(posts):
+            for user, rows in post.users.items():
+                merged[user].events.extend((p, r) for r in rows)
+
+        def compute(snaps: dict[str, Snapshot]) -> Mapping[str, Write]:
+            computed[0] += 1
+            return self._compute(snaps, merged, counts)
+
+        asked = {u: ids for u, m in merged.items() if (ids := [r[2] for _, r in m.events if r[2] is not None])}
+        commits = await self.store.update_many(list(merged), compute, event_ids=asked)
+        for c in commits.values():
+            metrics.CAS_ATTEMPTS.observe(c.attempts)
+
+    def _compute(
+        self, snaps: dict[str, Snapshot], merged: dict[str, _Merged], counts: list[dict[str, _Counts]]
+    ) -> dict[str, Write]:
+        """Runs in the torch thread: skip applied and repeated event ids, advance every user at once, encode."""
+        users, states, todo = [], [], []
+        for u, snap in snaps.items():
+            for per_post in counts:  # a recomputed user (it lost a race) is counted afresh
+                per_post.pop(u, None)
+            seen = set(snap.applied)
+            fresh: list[Row] = []
+            state = decode_snapshot(self.model, snap)  # None for a new user; CorruptStateError if undecodable
+            last = float(state.last_ts[0]) if state is not None and int(state.count[0]) > 0 else None
+            for p, (row, ts, eid) in merged[u].events:
+                c = counts[p].setdefault(u, _Counts())
+                if eid is not None and eid in seen:
+                    c.duplicates += 1
+                    continue
+                if eid is not None:
+                    seen.add(eid)
+                if last is not None and ts < last:
+                    c.out_of_order += 1
+                last = ts if last is None else max(last, ts)
+                c.unknown += row == UNKNOWN_ROW
+                c.applied += 1
+                fresh.append((row, ts, eid))
+            if fresh:
+                users.append(u)
+                states.append(state)
+                todo.append(fresh)
+        if not users:
+            return {}
+        advanced = self.model.advance(states, [[(r, t) for r, t, _ in ev] for ev in todo])
+        writes = {}
+        for i, (u, ev) in enumerate(zip(users, todo, strict=True)):
+            ids = tuple(eid for _, _, eid in ev if eid is not None)
+            writes[u] = Write(self.model.encode(advanced.user(i)), ids, len(ev), max(t for _, t, _ in ev))
+        return writes
+
+
+def _result(post: Post, per_user: dict[str, _Counts]) -> IngestResult:
+    total = _Counts(duplicates=post.in_post_duplicates)
+    for c in per_user.values():
+        total.applied += c.applied
+        total.duplicates += c.duplicates
+        total.unknown += c.unknown
+        total.out_of_order += c.out_of_order
+    return IngestResult(
+        applied=total.applied,
+        duplicates=total.duplicates,
+        unknown_items=total.unknown,
+        out_of_order=total.out_of_order,
+        users=len(post.users),
+    )
+
+
+class EventIngestor:
+    """Validates and groups a post, then hands it to the events batcher; see the module docstring."""
+
+    def __init__(self, model: ServingModel, batcher: EventBatcher, strict_items: bool = False) -> None:
+        self.model = model
+        self.batcher = batcher
         self.strict_items = strict_items
 
     def _check_items(self, events: Sequence[Event]) -> None:
@@ -63,82 +184,33 @@ class EventIngestor:
             metrics.EVENTS.labels("rejected").inc(len(events))
             raise field_problem(errors, detail)
 
-    async def ingest(self, events: Sequence[Event]) -> IngestResult:
-        """Apply a batch; returns the counts. Raises the store's errors (nothing of a failed user is written)."""
-        start = time.perf_counter()
-        if self.strict_items:
-            self._check_items(events)
-        pending: dict[str, _Pending] = {}
+    def group(self, events: Sequence[Event]) -> Post:
+        """The post's events by user, in order; a repeated ``(user, event_id)`` inside the post is dropped."""
+        users: dict[str, list[Row]] = {}
         seen: set[tuple[str, str]] = set()
-        batch_dups = 0
+        dups = 0
         for e in events:
             if e.event_id is not None:
                 if (e.user_id, e.event_id) in seen:
-                    batch_dups += 1
+                    dups += 1
                     continue
                 seen.add((e.user_id, e.event_id))
-            pending.setdefault(e.user_id, _Pending()).events.append((self.model.row(e.item_id), e.ts, e.event_id))
-        outcomes: dict[str, _Outcome] = {}
+            users.setdefault(e.user_id, []).append((self.model.row(e.item_id), e.ts, e.event_id))
+        return Post(users, dups)
 
-        def compute(snaps: dict[str, Snapshot]) -> Mapping[str, Write]:
-            return self._compute(snaps, pending, outcomes)
-
-        asked = {u: p.event_ids for u, p in pending.items() if p.event_ids}
-        commits = await self.store.update_many(list(pending), compute, event_ids=asked)
-        for c in commits.values():
-            metrics.CAS_ATTEMPTS.observe(c.attempts)
-        total = _Outcome()
-        for o in outcomes.values():
-            total.applied += o.applied
-            total.duplicates += o.duplicates
-            total.unknown += o.unknown
-            total.out_of_order += o.out_of_order
-        total.duplicates += batch_dups
+    async def ingest(self, events: Sequence[Event], deadline: float) -> IngestResult:
+        """Apply a post; returns its counts. Raises the store's errors (nothing of a failed user is written)."""
+        start = time.perf_counter()
+        if self.strict_items:
+            self._check_items(events)
+        result = await self.batcher.submit(self.group(events), deadline)
         for name, n in (
-            ("applied", total.applied),
-            ("duplicate", total.duplicates),
-            ("unknown_item", total.unknown),
-            ("out_of_order", total.out_of_order),
+            ("applied", result.applied),
+            ("duplicate", result.duplicates),
+            ("unknown_item", result.unknown_items),
+            ("out_of_order", result.out_of_order),
         ):
             if n:
                 metrics.EVENTS.labels(name).inc(n)
         metrics.EVENT_BATCH_SECONDS.observe(time.perf_counter() - start)
-        return IngestResult(
-            applied=total.applied,
-            duplicates=total.duplicates,
-            unknown_items=total.unknown,
-            out_of_order=total.out_of_order,
-            users=len(pending),
-        )
-
-    def _compute(
-        self, snaps: dict[str, Snapshot], pending: dict[str, _Pending], outcomes: dict[str, _Outcome]
-    ) -> dict[str, Write]:
-        """Runs in the torch thread: skip applied event ids, advance every user at once, encode."""
-        users, states, todo = [], [], []
-        for u, snap in snaps.items():
-            fresh = [(r, t, eid) for r, t, eid in pending[u].events if eid is None or eid not in snap.applied]
-            out = _Outcome(duplicates=len(pending[u].events) - len(fresh))
-            outcomes[u] = out
-            if not fresh:
-                continue
-            state = decode_snapshot(self.model, snap)  # None for a new user; CorruptStateError if undecodable
-            last = float(state.last_ts[0]) if state is not None and int(state.count[0]) > 0 else None
-            for r, t, _ in fresh:
-                if last is not None and t < last:
-                    out.out_of_order += 1
-                last = t if last is None else max(last, t)
-                out.unknown += r == UNKNOWN_ROW
-            out.applied = len(fresh)
-            users.append(u)
-            states.append(state)
-            todo.append(fresh)
-        if not users:
-            return {}
-        advanced = self.model.advance(states, [[(r, t) for r, t, _ in ev] for ev in todo])
-        writes = {}
-        for i, (u, ev) in enumerate(zip(users, todo, strict=True)):
-            ids = tuple(eid for _, _, eid in ev if eid is not None)
-            blob = self.model.encode(advanced.user(i))
-            writes[u] = Write(blob, ids, len(ev), max(t for _, t, _ in ev))
-        return writes
+        return result

@@ -1,7 +1,9 @@
-"""Pure-ASGI middleware in front of every route: API keys on /v1, the body size limit, latency metrics.
+"""Pure-ASGI middleware in front of every route: API keys on /v1, admission, the body size limit, latency metrics.
 
 Pure ASGI rather than a Starlette ``BaseHTTPMiddleware``: it runs for every request, so it must not copy
 bodies or spawn tasks; it counts the bytes of a streamed body as they arrive and stops at the limit.
+Admission is the cheapest shedding there is: past ``max_in_flight`` concurrent /v1 requests, a request is
+answered 503 overloaded before it is parsed, so the excess costs microseconds instead of queueing.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hytrec.service import metrics
 from hytrec.service.auth import ApiKeyAuth
-from hytrec.service.errors import Problem, problem_response
+from hytrec.service.errors import Problem, problem_response, unavailable
 
 
 class BodyTooLarge(StarletteHTTPException):
@@ -27,8 +29,10 @@ def _too_large(limit: int) -> Problem:
 class Guard:
     """Checks the API key and the body size before a route runs, and times every request."""
 
-    def __init__(self, app: ASGIApp, auth: ApiKeyAuth, max_body: int) -> None:
+    def __init__(self, app: ASGIApp, auth: ApiKeyAuth, max_body: int, max_in_flight: int, retry_after: int) -> None:
         self.app, self.auth, self.max_body = app, auth, max_body
+        self.max_in_flight, self.retry_after = max_in_flight, retry_after
+        self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -63,6 +67,23 @@ class Guard:
             )
             await problem_response(None, p)(scope, receive, send)
             return
+        if scope["path"].startswith("/v1/"):
+            if self.in_flight >= self.max_in_flight:
+                metrics.SHED.labels("admission", "in_flight").inc()
+                detail = (
+                    f"the service is over capacity ({self.max_in_flight} requests in flight); retry after the delay"
+                )
+                await problem_response(None, unavailable(detail, self.retry_after, "overloaded"))(scope, receive, send)
+                return
+            self.in_flight += 1
+            try:
+                await self._admitted(scope, receive, send, headers)
+            finally:
+                self.in_flight -= 1
+            return
+        await self._admitted(scope, receive, send, headers)
+
+    async def _admitted(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
             await problem_response(None, _too_large(self.max_body))(scope, receive, send)

@@ -52,14 +52,29 @@ CAS_ATTEMPTS = Histogram(
 )
 MICROBATCH_SIZE = Histogram(
     "hytrec_microbatch_size",
-    "Recommendation requests scored by one catalogue product.",
+    "Requests served by one batch, by path: recommend (one Redis read, one catalogue product) or events (one "
+    "read-compute-write of every user of the coalesced posts).",
+    ["path"],
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
 MICROBATCH_WAIT = Histogram(
-    "hytrec_microbatch_queue_wait_seconds", "Time a recommendation request waited for its batch.", buckets=MS_BUCKETS
+    "hytrec_microbatch_queue_wait_seconds",
+    "Time a request waited in its batcher's queue.",
+    ["path"],
+    buckets=MS_BUCKETS,
 )
 MICROBATCH_COMPUTE = Histogram(
-    "hytrec_microbatch_compute_seconds", "Torch time of one recommendation batch.", buckets=MS_BUCKETS
+    "hytrec_microbatch_compute_seconds",
+    "Time to serve one batch (Redis round trips and torch), by path.",
+    ["path"],
+    buckets=MS_BUCKETS,
+)
+SHED = Counter(
+    "hytrec_shed_total",
+    "Requests answered 503 overloaded without being served, by path and reason: queue_full (the batcher's bounded "
+    "queue), deadline (HYTREC_REQUEST_TIMEOUT_MS passed while queued or running), in_flight (over "
+    "HYTREC_MAX_IN_FLIGHT requests at once).",
+    ["path", "reason"],
 )
 RECOMMENDATIONS = Counter(
     "hytrec_recommendations_total",

@@ -1,6 +1,6 @@
 """The recommendation use case: a user's top-K from their stored state, and what is held for a user.
 
-``Recommender.recommend`` reads the user's snapshot, scores it through the micro-batcher (one catalogue
+``Recommender.recommend`` scores the user through the micro-batcher (one Redis round trip and one catalogue
 product for every request queued together) and falls back to the most popular items for a user without a
 state, or with a state that does not decode (logged and counted, never served). The HTTP layer only maps
 parameters in and the answer out.
@@ -13,7 +13,7 @@ import logging
 from hytrec.model.serving import Recommendation, ServingModel
 from hytrec.model.vocab import PAD_ROW
 from hytrec.service import metrics
-from hytrec.service.batcher import RecommendBatcher
+from hytrec.service.batcher import RecommendBatcher, RecommendRequest
 from hytrec.service.schemas import RecentEvent, Recommendations, ScoredItem, UserSummary
 from hytrec.service.states import decode_snapshot
 from hytrec.state_store import CorruptStateError, Runner, StateStore
@@ -33,21 +33,24 @@ class Recommender:
         self.popular = popular  # the top ``max_k`` popular items, computed once at start-up
         self.run = run
 
-    async def recommend(self, user_id: str, k: int, exclude_seen: bool, now: float) -> Recommendations:
-        """The top ``k`` at request time ``now``; ``fallback="popularity"`` when the model cannot answer."""
-        snap = await self.store.get(user_id)
+    async def recommend(self, user_id: str, k: int, exclude_seen: bool, now: float, deadline: float) -> Recommendations:
+        """The top ``k`` at request time ``now``; ``fallback="popularity"`` when the model cannot answer.
+
+        ``deadline`` (``time.monotonic()``): past it the queued request is dropped (``Overloaded``).
+        """
         rec: Recommendation | None = None
         history = 0
-        if snap is None:
-            metrics.RECOMMENDATIONS.labels("no_state").inc()
+        try:
+            scored = await self.batcher.submit(RecommendRequest(user_id, now, k, exclude_seen), deadline)
+        except CorruptStateError as exc:
+            log.error("%s; answering with the popularity fallback", exc)
+            metrics.RECOMMENDATIONS.labels("corrupt_state").inc()
         else:
-            try:
-                scored = await self.batcher.submit(snap, now, k, exclude_seen)
+            if scored is None:
+                metrics.RECOMMENDATIONS.labels("no_state").inc()
+            else:
                 rec, history = scored.recommendation, scored.history_length
                 metrics.RECOMMENDATIONS.labels("model").inc()
-            except CorruptStateError as exc:
-                log.error("%s; answering with the popularity fallback", exc)
-                metrics.RECOMMENDATIONS.labels("corrupt_state").inc()
         fallback = rec is None
         if rec is None:
             rec = Recommendation(self.popular.item_ids[:k], self.popular.scores[:k])

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
@@ -16,6 +18,7 @@ from fastapi.security import HTTPBearer
 
 from hytrec.service import metrics
 from hytrec.service.errors import Problem, field_problem, problem_response, unavailable
+from hytrec.service.microbatch import Overloaded, loop_time
 from hytrec.service.runtime import Lifecycle, Runtime
 from hytrec.service.schemas import (
     ID_PATTERN,
@@ -48,6 +51,23 @@ def too_large(field: str, where: str, message: str, kind: str) -> Problem:
     return field_problem([{"field": field, "in": where, "message": message, "type": kind}])
 
 
+@asynccontextmanager
+async def deadline(rt: Runtime, path: str) -> AsyncIterator[float]:
+    """The request's deadline (loop time): everything inside, Redis retries included, ends by then or is
+    cancelled and answered 503 overloaded, so a stalled Redis or a long queue never holds a client."""
+    timeout_ms = rt.settings.request_timeout_ms
+    when = loop_time() + timeout_ms / 1000.0
+    scope = asyncio.timeout_at(when)
+    try:
+        async with scope:
+            yield when
+    except TimeoutError:
+        if not scope.expired():
+            raise
+        metrics.SHED.labels(path, "deadline").inc()
+        raise Overloaded(path, f"no answer within HYTREC_REQUEST_TIMEOUT_MS = {timeout_ms:g} ms") from None
+
+
 Ready = Annotated[Runtime, Depends(ready)]
 UserId = Annotated[str, Path(pattern=ID_PATTERN, description="User id: [A-Za-z0-9_.:@-]{1,128}.")]
 
@@ -70,7 +90,8 @@ async def post_events(batch: EventBatch, rt: Ready) -> IngestResult:
     limit = rt.settings.max_batch_events
     if len(batch.events) > limit:
         raise too_large("events", "body", f"List should have at most {limit} items", "too_long")
-    return await rt.ingestor.ingest(batch.events)
+    async with deadline(rt, "events") as when:
+        return await rt.ingestor.ingest(batch.events, when)
 
 
 @users.get(
@@ -89,7 +110,8 @@ async def get_recommendations(
     if k > rt.settings.max_k:
         raise too_large("k", "query", f"Input should be less than or equal to {rt.settings.max_k}", "less_than_equal")
     now = time.time() if at is None else at
-    return await rt.recommender.recommend(user_id, k, exclude_seen, now)
+    async with deadline(rt, "recommend") as when:
+        return await rt.recommender.recommend(user_id, k, exclude_seen, now, when)
 
 
 @users.get(
@@ -100,7 +122,8 @@ async def get_recommendations(
     responses={404: {"description": "No state for this user"}},
 )
 async def get_user(user_id: UserId, rt: Ready) -> UserSummary:
-    summary = await rt.recommender.summary(user_id)
+    async with deadline(rt, "users"):
+        summary = await rt.recommender.summary(user_id)
     if summary is None:
         raise Problem(404, "not-found", "Not found", f"no state for user {user_id!r}")
     return summary
@@ -109,7 +132,8 @@ async def get_user(user_id: UserId, rt: Ready) -> UserSummary:
 @users.delete("/{user_id}", response_model=Deleted, operation_id="delete_user", summary="Erase a user")
 async def delete_user(user_id: UserId, rt: Ready) -> Deleted:
     """Removes every key held for the user, under every model version."""
-    return Deleted(user_id=user_id, deleted=await rt.store.delete_user(user_id))
+    async with deadline(rt, "users"):
+        return Deleted(user_id=user_id, deleted=await rt.store.delete_user(user_id))
 
 
 @model.get("/model", response_model=ModelInfo, operation_id="get_model", summary="The served model")

@@ -18,7 +18,7 @@ from hytrec.model.serving import ServingModel
 from hytrec.service import metrics
 from hytrec.service.batcher import RecommendBatcher
 from hytrec.service.catalogue import Catalogue
-from hytrec.service.events import EventIngestor
+from hytrec.service.events import EventBatcher, EventIngestor
 from hytrec.service.recommend import Recommender
 from hytrec.service.settings import Settings
 from hytrec.state_store import StateStore, StoreUnavailable, open_store
@@ -35,6 +35,7 @@ class Runtime:
     model: ServingModel
     store: StateStore
     batcher: RecommendBatcher
+    events_batcher: EventBatcher
     ingestor: EventIngestor
     recommender: Recommender
     catalogue: Catalogue
@@ -75,14 +76,17 @@ class Lifecycle:
         log.info("model %s loaded (%d items) from %s", model.version, model.n_items, s.model)
         self.phase = "connecting to redis"
         store = await self._open_store(model.version)
-        batcher = RecommendBatcher(model, self.run, s.microbatch_max_size, s.microbatch_max_wait_ms)
+        batcher = RecommendBatcher(model, store, self.run, s.microbatch_max_size, s.microbatch_max_wait_ms, s.max_queue)
+        events = EventBatcher(model, store, s.events_batch_max_size, s.events_batch_max_wait_ms, s.max_queue)
         batcher.start()
+        events.start()
         self.runtime = Runtime(
             settings=s,
             model=model,
             store=store,
             batcher=batcher,
-            ingestor=EventIngestor(model, store, s.strict_items),
+            events_batcher=events,
+            ingestor=EventIngestor(model, events, s.strict_items),
             recommender=Recommender(model, store, batcher, popular, self.run),
             catalogue=Catalogue(model.vocab),
         )
@@ -101,5 +105,6 @@ class Lifecycle:
     async def close(self) -> None:
         if self.runtime is not None:
             await self.runtime.batcher.stop()
+            await self.runtime.events_batcher.stop()
             await self.runtime.store.close()
         self.executor.shutdown(wait=False, cancel_futures=True)

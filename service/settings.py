@@ -46,6 +46,25 @@ class Settings(StoreSettings):
     microbatch_max_wait_ms: float = Field(
         0.0, ge=0, description="How long a recommendation batch waits for company (0: take what is queued)."
     )
+    events_batch_max_size: int = Field(
+        64, ge=1, description="Most event posts coalesced into one read-compute-write of their users."
+    )
+    events_batch_max_wait_ms: float = Field(
+        0.0, ge=0, description="How long an events batch waits for company (0: take what is queued)."
+    )
+    max_queue: int = Field(
+        512, ge=1, description="Requests each batcher may hold queued; past it a request is answered 503 overloaded."
+    )
+    max_in_flight: int = Field(
+        512, ge=1, description="Requests a worker serves at once; past it a request is answered 503 overloaded at once."
+    )
+    request_timeout_ms: float = Field(
+        1000.0,
+        gt=0,
+        description="Deadline of a /v1 request, covering its queueing, Redis round trips (retries included) and "
+        "torch work; past it the request is answered 503 timeout.",
+    )
+    access_log: bool = Field(False, description="Uvicorn's access log line per request (off: the metrics count them).")
     torch_threads: int = Field(1, ge=1, description="Intra-op threads of the single torch worker thread.")
     state_dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
         None, description="Storage dtype of new states (default: the checkpoint's)."

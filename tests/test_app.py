@@ -225,3 +225,87 @@ def test_items_are_listed_in_pages_with_their_popularity(
             assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "limit"
 
     run(body)
+
+
+def test_concurrent_posts_for_one_user_merge_into_one_write(
+    service_checkpoint: Checkpoint, redis_standalone_url: str
+) -> None:
+    """Single flight: 16 concurrent single-event posts for one user, no compare-and-set retries allowed and no
+    client retries: inside one worker they are merged, so none races another and every event is applied."""
+    s = settings_for(service_checkpoint, redis_standalone_url, cas_max_retries=0)
+
+    async def body() -> None:
+        release = threading.Event()
+        async with running(s) as (client, app):
+            sizes_before = _batch_sizes(app)
+            app.state.lifecycle.executor.submit(release.wait)  # hold the torch thread so the posts pile up
+            posts = [
+                client.post("/v1/events", json={"events": [{"user_id": "hot", "item_id": str(i), "ts": T0 + i}]})
+                for i in range(1, 17)
+            ]
+            tasks = [asyncio.create_task(p) for p in posts]
+            await asyncio.sleep(0.2)
+            release.set()
+            answers = await asyncio.gather(*tasks)
+            assert [a.status_code for a in answers] == [200] * 16
+            assert sum(a.json()["applied"] for a in answers) == 16
+            assert (await client.get("/v1/users/hot")).json()["history_length"] == 16
+            # 16 posts in at most 2 writes: the one held in the torch thread, then all the others together
+            assert _batch_sizes(app) - sizes_before <= 2
+
+    run(body)
+
+
+def _batch_sizes(app: Any) -> float:
+    """How many events batches ran so far (the _count of hytrec_microbatch_size{path="events"})."""
+    from hytrec.service import metrics
+
+    for metric in metrics.MICROBATCH_SIZE.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_count") and sample.labels.get("path") == "events":
+                return sample.value
+    return 0.0
+
+
+def test_overload_is_shed_at_once_with_retry_after(service_checkpoint: Checkpoint, redis_standalone_url: str) -> None:
+    """With the torch thread held, the batcher's bounded queue fills and admission caps requests in flight:
+    the excess is answered 503 overloaded with Retry-After while the held requests are still waiting."""
+    s = settings_for(service_checkpoint, redis_standalone_url, max_queue=3, max_in_flight=6, request_timeout_ms=60_000)
+
+    async def body() -> None:
+        release = threading.Event()
+        async with running(s) as (client, app):
+            await client.post("/v1/events", json={"events": events("ov", 3)})
+            app.state.lifecycle.executor.submit(release.wait)
+            tasks = [asyncio.create_task(client.get("/v1/users/ov/recommendations")) for _ in range(10)]
+            await asyncio.sleep(0.3)
+            shed = [t.result() for t in tasks if t.done()]
+            assert len(shed) == 10 - 4  # 1 batch running + 3 queued; the others answered while the thread is held
+            for resp in shed:
+                assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
+                assert resp.json()["type"].endswith("/overloaded")
+            reasons = {resp.json()["detail"].split("(")[1].split(")")[0] for resp in shed}
+            assert reasons == {"3 requests already queued", "6 requests in flight"}
+            release.set()
+            served = await asyncio.gather(*[t for t in tasks if not t.done()])
+            assert [r.status_code for r in served] == [200] * 4
+            assert (await client.get("/v1/users/ov/recommendations")).status_code == 200  # recovered
+
+    run(body)
+
+
+def test_a_request_past_its_deadline_is_answered_503(service_checkpoint: Checkpoint, redis_standalone_url: str) -> None:
+    s = settings_for(service_checkpoint, redis_standalone_url, request_timeout_ms=150)
+
+    async def body() -> None:
+        release = threading.Event()
+        async with running(s) as (client, app):
+            app.state.lifecycle.executor.submit(release.wait)
+            try:
+                resp = await client.post("/v1/events", json={"events": events("late", 2)})
+            finally:
+                release.set()
+            assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
+            assert "HYTREC_REQUEST_TIMEOUT_MS = 150 ms" in resp.json()["detail"]
+
+    run(body)
