@@ -21,7 +21,6 @@ from hytrec.model.layers import ItemEmbedding, RMSNorm, TADNBlock
 from hytrec.model.short_branch import ShortBranch
 from hytrec.model.state import StateBatch
 from hytrec.model.tadn import time_deltas, time_feature
-from hytrec.model.vocab import PAD_ROW
 
 
 class HyTRec(nn.Module):
@@ -55,10 +54,18 @@ class HyTRec(nn.Module):
 
     # ----------------------------------------------------------------------------- parallel form
     def encode_long(
-        self, emb: Tensor, times: Tensor, valid: Tensor, initial_state: Tensor | None = None
+        self,
+        emb: Tensor,
+        times: Tensor,
+        valid: Tensor,
+        initial_state: Tensor | None = None,
+        last_ts: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """Long branch over (B, L, d): normalised outputs (B, L, d) and final TADN states (B, n_long, H, d, d)."""
-        phi = time_feature(time_deltas(times), self.cfg.tau, emb.dtype)
+        """Long branch over (B, L, d): normalised outputs (B, L, d) and final TADN states (B, n_long, H, d, d).
+
+        ``initial_state`` and ``last_ts`` continue a history: the TADN states and latest timestamp before ``emb``.
+        """
+        phi = time_feature(time_deltas(times, last_ts), self.cfg.tau, emb.dtype)
         x, states = emb, []
         for i, block in enumerate(self.blocks):
             init = initial_state[:, i] if initial_state is not None else None
@@ -78,26 +85,40 @@ class HyTRec(nn.Module):
     @torch.no_grad()
     def build_state(self, items: Tensor, times: Tensor, lengths: Tensor) -> StateBatch:
         """Serving states of whole histories in one parallel pass (backfill, offline recommend)."""
+        return self.extend_state(StateBatch.empty(self.cfg, items.shape[0]), items, times, lengths)
+
+    @torch.no_grad()
+    def extend_state(self, state: StateBatch, items: Tensor, times: Tensor, lengths: Tensor) -> StateBatch:
+        """Apply each user's next ``lengths[b]`` events (right-padded (B, L) rows and times) to their state in
+        one parallel pass, the chunked form starting from the stored TADN states: the same function as
+        ``lengths[b]`` calls of :meth:`step`, at the cost of one pass instead of one step per event."""
         b, length = items.shape
-        state = StateBatch.empty(self.cfg, b)
+        if length == 0:
+            return state
         idx = torch.arange(length)[None, :]
         valid = idx < lengths[:, None]
-        if self.cfg.uses_long and length:
-            long, tadn = self.encode_long(self.item_emb(items), times, valid)
-            last = (lengths - 1).clamp_min(0)
-            state.tadn = tadn
-            state.summary = long[torch.arange(b), last] * (lengths > 0)[:, None]
-        masked_ts = torch.where(valid, times, torch.full_like(times, float("-inf")))
-        state.last_ts = torch.where(lengths > 0, masked_ts.max(dim=1).values if length else state.last_ts, 0.0)
-        state.count = lengths.clone()
-        k = self.cfg.window
-        src = lengths[:, None] - k + torch.arange(k)[None, :]  # positions of the last k events
-        ok = src >= 0
-        src = src.clamp(0, max(length - 1, 0))
-        if length:
-            state.ring_items = torch.where(ok, items.gather(1, src), PAD_ROW)
-            state.ring_ts = torch.where(ok, times.gather(1, src), 0.0)
-        return state
+        had = state.count > 0
+        fresh = lengths > 0
+        out = StateBatch(
+            tadn=state.tadn,
+            summary=state.summary,
+            last_ts=state.last_ts,
+            count=state.count + lengths,
+            ring_items=state.ring_items,
+            ring_ts=state.ring_ts,
+        )
+        if self.cfg.uses_long:
+            last = torch.where(had, state.last_ts, times[:, 0])  # a new user's first gap is 0, as in step
+            long, tadn = self.encode_long(self.item_emb(items), times, valid, state.tadn, last)
+            end = long[torch.arange(b), (lengths - 1).clamp_min(0)]
+            out.tadn, out.summary = tadn, torch.where(fresh[:, None], end, state.summary)
+        newest = torch.where(valid, times, torch.full_like(times, float("-inf"))).max(dim=1).values
+        out.last_ts = torch.where(fresh, torch.where(had, torch.maximum(state.last_ts, newest), newest), state.last_ts)
+        k = self.cfg.window  # the ring buffer: the last k of (old ring, new events)
+        src = lengths[:, None] + torch.arange(k)[None, :]
+        out.ring_items = torch.cat([state.ring_items, items], dim=1).gather(1, src)
+        out.ring_ts = torch.cat([state.ring_ts, times], dim=1).gather(1, src)
+        return out
 
     # ----------------------------------------------------------------------------- recurrent form
     def step(self, state: StateBatch, items: Tensor, ts: Tensor, active: Tensor | None = None) -> StateBatch:

@@ -76,21 +76,49 @@ class ServingModel:
     # ----------------------------------------------------------------------------- hot path: events
     @torch.inference_mode()
     def advance(self, states: Sequence[StateBatch | None], events: Sequence[Sequence[tuple[int, float]]]) -> StateBatch:
-        """Apply each user's events (item row, timestamp), in order, to their state; one batched step per
-        event position, so the cost is (longest event list) steps whatever the number of users."""
+        """Apply each user's events (item row, timestamp), in order, to their state.
+
+        Users with at least one chunk of events (``chunk_size``) go through the chunked parallel form from
+        their stored state, one pass each group; the others advance together by one batched step per event
+        position, so the cost is (longest short list) steps whatever the number of users. Both compute the
+        same function (tests/test_parity.py).
+        """
         batch = StateBatch.cat([s if s is not None else self.empty_state() for s in states])
-        longest = max((len(e) for e in events), default=0)
-        if longest == 0:
+        lengths = [len(e) for e in events]
+        if not any(lengths):
             return batch
+        chunk = self.cfg.chunk_size
+        long_users = [i for i, n in enumerate(lengths) if n >= chunk]
+        if not long_users:
+            return self._steps(batch, events)
+        if len(long_users) == len(events):
+            return self._extend(batch, events)
+        short_users = [i for i, n in enumerate(lengths) if n < chunk]
+        parts: dict[int, StateBatch] = {}
+        for group, fn in ((long_users, self._extend), (short_users, self._steps)):
+            done = fn(StateBatch.cat([batch.user(i) for i in group]), [events[i] for i in group])
+            parts.update({u: done.user(j) for j, u in enumerate(group)})
+        return StateBatch.cat([parts[i] for i in range(len(events))])
+
+    @staticmethod
+    def _padded(events: Sequence[Sequence[tuple[int, float]]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        longest = max(len(e) for e in events)
         items = torch.full((len(events), longest), PAD_ROW, dtype=torch.int64)
         times = torch.zeros(len(events), longest, dtype=torch.float64)
-        counts = torch.tensor([len(e) for e in events])
         for i, user_events in enumerate(events):
             if user_events:
                 rows, ts = zip(*user_events, strict=True)
                 items[i, : len(rows)] = torch.tensor(rows)
                 times[i, : len(ts)] = torch.tensor(ts, dtype=torch.float64)
-        for t in range(longest):
+        return items, times, torch.tensor([len(e) for e in events])
+
+    def _extend(self, batch: StateBatch, events: Sequence[Sequence[tuple[int, float]]]) -> StateBatch:
+        items, times, counts = self._padded(events)
+        return self.model.extend_state(batch, items, times, counts)
+
+    def _steps(self, batch: StateBatch, events: Sequence[Sequence[tuple[int, float]]]) -> StateBatch:
+        items, times, counts = self._padded(events)
+        for t in range(items.shape[1]):
             active = counts > t
             batch = self.model.step(batch, items[:, t], times[:, t], None if bool(active.all()) else active)
         return batch
