@@ -3,7 +3,7 @@
 Measured in one run on this machine (BRIEF section 3, "Efficiency"):
 
 * forward + backward time and peak memory of one batch-1 sequence of length L (256 ... 16384) for the
-  chunked HyTRec, the literal step-by-step recurrence (``naive=True``) and a SASRec-style causal softmax
+  chunked HyTRec, the literal step-by-step recurrence (``use_naive_recurrence``) and a SASRec-style causal softmax
   transformer of the same width, both with the loss reduced to ``u.sum()`` ("model only") and with the
   full-softmax cross-entropy the trainer uses ("with loss");
 * the serving step (one event for B users) and the request path (user vector + top-10 over the
@@ -38,7 +38,7 @@ from hytrec.benchmarks.harness import BenchPage, IsolatedRunner, echo_result, re
 SCHEMA = "hytrec-bench-model/1"
 SERIES: dict[str, str] = {
     "hytrec": "HyTRec, chunked delta rule (training form)",
-    "naive": "HyTRec, literal step-by-step recurrence (naive=True)",
+    "naive": "HyTRec, literal step-by-step recurrence (the reference put in place by use_naive_recurrence)",
     "sasrec_flash": "SASRec, 2 layers x 2 heads, dropout 0 (SDPA fused flash kernel)",
     "sasrec": "SASRec, 2 layers x 2 heads, dropout 0.2 (SDPA math kernel, L x L matrices)",
     "tadn_chunked": "the gated delta rule alone, chunked (one layer: 2 heads x 32 x 32), no projections",
