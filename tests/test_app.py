@@ -278,21 +278,23 @@ def test_overload_is_shed_at_once_with_retry_after(service_checkpoint: Checkpoin
             await client.post("/v1/events", json={"events": events("ov", 3)})
             app.state.lifecycle.executor.submit(release.wait)
             tasks = [asyncio.create_task(client.get("/v1/users/ov/recommendations")) for _ in range(10)]
-            for _ in range(500):  # until every request not held has been answered (a loaded machine is slow)
+            for _ in range(500):  # until the admission cap has answered the 4 over it (a loaded machine is slow)
                 await asyncio.sleep(0.01)
-                if sum(t.done() for t in tasks) >= 10 - 4:
+                if sum(t.done() for t in tasks) >= 10 - 6:
                     break
-            await asyncio.sleep(0.1)  # and no more than those
+            await asyncio.sleep(0.2)
             shed = [t.result() for t in tasks if t.done()]
-            assert len(shed) == 10 - 4  # 1 batch running + 3 queued; the others answered while the thread is held
             for resp in shed:
                 assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
                 assert resp.json()["type"].endswith("/overloaded")
-            reasons = {resp.json()["detail"].split("(")[1].split(")")[0] for resp in shed}
-            assert reasons == {"3 requests already queued", "6 requests in flight"}
+            reasons = [resp.json()["detail"].split("(")[1].split(")")[0] for resp in shed]
+            # 4 over the in-flight cap of 6; of the 6 admitted, 1 may be taken by the batcher and 3 queued, and
+            # whether the batcher took one before the queue filled depends on scheduling: 0 to 2 find it full
+            assert reasons.count("6 requests in flight") == 4
+            assert set(reasons) <= {"6 requests in flight", "3 requests already queued"} and len(shed) <= 6
             release.set()
             served = await asyncio.gather(*[t for t in tasks if not t.done()])
-            assert [r.status_code for r in served] == [200] * 4
+            assert [r.status_code for r in served] == [200] * (10 - len(shed))  # every admitted, queued one served
             assert (await client.get("/v1/users/ov/recommendations")).status_code == 200  # recovered
 
     run(body)
