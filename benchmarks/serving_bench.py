@@ -255,13 +255,14 @@ def timeline(url: str, w: Any, phases: list[tuple[str, float, float, bool]], s: 
     (the phases keep their histograms: the report splits 2xx from the rest)."""
     from hytrec.loadtest import engine, report
 
-    start, plans, t = time.perf_counter() + 3.0, [], 0.0  # 3 s: every plan builds its samplers before its start
+    plans, t = [], 0.0
     for name, rate, seconds, windowed in phases:
         for _ in range(round(seconds) if windowed else 1):
             seed, d = engine.process_seed(s.seed, 1000 + len(plans), 0), 1.0 if windowed else seconds
-            plan = engine.Plan(url, w, rate, d, 0.0, s.timeout_s, s.max_in_flight, seed=seed, start_at=start + t)
-            plans.append((name, t, plan))
+            plans.append((name, t, engine.Plan(url, w, rate, d, 0.0, s.timeout_s, s.max_in_flight, seed=seed)))
             t += d
+    start = time.perf_counter() + 0.5 + 0.1 * len(plans)  # time for every plan to build its samplers first
+    plans = [(name, at, replace(p, start_at=start + at)) for name, at, p in plans]
 
     async def main() -> list[dict[str, Any]]:
         return await asyncio.gather(*(engine.run_plan(p) for _, _, p in plans))

