@@ -25,6 +25,9 @@ install: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/yamllint --strict -c deploy/.yamllint.yml deploy
+	$(BIN)/hadolint Dockerfile
+	$(BIN)/hytrec ops render --check
 
 test: $(STAMP)
 	$(BIN)/ruff check .
