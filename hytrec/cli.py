@@ -14,6 +14,8 @@ import typer
 app = typer.Typer(help="HyTRec: online recommendations for very long behaviour histories.", no_args_is_help=True)
 bench = typer.Typer(help="Benchmarks, measured on this machine in one run.", no_args_is_help=True)
 app.add_typer(bench, name="bench")
+ops = typer.Typer(help="Operations files of deploy/: dashboard and alert rules.", no_args_is_help=True)
+app.add_typer(ops, name="ops")
 
 # (module, attribute, target app, command name).
 _COMMANDS: list[tuple[str, str, typer.Typer, str]] = [
@@ -30,7 +32,9 @@ _COMMANDS: list[tuple[str, str, typer.Typer, str]] = [
     ("hytrec.service.commands", "serve", app, "serve"),
     ("hytrec.service.commands", "replay", app, "replay"),
     ("hytrec.service.commands", "backfill", app, "backfill"),
+    ("hytrec.streams.commands", "consume", app, "consume"),
     ("hytrec.loadtest.commands", "loadtest", app, "loadtest"),
+    ("hytrec.ops", "render", ops, "render"),
 ]
 
 

@@ -90,10 +90,17 @@ def _store_metrics() -> str:
     return metrics_table(metrics)
 
 
+def _stream_metrics() -> str:
+    from hytrec.streams import metrics
+
+    return metrics_table(metrics)
+
+
 # page -> {block name: renderer}
 GENERATED: dict[str, dict[str, Callable[[], str]]] = {
     "docs/service.md": {"service-settings": _service_settings, "service-metrics": _service_metrics},
     "docs/state_store.md": {"store-settings": _store_settings, "store-metrics": _store_metrics},
+    "docs/streams.md": {"stream-metrics": _stream_metrics},
 }
 
 

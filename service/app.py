@@ -73,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_body=s.max_body_bytes,
         max_in_flight=s.max_in_flight,
         retry_after=s.retry_after_s,
+        shed=lifecycle.shed,
     )
     for router in (routes.events, routes.users, routes.items, routes.model, routes.operations):
         app.include_router(router)
@@ -80,7 +81,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+def _exit_with_supervisor() -> None:
+    """In a worker of uvicorn's ``--workers`` supervisor, get SIGTERM (a graceful stop) when the supervisor dies,
+    even by SIGKILL (Linux): otherwise the worker would keep serving, and keep the embedded Redis up, as an orphan."""
+    import ctypes
+    import multiprocessing
+    import os
+    import signal
+    import sys
+
+    parent = multiprocessing.parent_process()
+    if parent is None or not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent.pid:  # the supervisor died before the prctl
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def app_factory() -> FastAPI:
     """Uvicorn factory: the app configured from the environment."""
+    _exit_with_supervisor()
     logging.basicConfig(level=Settings().log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     return create_app()

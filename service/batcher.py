@@ -7,6 +7,7 @@ caller falls back to popularity); a blob that does not decode fails only its own
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,8 +47,9 @@ class RecommendBatcher(MicroBatcher[RecommendRequest, "Scored | None"]):
         max_size: int = 64,
         max_wait_ms: float = 0.0,
         max_queue: int = 1024,
+        max_delay_ms: float = math.inf,
     ) -> None:
-        super().__init__(max_size, max_wait_ms, max_queue)
+        super().__init__(max_size, max_wait_ms, max_queue, max_delay_ms)
         self.model = model
         self.store = store
         self.run = runner

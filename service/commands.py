@@ -35,7 +35,7 @@ def serve(
 
     import uvicorn
 
-    from hytrec.model.checkpoint import CONFIG
+    from hytrec.model.checkpoint import CONFIG, CheckpointError, validate_checkpoint
     from hytrec.service.settings import Settings
 
     for name, value in (("host", host), ("port", port), ("workers", workers), ("model", model)):
@@ -48,6 +48,11 @@ def serve(
             err=True,
         )
         raise typer.Exit(2)
+    try:  # a broken checkpoint is a startup error with the file's name, not a traceback in every worker
+        validate_checkpoint(settings.model)
+    except CheckpointError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
     embedded = None
     if settings.redis_url is None:
         from hytrec.state_store.embedded import EmbeddedRedis
@@ -70,6 +75,7 @@ def serve(
             workers=settings.workers,
             log_level=settings.log_level.lower(),
             access_log=settings.access_log,
+            timeout_graceful_shutdown=settings.shutdown_timeout_s,
         )
     finally:
         if embedded is not None:

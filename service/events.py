@@ -9,10 +9,15 @@ posts together and encodes the new states; a per-user compare-and-set writes sta
 **Single flight.** Concurrent posts for one user inside a worker are merged, in arrival order, into that
 user's one write of the batch, and batches run one after another, so a worker never races itself: the
 compare-and-set only arbitrates between processes. Each post still gets its own counts and its own error.
+
+**Stream entries.** ``hytrec consume`` submits posts through the same batcher, each row carrying its stream
+entry id: a row at or below the user's stored mark for its partition is a duplicate, and the write moves the
+mark forward in the user's compare-and-set (docs/streams.md).
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
@@ -25,10 +30,19 @@ from hytrec.service.errors import field_problem
 from hytrec.service.microbatch import MicroBatcher
 from hytrec.service.schemas import Event, IngestResult
 from hytrec.service.states import decode_snapshot
-from hytrec.state_store import ConflictError, CorruptStateError, Snapshot, StateStore, Write
+from hytrec.state_store import ConflictError, CorruptStateError, Mark, Snapshot, StateStore, Write, entry_key
 
 # One event of a post, ready for the model: (item row, timestamp, event id or None).
 Row = tuple[int, float, str | None]
+
+
+@dataclass(frozen=True)
+class StreamSource:
+    """Where a consumer's post comes from: the partition's mark field, the lease epoch, each row's entry id."""
+
+    mark_field: str
+    epoch: int
+    entries: dict[str, list[str]]  # per user, parallel to ``Post.users[user]``
 
 
 @dataclass
@@ -37,6 +51,7 @@ class Post:
 
     users: dict[str, list[Row]]
     in_post_duplicates: int = 0
+    stream: StreamSource | None = None
 
 
 @dataclass
@@ -49,9 +64,9 @@ class _Counts:
 
 @dataclass
 class _Merged:
-    """One user's events of a batch across posts: (post index, row) in arrival order."""
+    """One user's events of a batch across posts: (post index, row, (mark field, entry id, epoch) or None)."""
 
-    events: list[tuple[int, Row]] = field(default_factory=list)
+    events: list[tuple[int, Row, tuple[str, str, int] | None]] = field(default_factory=list)
 
 
 class EventBatcher(MicroBatcher[Post, IngestResult]):
@@ -60,9 +75,15 @@ class EventBatcher(MicroBatcher[Post, IngestResult]):
     name = "events"
 
     def __init__(
-        self, model: ServingModel, store: StateStore, max_size: int, max_wait_ms: float, max_queue: int
+        self,
+        model: ServingModel,
+        store: StateStore,
+        max_size: int,
+        max_wait_ms: float,
+        max_queue: int,
+        max_delay_ms: float = math.inf,
     ) -> None:
-        super().__init__(max_size, max_wait_ms, max_queue)
+        super().__init__(max_size, max_wait_ms, max_queue, max_delay_ms)
         self.model = model
         self.store = store
 
@@ -97,16 +118,27 @@ class EventBatcher(MicroBatcher[Post, IngestResult]):
     async def _apply(self, posts: Sequence[Post], counts: list[dict[str, _Counts]], computed: list[int]) -> None:
         """One update_many for every user of ``posts``, filling ``counts`` (per post, per user)."""
         merged: dict[str, _Merged] = defaultdict(_Merged)
+        marks: dict[str, list[str]] = {}
         for p, post in enumerate(posts):
+            src = post.stream
             for user, rows in post.users.items():
-                merged[user].events.extend((p, r) for r in rows)
+                if src is None:
+                    merged[user].events.extend((p, r, None) for r in rows)
+                    continue
+                fields = marks.setdefault(user, [])
+                if src.mark_field not in fields:
+                    fields.append(src.mark_field)
+                entries = src.entries[user]
+                merged[user].events.extend(
+                    (p, r, (src.mark_field, e, src.epoch)) for r, e in zip(rows, entries, strict=True)
+                )
 
         def compute(snaps: dict[str, Snapshot]) -> Mapping[str, Write]:
             computed[0] += 1
             return self._compute(snaps, merged, counts)
 
-        asked = {u: ids for u, m in merged.items() if (ids := [r[2] for _, r in m.events if r[2] is not None])}
-        commits = await self.store.update_many(list(merged), compute, event_ids=asked)
+        asked = {u: ids for u, m in merged.items() if (ids := [r[2] for _, r, _ in m.events if r[2] is not None])}
+        commits = await self.store.update_many(list(merged), compute, event_ids=asked, marks=marks)
         for c in commits.values():
             metrics.CAS_ATTEMPTS.observe(c.attempts)
 
@@ -115,6 +147,8 @@ class EventBatcher(MicroBatcher[Post, IngestResult]):
     ) -> dict[str, Write]:
         """Runs in the torch thread: skip applied and repeated event ids, advance every user at once, encode."""
         users, states, todo = [], [], []
+        writes: dict[str, Write] = {}
+        new_marks: dict[str, dict[str, Mark]] = {}
         for u, snap in snaps.items():
             for per_post in counts:  # a recomputed user (it lost a race) is counted afresh
                 per_post.pop(u, None)
@@ -122,8 +156,16 @@ class EventBatcher(MicroBatcher[Post, IngestResult]):
             fresh: list[Row] = []
             state = decode_snapshot(self.model, snap)  # None for a new user; CorruptStateError if undecodable
             last = float(state.last_ts[0]) if state is not None and int(state.count[0]) > 0 else None
-            for p, (row, ts, eid) in merged[u].events:
+            moved: dict[str, Mark] = {}
+            for p, (row, ts, eid), src in merged[u].events:
                 c = counts[p].setdefault(u, _Counts())
+                if src is not None:
+                    name, entry, epoch = src
+                    mark = moved.get(name) or snap.marks.get(name)
+                    if mark is not None and entry_key(entry) <= mark.key:
+                        c.duplicates += 1  # at or below the mark: applied already, however long ago
+                        continue
+                    moved[name] = Mark(entry, epoch)  # an older epoch than the stored one is fenced
                 if eid is not None and eid in seen:
                     c.duplicates += 1
                     continue
@@ -139,13 +181,17 @@ class EventBatcher(MicroBatcher[Post, IngestResult]):
                 users.append(u)
                 states.append(state)
                 todo.append(fresh)
+                if moved:
+                    new_marks[u] = moved
+            elif moved and snap.blob is not None:  # only event-id duplicates: the mark still moves past them
+                writes[u] = Write(snap.blob, (), 0, None, marks=moved)
         if not users:
-            return {}
+            return writes
         advanced = self.model.advance(states, [[(r, t) for r, t, _ in ev] for ev in todo])
-        writes = {}
         for i, (u, ev) in enumerate(zip(users, todo, strict=True)):
             ids = tuple(eid for _, _, eid in ev if eid is not None)
-            writes[u] = Write(self.model.encode(advanced.user(i)), ids, len(ev), max(t for _, t, _ in ev))
+            blob = self.model.encode(advanced.user(i))
+            writes[u] = Write(blob, ids, len(ev), max(t for _, t, _ in ev), marks=new_marks.get(u))
         return writes
 
 
@@ -184,6 +230,24 @@ class EventIngestor:
             metrics.EVENTS.labels("rejected").inc(len(events))
             raise field_problem(errors, detail)
 
+    async def ingest_entries(
+        self, events: Sequence[Event], entry_ids: Sequence[str], mark_field: str, epoch: int, deadline: float
+    ) -> IngestResult:
+        """Apply validated stream entries (``hytrec consume``), each row carrying its entry id; see the module.
+
+        No in-post de-duplication here: a repeated event id is counted as a duplicate by the batch itself, and
+        its entry still moves the mark.
+        """
+        start = time.perf_counter()
+        users: dict[str, list[Row]] = {}
+        entries: dict[str, list[str]] = {}
+        for e, entry in zip(events, entry_ids, strict=True):
+            users.setdefault(e.user_id, []).append((self.model.row(e.item_id), e.ts, e.event_id))
+            entries.setdefault(e.user_id, []).append(entry)
+        result = await self.batcher.submit(Post(users, 0, StreamSource(mark_field, epoch, entries)), deadline)
+        self._count(result, start)
+        return result
+
     def group(self, events: Sequence[Event]) -> Post:
         """The post's events by user, in order; a repeated ``(user, event_id)`` inside the post is dropped."""
         users: dict[str, list[Row]] = {}
@@ -204,6 +268,11 @@ class EventIngestor:
         if self.strict_items:
             self._check_items(events)
         result = await self.batcher.submit(self.group(events), deadline)
+        self._count(result, start)
+        return result
+
+    @staticmethod
+    def _count(result: IngestResult, start: float) -> None:
         for name, n in (
             ("applied", result.applied),
             ("duplicate", result.duplicates),
@@ -213,4 +282,3 @@ class EventIngestor:
             if n:
                 metrics.EVENTS.labels(name).inc(n)
         metrics.EVENT_BATCH_SECONDS.observe(time.perf_counter() - start)
-        return result

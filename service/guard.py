@@ -2,13 +2,15 @@
 
 Pure ASGI rather than a Starlette ``BaseHTTPMiddleware``: it runs for every request, so it must not copy
 bodies or spawn tasks; it counts the bytes of a streamed body as they arrive and stops at the limit.
-Admission is the cheapest shedding there is: past ``max_in_flight`` concurrent /v1 requests, a request is
-answered 503 overloaded before it is parsed, so the excess costs microseconds instead of queueing.
+Admission is the cheapest shedding there is: past ``max_in_flight`` concurrent /v1 requests, or while the
+batcher a request would join is full or standing (``MicroBatcher.pressure``), it is answered 503 overloaded
+before its body is read or parsed, so the excess costs microseconds instead of queueing.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -16,6 +18,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from hytrec.service import metrics
 from hytrec.service.auth import ApiKeyAuth
 from hytrec.service.errors import Problem, problem_response, unavailable
+from hytrec.service.microbatch import Overloaded
+
+Shedder = Callable[[str, str], Overloaded | None]  # (method, path) -> why it is shed now, or None
 
 
 class BodyTooLarge(StarletteHTTPException):
@@ -29,9 +34,17 @@ def _too_large(limit: int) -> Problem:
 class Guard:
     """Checks the API key and the body size before a route runs, and times every request."""
 
-    def __init__(self, app: ASGIApp, auth: ApiKeyAuth, max_body: int, max_in_flight: int, retry_after: int) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        auth: ApiKeyAuth,
+        max_body: int,
+        max_in_flight: int,
+        retry_after: int,
+        shed: Shedder | None = None,
+    ) -> None:
         self.app, self.auth, self.max_body = app, auth, max_body
-        self.max_in_flight, self.retry_after = max_in_flight, retry_after
+        self.max_in_flight, self.retry_after, self.shed = max_in_flight, retry_after, shed
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -73,6 +86,11 @@ class Guard:
                 detail = (
                     f"the service is over capacity ({self.max_in_flight} requests in flight); retry after the delay"
                 )
+                await problem_response(None, unavailable(detail, self.retry_after, "overloaded"))(scope, receive, send)
+                return
+            shed = self.shed(scope["method"], scope["path"]) if self.shed is not None else None
+            if shed is not None:
+                detail = f"the service is over capacity ({shed.reason}); retry after the delay"
                 await problem_response(None, unavailable(detail, self.retry_after, "overloaded"))(scope, receive, send)
                 return
             self.in_flight += 1

@@ -2,9 +2,13 @@
 as one batch (one Redis round trip, one torch call), then resolves each request's future.
 
 While a batch runs, the next one fills, so under load the batch size grows by itself and an idle server adds
-no delay. The queue is bounded: when it is full, ``submit`` raises ``Overloaded`` at once (the service answers
-503 with Retry-After) instead of letting requests wait without bound; a request whose deadline passed while
-it queued is dropped before any work is spent on it.
+no delay. The queue is bounded twice, and ``submit`` raises ``Overloaded`` at once (the service answers 503
+with Retry-After) instead of letting requests wait without bound:
+- by length (``max_queue``), the memory bound;
+- by delay: when the request at the head has already waited ``max_delay_ms``, the queue is standing, not
+  draining (the CoDel signal: a sojourn time, measured, not a cost model), and a new request would wait at
+  least as long. Past capacity this keeps the answered requests' wait near ``max_delay_ms`` whatever the load.
+A request whose deadline passed while it queued is dropped before any work is spent on it.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
@@ -49,11 +55,13 @@ class MicroBatcher(Generic[Req, Res]):
 
     name = "batch"
 
-    def __init__(self, max_size: int, max_wait_ms: float, max_queue: int) -> None:
+    def __init__(self, max_size: int, max_wait_ms: float, max_queue: int, max_delay_ms: float = math.inf) -> None:
         self.max_size = max_size
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
-        self._queue: asyncio.Queue[_Item[Req]] = asyncio.Queue(maxsize=max_queue)
+        self.max_delay = max_delay_ms / 1000.0
+        self._queue: deque[_Item[Req]] = deque()
+        self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
 
     async def process(self, requests: Sequence[Req]) -> Sequence[Res | BaseException]:
@@ -70,43 +78,75 @@ class MicroBatcher(Generic[Req, Res]):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
-        while not self._queue.empty():
-            item = self._queue.get_nowait()
+        while self._queue:
+            item = self._queue.popleft()
             if not item.future.done():
                 item.future.cancel()
 
     @property
     def queued(self) -> int:
-        return self._queue.qsize()
+        return len(self._queue)
+
+    def pressure(self) -> str | None:
+        """Why a request arriving now would be shed (``queue_full`` / ``queue_delay``), or None to admit it.
+
+        Cheap enough to ask before a request is even parsed (the guard does).
+        """
+        if len(self._queue) >= self.max_queue:
+            return "queue_full"
+        if self._queue and loop_time() - self._queue[0].queued > self.max_delay:
+            return "queue_delay"
+        return None
+
+    def shed(self, reason: str) -> Overloaded:
+        """Count a shed request and say why (raised by ``submit``, answered early by the guard)."""
+        metrics.SHED.labels(self.name, reason).inc()
+        if reason == "queue_full":
+            return Overloaded(self.name, f"{self.max_queue} requests already queued")
+        waited = f"{self.max_delay * 1e3:g} ms"
+        return Overloaded(self.name, f"its queue is not draining: the oldest request waited over {waited}")
 
     async def submit(self, request: Req, deadline: float) -> Res:
-        """Queue ``request`` and wait for its answer; ``Overloaded`` at once when the queue is full."""
+        """Queue ``request`` and wait for its answer; ``Overloaded`` at once when the queue is full or standing."""
         if self._task is None:
             raise RuntimeError(f"{self.name} batcher not started")
+        reason = self.pressure()
+        if reason is not None:
+            raise self.shed(reason)
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
-        try:
-            self._queue.put_nowait(_Item(request, fut, deadline))
-        except asyncio.QueueFull:
-            metrics.SHED.labels(self.name, "queue_full").inc()
-            raise Overloaded(self.name, f"{self.max_queue} requests already queued") from None
+        self._queue.append(_Item(request, fut, deadline))
+        self._wake.set()
         return await fut
 
+    async def _get(self, timeout: float | None = None) -> _Item[Req] | None:
+        """The next queued request, waiting up to ``timeout`` seconds (None: forever) for one."""
+        while not self._queue:
+            self._wake.clear()
+            if timeout is None:
+                await self._wake.wait()
+            else:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout)
+                except TimeoutError:
+                    return None
+        return self._queue.popleft()
+
     async def _collect(self) -> list[_Item[Req]]:
-        batch = [await self._queue.get()]
+        first = await self._get()
+        assert first is not None
+        batch = [first]
         deadline = loop_time() + self.max_wait
         while len(batch) < self.max_size:
-            try:
-                batch.append(self._queue.get_nowait())
+            if self._queue:
+                batch.append(self._queue.popleft())
                 continue
-            except asyncio.QueueEmpty:
-                pass
             left = deadline - loop_time()
             if left <= 0:
                 break
-            try:
-                batch.append(await asyncio.wait_for(self._queue.get(), left))
-            except TimeoutError:
+            item = await self._get(left)
+            if item is None:
                 break
+            batch.append(item)
         return batch
 
     def _live(self, batch: list[_Item[Req]]) -> list[_Item[Req]]:

@@ -19,6 +19,7 @@ from hytrec.service import metrics
 from hytrec.service.batcher import RecommendBatcher
 from hytrec.service.catalogue import Catalogue
 from hytrec.service.events import EventBatcher, EventIngestor
+from hytrec.service.microbatch import MicroBatcher, Overloaded
 from hytrec.service.recommend import Recommender
 from hytrec.service.settings import Settings
 from hytrec.state_store import StateStore, StoreUnavailable, open_store
@@ -52,6 +53,23 @@ class Lifecycle:
         self.error: str | None = None
         self.phase = "starting"
 
+    def shed(self, method: str, path: str) -> Overloaded | None:
+        """Why a request for ``path`` would be shed by its batcher right now (counted), or None to admit it.
+
+        Asked by the guard before the request is parsed, so under overload the excess costs microseconds.
+        """
+        rt = self.runtime
+        if rt is None:
+            return None
+        if method == "POST" and path == "/v1/events":
+            batcher: MicroBatcher = rt.events_batcher
+        elif method == "GET" and path.endswith("/recommendations") and path.startswith("/v1/users/"):
+            batcher = rt.batcher
+        else:
+            return None
+        reason = batcher.pressure()
+        return None if reason is None else batcher.shed(reason)
+
     async def run(self, fn: Callable[[], T]) -> T:
         """Run a synchronous (torch) callable in the torch thread."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn)
@@ -76,8 +94,9 @@ class Lifecycle:
         log.info("model %s loaded (%d items) from %s", model.version, model.n_items, s.model)
         self.phase = "connecting to redis"
         store = await self._open_store(model.version)
-        batcher = RecommendBatcher(model, store, self.run, s.microbatch_max_size, s.microbatch_max_wait_ms, s.max_queue)
-        events = EventBatcher(model, store, s.events_batch_max_size, s.events_batch_max_wait_ms, s.max_queue)
+        limits = s.max_queue, s.max_queue_delay_ms
+        batcher = RecommendBatcher(model, store, self.run, s.microbatch_max_size, s.microbatch_max_wait_ms, *limits)
+        events = EventBatcher(model, store, s.events_batch_max_size, s.events_batch_max_wait_ms, *limits)
         batcher.start()
         events.start()
         self.runtime = Runtime(

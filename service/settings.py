@@ -55,6 +55,12 @@ class Settings(StoreSettings):
     max_queue: int = Field(
         512, ge=1, description="Requests each batcher may hold queued; past it a request is answered 503 overloaded."
     )
+    max_queue_delay_ms: float = Field(
+        25.0,
+        gt=0,
+        description="Shed a request (503 overloaded) while the oldest one queued has already waited this long: "
+        "the queue is standing, not draining, so answered requests wait about this much at most past capacity.",
+    )
     max_in_flight: int = Field(
         512, ge=1, description="Requests a worker serves at once; past it a request is answered 503 overloaded at once."
     )
@@ -64,12 +70,49 @@ class Settings(StoreSettings):
         description="Deadline of a /v1 request, covering its queueing, Redis round trips (retries included) and "
         "torch work; past it the request is answered 503 timeout.",
     )
+    shutdown_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="On SIGTERM: stop accepting at once, then give requests in flight this long to finish before "
+        "the worker exits (each is also bounded by HYTREC_REQUEST_TIMEOUT_MS).",
+    )
     access_log: bool = Field(False, description="Uvicorn's access log line per request (off: the metrics count them).")
     torch_threads: int = Field(1, ge=1, description="Intra-op threads of the single torch worker thread.")
     state_dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
         None, description="Storage dtype of new states (default: the checkpoint's)."
     )
     retry_after_s: int = Field(1, ge=1, description="Retry-After of 503 answers.")
+    slo_p99_ms: float = Field(
+        50,
+        gt=0,
+        description="Objective for the p99 latency of each /v1 route; `hytrec ops render` writes it into the alert "
+        "rules of deploy/ (the service itself does not read it).",
+    )
+    stream_name: str = Field(
+        "events", pattern=r"^[A-Za-z0-9_.-]+$", description="Event stream name (`hytrec consume`, docs/streams.md)."
+    )
+    stream_partitions: int = Field(
+        1,
+        ge=1,
+        le=4096,
+        description="Partitions of the event stream (crc32(user id) mod N); producer and consumer agree.",
+    )
+    stream_group: str = Field("hytrec", description="Consumer group of `hytrec consume`.")
+    stream_batch_size: int = Field(1000, ge=1, description="Most entries a consumer reads from a partition at once.")
+    stream_block_ms: int = Field(1000, ge=1, description="How long a consumer waits for new entries before polling.")
+    stream_lease_ms: int = Field(
+        10_000, ge=100, description="Partition lease; a dead consumer's partitions are taken over after it."
+    )
+    stream_maxlen: int = Field(
+        1_000_000, ge=0, description="Producer's approximate MAXLEN per partition (0: no trimming): the retention."
+    )
+    stream_dead_maxlen: int = Field(100_000, ge=0, description="Approximate MAXLEN of the dead-letter stream.")
+    stream_retry_cap_ms: float = Field(
+        5000.0, gt=0, description="Cap of the backoff before a consumer retries a batch that failed (not acknowledged)."
+    )
+    consume_metrics_port: int = Field(
+        9464, ge=0, le=65535, description="Port of `hytrec consume`'s own /metrics (0: not exposed)."
+    )
 
     @property
     def api_key_list(self) -> list[str]:

@@ -6,17 +6,19 @@ the key layout and the update protocol.
 """
 
 from hytrec.state_store.connect import open_store
-from hytrec.state_store.errors import ConflictError, CorruptStateError, StoreError, StoreUnavailable
+from hytrec.state_store.errors import ConflictError, CorruptStateError, FencedError, StoreError, StoreUnavailable
 from hytrec.state_store.keys import KeySpace, check_user_id
 from hytrec.state_store.settings import StoreSettings
-from hytrec.state_store.store import Commit, Compute, Runner, Snapshot, StateStore, Write
+from hytrec.state_store.store import Commit, Compute, Mark, Runner, Snapshot, StateStore, Write, entry_key
 
 __all__ = [
     "Commit",
     "Compute",
     "ConflictError",
     "CorruptStateError",
+    "FencedError",
     "KeySpace",
+    "Mark",
     "Runner",
     "Snapshot",
     "StateStore",
@@ -25,5 +27,6 @@ __all__ = [
     "StoreUnavailable",
     "Write",
     "check_user_id",
+    "entry_key",
     "open_store",
 ]

@@ -48,3 +48,12 @@ class ConflictError(StoreError):
         self.user_ids = user_ids
         self.attempts = attempts
         self.committed = committed or {}
+
+
+class FencedError(StoreError):
+    """A stream consumer's write lost to one holding a newer lease of the partition (docs/streams.md)."""
+
+    def __init__(self, user_id: str, mark_field: str) -> None:
+        super().__init__(f"write of user {user_id!r} fenced: a newer owner of {mark_field} already wrote it")
+        self.user_id = user_id
+        self.mark_field = mark_field

@@ -34,3 +34,9 @@ CAS_REPLAYED = Counter(
     "Writes found already committed when a connection retry re-sent them (counted once, applied once).",
 )
 CORRUPT_VALUES = Counter("hytrec_store_corrupt_values_total", "Stored values that failed to decode or were malformed.")
+
+# The error counter exists from the start (at 0) for each round trip and the usual failure kinds, so an alert on
+# its rate has a series before the first error.
+for _op in ("read", "cas", "delete", "scan", "ping"):
+    for _kind in ("ConnectionError", "TimeoutError"):
+        REDIS_ERRORS.labels(_op, _kind)

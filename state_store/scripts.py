@@ -6,10 +6,15 @@ import hashlib
 
 # KEYS: state hash, dedup zset, the user's set of model versions holding state (for erasure).
 # ARGV: expected ver, blob, now ms, ttl ms (0 = none), dedup window, events in this write ('=N': set the
-#       count to N instead of adding), last ts ('' = none), write token, model version, event ids...
+#       count to N instead of adding), last ts ('' = none), write token, model version, M (stream marks),
+#       M triples (mark field, entry id 'ms-seq', fencing epoch), event ids...
+# A stream mark field holds '<entry id> <epoch>': the last stream entry applied to the user from one partition
+# and the lease epoch of the consumer that wrote it (docs/streams.md).
 # Returns {status, version}:
 #   1 committed at version | 2 this token already committed (a re-sent write) | 0 version moved on
-#  -1 an event id is already applied | -2 the stored version is not an integer.
+#  -1 an event id is already applied | -2 the stored version is not an integer
+#  -3 fenced: a consumer holding a newer lease of the partition already wrote the user's mark
+#  -4 the write would not move a stream mark forward (a caller bug: nothing is written).
 CAS = """
 local cur = redis.call('HMGET', KEYS[1], 'ver', 'tok', 'n', 'lts')
 local ver = 0
@@ -19,9 +24,25 @@ if cur[1] then
 end
 if cur[2] == ARGV[8] then return {2, ver} end
 if ver ~= tonumber(ARGV[1]) then return {0, ver} end
+local nm = tonumber(ARGV[10])
+local e0 = 11 + 3 * nm
+local function entry(id)
+  local dash = string.find(id, '-', 1, true)
+  return tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
+end
+for i = 11, e0 - 1, 3 do
+  local old = redis.call('HGET', KEYS[1], ARGV[i])
+  if old then
+    local sp = string.find(old, ' ', 1, true)
+    if tonumber(string.sub(old, sp + 1)) > tonumber(ARGV[i + 2]) then return {-3, ver} end
+    local oms, oseq = entry(string.sub(old, 1, sp - 1))
+    local nms, nseq = entry(ARGV[i + 1])
+    if nms < oms or (nms == oms and nseq <= oseq) then return {-4, ver} end
+  end
+end
 local window = tonumber(ARGV[5])
 if window > 0 then
-  for i = 10, #ARGV do
+  for i = e0, #ARGV do
     if redis.call('ZSCORE', KEYS[2], ARGV[i]) then return {-1, ver} end
   end
 end
@@ -40,10 +61,13 @@ if lts then
 else
   redis.call('HSET', KEYS[1], 'blob', ARGV[2], 'ver', nv, 'ts', ARGV[3], 'tok', ARGV[8], 'n', n)
 end
+for i = 11, e0 - 1, 3 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1] .. ' ' .. ARGV[i + 2])
+end
 redis.call('SADD', KEYS[3], ARGV[9])
-if window > 0 and #ARGV >= 10 then
+if window > 0 and #ARGV >= e0 then
   -- trim first, so a set kept within zset-max-listpack-entries stays in the compact encoding
-  local first = math.max(10, #ARGV - window + 1)
+  local first = math.max(e0, #ARGV - window + 1)
   local over = redis.call('ZCARD', KEYS[2]) + (#ARGV - first + 1) - window
   if over > 0 then redis.call('ZREMRANGEBYRANK', KEYS[2], 0, over - 1) end
   for i = first, #ARGV, 256 do
@@ -82,4 +106,4 @@ return {row, flags}
 
 READ_SHA = hashlib.sha1(READ.encode()).hexdigest()
 
-COMMITTED, REPLAYED, CONFLICT, DUPLICATE, MALFORMED = 1, 2, 0, -1, -2
+COMMITTED, REPLAYED, CONFLICT, DUPLICATE, MALFORMED, FENCED, MARK_BEHIND = 1, 2, 0, -1, -2, -3, -4

@@ -8,7 +8,7 @@ import time
 from base64 import b64encode
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from redis import exceptions as rex
@@ -16,9 +16,28 @@ from redis.backoff import FullJitterBackoff
 
 from hytrec.state_store import metrics
 from hytrec.state_store.embedded import EmbeddedRedis
-from hytrec.state_store.errors import UNAVAILABLE, ConflictError, CorruptStateError, StoreError, StoreUnavailable
+from hytrec.state_store.errors import (
+    UNAVAILABLE,
+    ConflictError,
+    CorruptStateError,
+    FencedError,
+    StoreError,
+    StoreUnavailable,
+)
 from hytrec.state_store.keys import KeySpace
-from hytrec.state_store.scripts import CAS, CAS_SHA, COMMITTED, CONFLICT, DUPLICATE, MALFORMED, READ, READ_SHA, REPLAYED
+from hytrec.state_store.scripts import (
+    CAS,
+    CAS_SHA,
+    COMMITTED,
+    CONFLICT,
+    DUPLICATE,
+    FENCED,
+    MALFORMED,
+    MARK_BEHIND,
+    READ,
+    READ_SHA,
+    REPLAYED,
+)
 from hytrec.state_store.settings import StoreSettings
 
 T = TypeVar("T")
@@ -31,6 +50,37 @@ _CAS_FIELDS = ("blob", "ver")
 
 async def _to_thread(fn: Callable[[], T]) -> T:
     return await asyncio.to_thread(fn)
+
+
+def entry_key(entry_id: str | bytes) -> tuple[int, int]:
+    """A Redis stream entry id ``ms-seq`` as a tuple that sorts like the stream does."""
+    if isinstance(entry_id, bytes):
+        entry_id = entry_id.decode()
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """The last stream entry applied to a user from one partition, and the lease epoch of its writer.
+
+    Stored in the user's state hash (one field per partition) by the same compare-and-set as the state, so
+    an entry at or below it is known to be applied whatever the distance (docs/streams.md).
+    """
+
+    entry_id: str
+    epoch: int
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return entry_key(self.entry_id)
+
+    @classmethod
+    def parse(cls, raw: str | bytes) -> Mark:
+        text = raw.decode() if isinstance(raw, bytes) else raw
+        entry, _, epoch = text.partition(" ")
+        entry_key(entry)
+        return cls(entry, int(epoch))
 
 
 @dataclass(slots=True)
@@ -53,6 +103,7 @@ class Snapshot:
     updated_ms: int | None = None
     model_version: str = ""
     corrupt: str | None = None
+    marks: dict[str, Mark] = field(default_factory=dict)  # the stream marks asked about that the user holds
 
     @property
     def exists(self) -> bool:
@@ -75,6 +126,7 @@ class Write:
     n_events: int | None = None  # None: len(event_ids)
     last_ts: float | None = None
     replace_count: bool = False  # True: n_events and last_ts replace the stored ones (backfill) instead of adding
+    marks: Mapping[str, Mark] | None = None  # stream marks to move forward in the same compare-and-set
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,20 +223,27 @@ class StateStore:
 
     # ---------------------------------------------------------------- reads
     async def _read(
-        self, user_ids: Sequence[str], event_ids: Mapping[str, Sequence[str]] | None, fields: tuple = _FIELDS
+        self,
+        user_ids: Sequence[str],
+        event_ids: Mapping[str, Sequence[str]] | None,
+        fields: tuple = _FIELDS,
+        marks: Mapping[str, Sequence[str]] | None = None,
     ) -> dict[str, Snapshot]:
-        """One pipelined command per user: HMGET, or the READ script when event ids are asked about."""
+        """One pipelined command per user: HMGET, or the READ script when event ids are asked about.
+
+        ``marks``: per user, the stream mark fields to read along (``Snapshot.marks``).
+        """
         asked = {u: list(dict.fromkeys((event_ids or {}).get(u, ()))) for u in user_ids}
+        wanted = {u: tuple((marks or {}).get(u, ())) for u in user_ids}
         with self._guard("read", len(user_ids)):
             for _ in range(2):  # the second pass only runs after the server lost its script cache
                 pipe = self._pipeline()
                 for u in user_ids:
+                    f = (*fields, *wanted[u])
                     if asked[u]:
-                        pipe.execute_command(
-                            "EVALSHA", READ_SHA, 2, *self.keys.keys(u), len(fields), *fields, *asked[u]
-                        )
+                        pipe.execute_command("EVALSHA", READ_SHA, 2, *self.keys.keys(u), len(f), *f, *asked[u])
                     else:
-                        pipe.hmget(self.keys.state(u), fields)
+                        pipe.hmget(self.keys.state(u), f)
                 results = await pipe.execute(raise_on_error=False)
                 self._check(results)
                 if not any(isinstance(r, rex.NoScriptError) for r in results):
@@ -195,7 +254,17 @@ class StateStore:
         out: dict[str, Snapshot] = {}
         for u, res in zip(user_ids, results, strict=True):
             row, scores = (res[0], [1 if f else None for f in res[1]]) if asked[u] else (res, None)
-            out[u] = self._snapshot(u, row, scores, asked[u])
+            row = list(row)
+            extra = row[len(fields) :]
+            out[u] = snap = self._snapshot(u, row[: len(fields)], scores, asked[u])
+            for name, raw in zip(wanted[u], extra, strict=True):
+                if raw is None:
+                    continue
+                try:
+                    snap.marks[name] = Mark.parse(raw)
+                except ValueError as exc:
+                    metrics.CORRUPT_VALUES.inc()
+                    snap.corrupt = f"malformed stream mark {name}: {exc}"
         return out
 
     async def get_many(
@@ -242,6 +311,8 @@ class StateStore:
                         "" if w.last_ts is None else repr(float(w.last_ts)),
                         token,
                         self.model_version,
+                        len(w.marks or ()),
+                        *[a for name, m in (w.marks or {}).items() for a in (name, m.entry_id, m.epoch)],
                         *w.event_ids,
                     )
                 results = await pipe.execute(raise_on_error=False)
@@ -269,6 +340,7 @@ class StateStore:
         compute: Compute,
         *,
         event_ids: Mapping[str, Sequence[str]] | None = None,
+        marks: Mapping[str, Sequence[str]] | None = None,
     ) -> dict[str, Commit]:
         """Optimistic read-compute-write of many users, pipelined.
 
@@ -279,8 +351,12 @@ class StateStore:
         compare-and-set lost a race.
         Each user's state, metadata and event ids are written by one Lua script or not at all. Returns the
         commits; raises ``ConflictError`` for users still conflicting after ``cas_max_retries`` retries.
+
+        ``marks`` names, per user, stream mark fields to read (``Snapshot.marks``); a ``Write.marks`` moves
+        them forward in the same script, which refuses (``FencedError``) a write whose lease epoch is older
+        than the stored one's: a consumer that lost its partition cannot overwrite its successor's work.
         """
-        return await self._update(user_ids, compute, event_ids, self._runner)
+        return await self._update(user_ids, compute, event_ids, self._runner, marks)
 
     async def _update(
         self,
@@ -288,6 +364,7 @@ class StateStore:
         compute: Compute,
         event_ids: Mapping[str, Sequence[str]] | None,
         run: Runner,
+        marks: Mapping[str, Sequence[str]] | None = None,
     ) -> dict[str, Commit]:
         todo = list(dict.fromkeys(user_ids))
         asked: dict[str, list[str]] = {u: list((event_ids or {}).get(u, ())) for u in todo}
@@ -296,7 +373,7 @@ class StateStore:
         for attempt in range(attempts):
             if attempt:
                 await asyncio.sleep(self._cas_backoff.compute(attempt - 1))
-            snaps = await self._read(todo, asked, _CAS_FIELDS)
+            snaps = await self._read(todo, asked, _CAS_FIELDS, marks)
             for s in snaps.values():
                 if s.corrupt is not None:
                     raise CorruptStateError(s.user_id, self.model_version, s.corrupt)
@@ -323,6 +400,10 @@ class StateStore:
                 elif status == MALFORMED:
                     metrics.CORRUPT_VALUES.inc()
                     raise CorruptStateError(u, self.model_version, "stored version is not an integer")
+                elif status == FENCED:
+                    raise FencedError(u, ",".join(writes[u][1].marks or ()))
+                elif status == MARK_BEHIND:
+                    raise StoreError(f"write for user {u!r} does not move its stream mark forward")
                 else:
                     if status == DUPLICATE:
                         metrics.CAS_DUPLICATES.inc()

@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
+import pytest
 import redis
 
 from hytrec.service.app import create_app
@@ -267,37 +268,89 @@ def _batch_sizes(app: Any) -> float:
     return 0.0
 
 
-def test_overload_is_shed_at_once_with_retry_after(service_checkpoint: Checkpoint, redis_standalone_url: str) -> None:
-    """With the torch thread held, the batcher's bounded queue fills and admission caps requests in flight:
-    the excess is answered 503 overloaded with Retry-After while the held requests are still waiting."""
-    s = settings_for(service_checkpoint, redis_standalone_url, max_queue=3, max_in_flight=6, request_timeout_ms=60_000)
+@pytest.mark.parametrize(
+    ("limits", "reason", "admitted"),
+    [
+        # the in-flight cap: 6 admitted (1 taken by the batcher, 5 queued), 4 answered at once
+        ({"max_in_flight": 6, "max_queue": 100}, "6 requests in flight", {6}),
+        # the queue bound, checked at admission: 3 queued plus the one the batcher may have taken first
+        ({"max_in_flight": 100, "max_queue": 3}, "3 requests already queued", {3, 4}),
+    ],
+)
+def test_overload_is_shed_at_once_with_retry_after(
+    service_checkpoint: Checkpoint, redis_standalone_url: str, limits: dict, reason: str, admitted: set[int]
+) -> None:
+    """With the torch thread held, the excess over a bound is answered 503 overloaded with Retry-After while the
+    admitted requests are still waiting, and every admitted one is served once the thread is free."""
+    s = settings_for(
+        service_checkpoint,
+        redis_standalone_url,
+        request_timeout_ms=60_000,
+        max_queue_delay_ms=60_000,  # this test is about the two counts; the next one sheds by delay
+        **limits,
+    )
 
     async def body() -> None:
         release = threading.Event()
         async with running(s) as (client, app):
             await client.post("/v1/events", json={"events": events("ov", 3)})
             app.state.lifecycle.executor.submit(release.wait)
-            tasks = [asyncio.create_task(client.get("/v1/users/ov/recommendations")) for _ in range(10)]
-            for _ in range(500):  # until the admission cap has answered the 4 over it (a loaded machine is slow)
+            tasks = []
+            for _ in range(10):
+                tasks.append(asyncio.create_task(client.get("/v1/users/ov/recommendations")))
+                await asyncio.sleep(0.01)  # in order: the first ones reach the queue first
+            for _ in range(500):  # until the shed ones are answered (a loaded machine is slow)
                 await asyncio.sleep(0.01)
-                if sum(t.done() for t in tasks) >= 10 - 6:
+                if sum(t.done() for t in tasks) >= 10 - max(admitted):
                     break
             await asyncio.sleep(0.2)
             shed = [t.result() for t in tasks if t.done()]
+            assert 10 - len(shed) in admitted
             for resp in shed:
                 assert resp.status_code == 503 and resp.headers["retry-after"] == "1"
-                assert resp.json()["type"].endswith("/overloaded")
-            reasons = [resp.json()["detail"].split("(")[1].split(")")[0] for resp in shed]
-            # 4 over the in-flight cap of 6; of the 6 admitted, 1 may be taken by the batcher and 3 queued, and
-            # whether the batcher took one before the queue filled depends on scheduling: 0 to 2 find it full
-            assert reasons.count("6 requests in flight") == 4
-            assert set(reasons) <= {"6 requests in flight", "3 requests already queued"} and len(shed) <= 6
+                assert resp.json()["type"].endswith("/overloaded") and f"({reason})" in resp.json()["detail"]
             release.set()
             served = await asyncio.gather(*[t for t in tasks if not t.done()])
-            assert [r.status_code for r in served] == [200] * (10 - len(shed))  # every admitted, queued one served
+            assert [r.status_code for r in served] == [200] * (10 - len(shed))  # every admitted one served
             assert (await client.get("/v1/users/ov/recommendations")).status_code == 200  # recovered
 
     run(body)
+
+
+def test_a_standing_queue_is_shed_before_the_request_is_parsed(
+    service_checkpoint: Checkpoint, redis_standalone_url: str
+) -> None:
+    """Once the oldest queued request has waited HYTREC_MAX_QUEUE_DELAY_MS, new arrivals for that batcher are
+    answered 503 at the guard, before their body is even read (a malformed body gets 503, not 422), while
+    the other batcher's routes and the queued requests are unaffected."""
+    s = settings_for(service_checkpoint, redis_standalone_url, max_queue_delay_ms=50, request_timeout_ms=60_000)
+
+    async def body() -> None:
+        release = threading.Event()
+        async with running(s) as (client, app):
+            assert (await client.post("/v1/events", json={"events": events("qd", 2)})).status_code == 200
+            before = _shed(app, "recommend", "queue_delay")
+            app.state.lifecycle.executor.submit(release.wait)  # the torch thread is busy: nothing drains
+            first = asyncio.create_task(client.get("/v1/users/qd/recommendations"))  # the batch in progress
+            await asyncio.sleep(0.05)
+            queued = asyncio.create_task(client.get("/v1/users/qd/recommendations"))  # waits behind it
+            await asyncio.sleep(0.2)  # the queued one is now older than 50 ms
+            shed = await client.get("/v1/users/qd/recommendations")
+            assert shed.status_code == 503 and shed.headers["retry-after"] == "1"
+            assert shed.json()["type"].endswith("/overloaded") and "not draining" in shed.json()["detail"]
+            assert _shed(app, "recommend", "queue_delay") == before + 1
+            assert (await client.get("/v1/model")).status_code == 200  # other routes are not shed
+            release.set()
+            assert (await first).status_code == 200 and (await queued).status_code == 200
+            assert (await client.get("/v1/users/qd/recommendations")).status_code == 200  # drained: admitted
+
+    run(body)
+
+
+def _shed(app: Any, path: str, reason: str) -> float:
+    from hytrec.service import metrics
+
+    return metrics.SHED.labels(path, reason)._value.get()
 
 
 def test_a_request_past_its_deadline_is_answered_503(service_checkpoint: Checkpoint, redis_standalone_url: str) -> None:

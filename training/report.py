@@ -38,6 +38,8 @@ MODEL_COLOURS: dict[str, str] = {
     "hytrec-notime": "#56B4E9",
     "tadn-only": "#009E73",
     "recent-softmax": "#CC79A7",
+    "hytrec-intent": "#000000",
+    "hytrec-hybrid": "#E69F00",
     "sasrec": "#D55E00",
 }
 OTHER_COLOUR = "#7F7F7F"  # a model type this table does not know yet
@@ -194,7 +196,7 @@ def bucket_figure(
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
     ax.spines[["top", "right"]].set_visible(False)
-    ncol = len(bars) if len(bars) <= 3 else math.ceil(len(bars) / 2)  # two rows at most
+    ncol = min(len(bars), 3)  # three a row fit the width, whatever the number of model types
     whiskers = any(b.std is not None for b in bars)
     ax.legend(
         loc="lower left",

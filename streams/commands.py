@@ -1,0 +1,79 @@
+"""``hytrec consume``: the Redis Streams consumer, one process, any number of them side by side."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def consume(
+    model: Annotated[Path | None, typer.Option("--model", help="Checkpoint directory (env HYTREC_MODEL).")] = None,
+    partitions: Annotated[
+        int | None, typer.Option("--partitions", help="Stream partitions (env HYTREC_STREAM_PARTITIONS).")
+    ] = None,
+    metrics_port: Annotated[
+        int | None, typer.Option("--metrics-port", help="Port of /metrics, 0: none (env HYTREC_CONSUME_METRICS_PORT).")
+    ] = None,
+    consumer_id: Annotated[str | None, typer.Option("--id", help="Consumer name (default host-pid-random).")] = None,
+    until_idle: Annotated[
+        bool, typer.Option("--until-idle", help="Exit once every partition held has nothing left to read.")
+    ] = False,
+) -> None:
+    """Apply the event stream to the users' states, exactly once per entry, sharing partitions with peers.
+
+    Stops on SIGTERM/SIGINT after acknowledging the batches in hand and releasing its leases; prints its
+    totals as JSON on stdout at exit.
+    """
+    import asyncio
+    import logging
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    from hytrec.model.serving import ServingModel
+    from hytrec.service.commands import _set_env
+    from hytrec.service.events import EventBatcher, EventIngestor
+    from hytrec.service.settings import Settings
+    from hytrec.state_store import open_store
+    from hytrec.streams.consumer import Consumer
+
+    _set_env("model", model)
+    _set_env("stream_partitions", partitions)
+    _set_env("consume_metrics_port", metrics_port)
+    s = Settings()
+    logging.basicConfig(level=s.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if s.consume_metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(s.consume_metrics_port, addr=s.host)
+
+    async def main() -> dict:
+        import torch
+
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hytrec-torch")
+        loop = asyncio.get_running_loop()
+
+        async def run(fn):  # noqa: ANN001, ANN202 - the service's runner: every torch call in one thread
+            return await loop.run_in_executor(executor, fn)
+
+        await run(lambda: torch.set_num_threads(s.torch_threads))
+        serving = await run(lambda: ServingModel.load(s.model, s.state_dtype))
+        store = await open_store(s, serving.version, runner=run)
+        batcher = EventBatcher(serving, store, s.events_batch_max_size, s.events_batch_max_wait_ms, s.max_queue)
+        batcher.start()
+        consumer = Consumer(
+            s, store, EventIngestor(serving, batcher, s.strict_items), consumer_id, until_idle=until_idle
+        )
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, consumer.stop)
+        try:
+            totals = await consumer.run()
+        finally:
+            await batcher.stop()
+            await store.close()
+            executor.shutdown(wait=False, cancel_futures=True)
+        return {"consumer": consumer.id, "model_version": serving.version, **totals.as_dict()}
+
+    typer.echo(json.dumps(asyncio.run(main())))
