@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -26,6 +28,7 @@ from hytrec.model.vocab import Vocab, VocabError
 
 WEIGHTS, CONFIG, ITEMS = "model.safetensors", "config.json", "items.json"
 MODEL_TYPES = (*VARIANTS, "sasrec")
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
 
 
 class CheckpointError(ValueError):
@@ -91,26 +94,97 @@ def save_checkpoint(
     return _version(model_type, config_json + "\n", directory / WEIGHTS)
 
 
-def load_checkpoint(directory: str | Path) -> Checkpoint:
-    """Load a checkpoint written by :func:`save_checkpoint` (eval mode, CPU)."""
-    directory = Path(directory)
+def _read_spec(directory: Path) -> tuple[str, str, dict[str, Any], dict[str, Any]]:
+    """``config.json``: its text (hashed into the version), model type, model config and meta."""
+    path = directory / CONFIG
+    try:
+        config_json = path.read_bytes().decode("utf-8")
+        spec = json.loads(config_json)
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError
+        raise CheckpointError(f"{path}: malformed config, not UTF-8 JSON: {exc}") from exc
+    if not isinstance(spec, dict) or not isinstance(spec.get("model_type"), str):
+        raise CheckpointError(f"{path}: malformed config, expected an object with a string 'model_type'")
+    config, meta = spec.get("config"), spec.get("meta", {})
+    if not isinstance(config, dict) or not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: malformed config, 'config' and 'meta' must be objects")
+    return config_json, spec["model_type"], config, meta
+
+
+def _expected_tensors(path: Path, model_type: str, config: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Name -> (shape, safetensors dtype) of every weight the config's model has, built without allocating it."""
+    try:
+        with torch.device("meta"):
+            model, _ = build_model(model_type, config)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}") from exc
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: malformed config: {exc}") from exc
+    return {k: (tuple(v.shape), _SAFETENSORS_DTYPES.get(v.dtype, str(v.dtype))) for k, v in model.state_dict().items()}
+
+
+def _check_weights(path: Path, expected: dict[str, tuple[tuple[int, ...], str]]) -> None:
+    """The weights file's header against the config: a complete file, every tensor there with its shape and dtype."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            found = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a complete safetensors file: {exc}") from exc
+    problems = [f"missing tensor {k!r}" for k in expected if k not in found]
+    problems += [f"unexpected tensor {k!r}" for k in found if k not in expected]
+    problems += [
+        f"tensor {k!r} is {found[k][1]}{list(found[k][0])}, the config expects {want[1]}{list(want[0])}"
+        for k, want in expected.items()
+        if k in found and found[k] != want
+    ]
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise CheckpointError(f"{path}: weights do not match the config: {shown}")
+
+
+def validate_checkpoint(directory: str | Path) -> None:
+    """Check a checkpoint without loading its weights: the files are there, the JSON files parse, and the
+    safetensors header holds exactly the tensors (names, shapes, dtypes) the config's model has.
+
+    Raises :class:`CheckpointError` naming the file (and the tensor) at fault; cheap enough for a CLI to call
+    before it starts workers.
+    """
+    _validate(Path(directory))
+
+
+def _validate(directory: Path) -> tuple[str, str, dict[str, Any], dict[str, Any], Vocab]:
     for name in (WEIGHTS, CONFIG, ITEMS):
         if not (directory / name).is_file():
             raise CheckpointError(f"checkpoint {directory} has no {name}")
-    config_json = (directory / CONFIG).read_text()
+    config_json, model_type, config, meta = _read_spec(directory)
     try:
-        spec = json.loads(config_json)
-        model_type, config = spec["model_type"], spec["config"]
         vocab = Vocab.load(directory / ITEMS)
-    except (json.JSONDecodeError, KeyError, TypeError, VocabError) as exc:
-        raise CheckpointError(f"checkpoint {directory}: malformed config or items file: {exc}") from exc
+    except (VocabError, OSError) as exc:
+        raise CheckpointError(f"checkpoint {directory}: malformed items file: {exc}") from exc
+    n_items = config.get("n_items")
+    if vocab.n_items != n_items:
+        raise CheckpointError(f"checkpoint {directory}: {vocab.n_items} item ids for {n_items} items")
+    _check_weights(directory / WEIGHTS, _expected_tensors(directory / CONFIG, model_type, config))
+    return config_json, model_type, config, meta, vocab
+
+
+def load_checkpoint(directory: str | Path) -> Checkpoint:
+    """Load a checkpoint written by :func:`save_checkpoint` (eval mode, CPU).
+
+    Only safetensors and JSON are read (nothing is unpickled); any broken file raises :class:`CheckpointError`
+    naming it (see :func:`validate_checkpoint`), before any weight is allocated.
+    """
+    directory = Path(directory)
+    config_json, model_type, config, meta, vocab = _validate(directory)
     model, cfg = build_model(model_type, config)
-    if vocab.n_items != cfg.n_items:
-        raise CheckpointError(f"checkpoint {directory}: {vocab.n_items} item ids for {cfg.n_items} items")
+    path = directory / WEIGHTS
     try:
-        model.load_state_dict(load_file(directory / WEIGHTS, device="cpu"))
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint {directory}: weights do not match the config: {exc}") from exc
+        weights = load_file(path, device="cpu")
+        model.load_state_dict(weights)
+    except (SafetensorError, OSError, RuntimeError) as exc:  # the file changed since it was checked
+        raise CheckpointError(f"{path}: weights do not match the config: {exc}") from exc
+    for name, tensor in weights.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise CheckpointError(f"{path}: tensor {name!r} holds NaN or infinite values")
     model.eval()
-    version = _version(model_type, config_json, directory / WEIGHTS)
-    return Checkpoint(model, model_type, cfg, vocab, version, spec.get("meta", {}))
+    version = _version(model_type, config_json, path)
+    return Checkpoint(model, model_type, cfg, vocab, version, meta)

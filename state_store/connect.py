@@ -23,6 +23,24 @@ def _cluster_url(url: str) -> tuple[str, bool]:
     return url, False
 
 
+def _auth_and_tls(s: StoreSettings, url: str) -> dict[str, Any]:
+    """AUTH (ACL user and password) and TLS options for a URL; what the URL itself carries wins (redis-py)."""
+    options: dict[str, Any] = {}
+    if s.redis_username is not None:
+        options["username"] = s.redis_username
+    if s.redis_password is not None:
+        options["password"] = s.redis_password.get_secret_value()
+    if url.startswith("rediss://"):
+        for key, path in (
+            ("ssl_ca_certs", s.redis_tls_ca_file),
+            ("ssl_certfile", s.redis_tls_cert_file),
+            ("ssl_keyfile", s.redis_tls_key_file),
+        ):
+            if path is not None:
+                options[key] = str(path)
+    return options
+
+
 async def open_store(
     settings: StoreSettings | None = None,
     model_version: str = "v0",
@@ -61,6 +79,7 @@ async def open_store(
         else:
             url, cluster = _cluster_url(s.redis_url)
             cluster = cluster or s.redis_cluster
+            common.update(_auth_and_tls(s, url))
             if cluster:
                 client = aioredis.RedisCluster.from_url(url, max_connections=s.pool_size, **common)
                 await client.initialize()

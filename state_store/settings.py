@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -21,6 +21,15 @@ class StoreSettings(BaseSettings):
         description="redis://, rediss:// (TLS), unix:// or redis+cluster:// URL; None starts an embedded Redis.",
     )
     redis_cluster: bool = Field(False, description="Treat redis_url as a Redis Cluster seed node.")
+    redis_username: str | None = Field(None, description="Redis ACL user (AUTH), unless redis_url names one.")
+    redis_password: SecretStr | None = Field(
+        None, description="Password of the Redis ACL user (AUTH), unless redis_url holds one; never logged."
+    )
+    redis_tls_ca_file: Path | None = Field(
+        None, description="CA bundle (PEM) that verifies a rediss:// server; unset: the system's CAs."
+    )
+    redis_tls_cert_file: Path | None = Field(None, description="Client certificate (PEM) for mutual TLS (rediss://).")
+    redis_tls_key_file: Path | None = Field(None, description="Private key (PEM) of redis_tls_cert_file.")
     data_dir: Path = Field(Path("./var"), description="Folder of the embedded Redis's persisted data.")
     key_prefix: str = Field("hytrec", description="First component of every key.")
     pool_size: int = Field(64, ge=1, description="Maximum connections per Redis node.")
@@ -45,3 +54,13 @@ class StoreSettings(BaseSettings):
         description="Recent event ids kept per user for de-duplication (0: off). Up to 128 the set stays in "
         "Redis's compact encoding; see docs/state_store.md for the bytes per user.",
     )
+
+    @model_validator(mode="after")
+    def _tls_needs_rediss(self) -> StoreSettings:
+        """TLS files for a plain connection are a misconfiguration, not something to ignore."""
+        tls = (self.redis_tls_ca_file, self.redis_tls_cert_file, self.redis_tls_key_file)
+        if any(f is not None for f in tls) and not (self.redis_url or "").startswith("rediss"):
+            raise ValueError("HYTREC_REDIS_TLS_* files are set but HYTREC_REDIS_URL is not a rediss:// URL")
+        if (self.redis_tls_cert_file is None) != (self.redis_tls_key_file is None):
+            raise ValueError("HYTREC_REDIS_TLS_CERT_FILE and HYTREC_REDIS_TLS_KEY_FILE go together")
+        return self
