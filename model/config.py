@@ -10,8 +10,8 @@ import torch
 
 from hytrec.model.vocab import FIRST_ITEM_ROW
 
-Variant = Literal["hytrec", "hytrec-notime", "tadn-only", "recent-softmax"]
-VARIANTS: tuple[str, ...] = ("hytrec", "hytrec-notime", "tadn-only", "recent-softmax")
+Variant = Literal["hytrec", "hytrec-notime", "tadn-only", "recent-softmax", "hytrec-intent", "hytrec-hybrid"]
+VARIANTS: tuple[str, ...] = ("hytrec", "hytrec-notime", "tadn-only", "recent-softmax", "hytrec-intent", "hytrec-hybrid")
 STATE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "float16": torch.float16,
@@ -25,7 +25,10 @@ class HyTRecConfig:
 
     ``variant`` picks the ablation: ``hytrec`` (both branches, time-aware TADN), ``hytrec-notime``
     (TADN without the time terms = Gated DeltaNet), ``tadn-only`` (long branch alone) and
-    ``recent-softmax`` (short branch alone, no memory token).
+    ``recent-softmax`` (short branch alone, no memory token). ``hytrec-intent`` (docs/long_history.md): the
+    short branch's output at the request time reads every TADN layer's state, S·q, instead of attending to
+    the summary token fixed at the last event. ``hytrec-hybrid``: the long branch is ``n_long`` TADN blocks
+    then one sliding-window softmax block over the last ``long_window`` hidden states, [TADN x n_long, softmax].
     """
 
     n_items: int
@@ -42,6 +45,7 @@ class HyTRecConfig:
     age_bucket_scale: float = 4.0  # bucket = floor(scale * phi(age))
     dropout: float = 0.2
     state_dtype: str = "float32"  # storage dtype of the TADN state: float32 | float16 | bfloat16
+    long_window: int = 64  # hytrec-hybrid: W, hidden states the long branch's softmax block attends over
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -50,8 +54,8 @@ class HyTRecConfig:
             raise ValueError("d_model must be divisible by n_heads and short_heads")
         if self.state_dtype not in STATE_DTYPES:
             raise ValueError(f"state_dtype must be one of {tuple(STATE_DTYPES)}")
-        if self.n_items < 1 or self.window < 1 or self.chunk_size < 1:
-            raise ValueError("n_items, window and chunk_size must be positive")
+        if self.n_items < 1 or self.window < 1 or self.chunk_size < 1 or self.long_window < 1:
+            raise ValueError("n_items, window, chunk_size and long_window must be positive")
 
     @property
     def head_dim(self) -> int:
@@ -69,6 +73,21 @@ class HyTRecConfig:
     @property
     def uses_short(self) -> bool:
         return self.variant != "tadn-only"
+
+    @property
+    def reads_state(self) -> bool:
+        """The short branch's intent reads each TADN layer's state at request time (``hytrec-intent``)."""
+        return self.variant == "hytrec-intent"
+
+    @property
+    def window_layers(self) -> int:
+        """Sliding-window softmax blocks after the TADN blocks in the long branch (``hytrec-hybrid``: 1)."""
+        return 1 if self.variant == "hytrec-hybrid" else 0
+
+    @property
+    def memory_token(self) -> bool:
+        """The short branch attends to the long summary as an extra token (``hytrec``, ``hytrec-notime``)."""
+        return self.uses_long and self.uses_short and not self.reads_state
 
     @property
     def time_terms(self) -> bool:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hytrec.model.tadn import chunk_gated_delta_rule, recurrent_gated_delta_step
+from hytrec.model.tadn import chunk_gated_delta_rule, chunk_gated_delta_rule_with_read, recurrent_gated_delta_step
 from hytrec.model.vocab import FIRST_ITEM_ROW, PAD_ROW
 
 
@@ -124,6 +124,26 @@ class TADNLayer(nn.Module):
         o, state = self.parallel_rule(*heads_first, chunk_size=chunk_size, initial_state=initial_state)
         return self.read_out(o.transpose(1, 2), x), state
 
+    def forward_read(
+        self,
+        x: Tensor,
+        dt_feature: Tensor,
+        valid: Tensor,
+        read_q: Tensor,
+        initial_state: Tensor | None = None,
+        chunk_size: int = 64,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`forward` plus ``S_t read_q_t`` (B, L, H, d_v) for outside queries ``read_q`` (B, L, H, d_k):
+        the state after each event read by another query (always the chunked form)."""
+        q, k, v, g, beta = self.project(x, dt_feature)
+        g = torch.where(valid[..., None], g, torch.zeros_like(g))
+        beta = torch.where(valid[..., None], beta, torch.zeros_like(beta))
+        heads_first = [t.transpose(1, 2) for t in (q, k, v, g, beta, read_q)]
+        o, o_read, state = chunk_gated_delta_rule_with_read(
+            *heads_first, chunk_size=chunk_size, initial_state=initial_state
+        )
+        return self.read_out(o.transpose(1, 2), x), state, o_read.transpose(1, 2)
+
     def step(self, x: Tensor, dt_feature: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """Recurrent form: one event for each of B users; x (B, d), state (B, H, d_v, d_k)."""
         q, k, v, g, beta = self.project(x, dt_feature)
@@ -146,7 +166,56 @@ class TADNBlock(nn.Module):
         x = x + self.dropout(y)
         return x + self.ffn(self.norm2(x)), state
 
+    def forward_read(
+        self, x: Tensor, dt_feature: Tensor, valid: Tensor, read_q: Tensor, **kw
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        y, state, read = self.tadn.forward_read(self.norm1(x), dt_feature, valid, read_q, **kw)
+        x = x + self.dropout(y)
+        return x + self.ffn(self.norm2(x)), state, read
+
     def step(self, x: Tensor, dt_feature: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         y, state = self.tadn.step(self.norm1(x), dt_feature, state)
         x = x + self.dropout(y)
         return x + self.ffn(self.norm2(x)), state
+
+
+class WindowAttentionBlock(nn.Module):
+    """Pre-norm softmax attention of each position over its last W hidden states (itself included), with a
+    learned per-head bias per offset, + residual, then pre-norm FFN + residual (the ``hytrec-hybrid`` long
+    branch's softmax block). Its input at an event depends only on that event and earlier ones, so serving
+    keeps a ring of the last W inputs and evaluates the same function once per event."""
+
+    def __init__(self, d_model: int, n_heads: int, window: int, ffn_mult: int, dropout: float) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim, self.window = n_heads, d_model // n_heads, window
+        self.norm1, self.norm2 = RMSNorm(d_model), RMSNorm(d_model)
+        self.q_proj, self.k_proj, self.v_proj = (nn.Linear(d_model, d_model) for _ in range(3))
+        self.o_proj = nn.Linear(d_model, d_model)
+        self.pos_bias = nn.Parameter(torch.zeros(window, n_heads))
+        self.ffn = FeedForward(d_model, ffn_mult, dropout)
+        self.dropout = nn.Dropout(dropout)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        return x.view(*x.shape[:-1], self.n_heads, self.head_dim)
+
+    def attend(self, x: Tensor, keys: Tensor, valid: Tensor) -> Tensor:
+        """x (..., d) queries; keys (..., W, d) the window of inputs ending with x itself, oldest first;
+        valid (..., W). Returns the block's output (..., d)."""
+        q = self._heads(self.q_proj(self.norm1(x)))
+        kn = self.norm1(keys)
+        k, v = self._heads(self.k_proj(kn)), self._heads(self.v_proj(kn))
+        scores = torch.einsum("...hd,...jhd->...hj", q, k) * self.head_dim**-0.5
+        scores = scores + self.pos_bias.flip(0).T  # slot j of W holds the event W - 1 - j back
+        scores = scores.masked_fill(~valid[..., None, :], float("-inf"))
+        out = torch.einsum("...hj,...jhd->...hd", torch.softmax(scores, dim=-1), v).flatten(-2)
+        y = x + self.dropout(self.o_proj(out))
+        return y + self.ffn(self.norm2(y))
+
+    def forward(self, x: Tensor, valid: Tensor, prev: Tensor, prev_valid: Tensor) -> Tensor:
+        """Parallel form over (B, L, d) continuing ``prev`` (B, W, d), the inputs of the W events before x
+        (``prev_valid`` (B, W) marks the slots that hold one); ``valid`` (B, L) marks real events."""
+        w = self.window
+        seq = torch.cat([prev, x], dim=1)[:, 1:]  # query t's window is positions t .. t + W - 1 of seq
+        ok = torch.cat([prev_valid, valid], dim=1)[:, 1:]
+        keys = seq.unfold(1, w, 1).movedim(-1, -2)  # (B, L, W, d)
+        return self.attend(x, keys, ok.unfold(1, w, 1))

@@ -52,7 +52,7 @@ class ShortBranch(nn.Module):
         self.token_norm = nn.LayerNorm(d)
         self.gap_proj = nn.Linear(1, d)
         self.q_proj, self.k_proj, self.v_proj = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
-        self.use_memory = cfg.uses_long
+        self.use_memory = cfg.memory_token
         if self.use_memory:
             self.mem_k, self.mem_v = nn.Linear(d, d), nn.Linear(d, d)
             self.mem_bias = nn.Parameter(torch.zeros(cfg.short_heads))

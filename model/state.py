@@ -9,7 +9,8 @@ Blob layout (little-endian; never pickle)::
     b"HYTS" | u16 layout | u8 dtype | u8 0 | u16 n_layers, n_heads, d_v, d_k, d_model, window, ring_len,
     len(model_version) | model_version (ascii) | u64 count | f64 last_ts |
     tadn[n_layers, n_heads, d_v, d_k] (dtype) | summary[d_model] (f32) |
-    ring_items[ring_len] (i32) | ring_ts[ring_len] (f64) | u32 CRC-32 of all bytes before it
+    ring_items[ring_len] (i32) | ring_ts[ring_len] (f64) | [layout 2 only: u16 n_window_layers, W |
+    hidden[n_window_layers, W, d_model] (dtype)] | u32 CRC-32 of all bytes before it
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from hytrec.model.config import STATE_DTYPES, HyTRecConfig
 from hytrec.model.vocab import PAD_ROW
 
 MAGIC = b"HYTS"
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 1  # every variant without a long softmax block: unchanged since the first codec
+LAYOUT_WITH_HIDDEN = 2  # hytrec-hybrid: layout 1 + u16 n_window_layers, W + hidden[n, W, d_model] (dtype)
+_HIDDEN = struct.Struct("<HH")
 _DTYPE_CODES = {"float32": 1, "float16": 2, "bfloat16": 3}
 _CODE_DTYPES = {v: k for k, v in _DTYPE_CODES.items()}
 _HEADER = struct.Struct("<4sHBB8H")
@@ -48,6 +51,7 @@ class StateBatch:
     count: Tensor  # (B,) int64, events applied
     ring_items: Tensor  # (B, K) int64 item rows, newest last, PAD_ROW where empty
     ring_ts: Tensor  # (B, K) float64
+    hidden: Tensor  # (B, n_window_layers, W, d_model) float32: inputs of the long softmax block, newest last
 
     @classmethod
     def empty(cls, cfg: HyTRecConfig, batch: int) -> StateBatch:
@@ -60,6 +64,7 @@ class StateBatch:
             count=torch.zeros(batch, dtype=torch.int64),
             ring_items=torch.full((batch, cfg.window), PAD_ROW, dtype=torch.int64),
             ring_ts=torch.zeros(batch, cfg.window, dtype=torch.float64),
+            hidden=torch.zeros(batch, cfg.window_layers, cfg.long_window if cfg.window_layers else 0, cfg.d_model),
         )
 
     def __len__(self) -> int:
@@ -79,14 +84,16 @@ class StateBatch:
     def as_stored(self, dtype: str) -> StateBatch:
         """This state as the codec stores it in ``dtype``: the TADN matrices rounded, the rest exact
         (``decode_state(encode_state(s, dtype=dtype))`` for every user, without the bytes)."""
-        return replace(self, tadn=self.tadn.to(STATE_DTYPES[dtype]).float())
+        return replace(
+            self, tadn=self.tadn.to(STATE_DTYPES[dtype]).float(), hidden=self.hidden.to(STATE_DTYPES[dtype]).float()
+        )
 
     @staticmethod
     def cat(states: list[StateBatch]) -> StateBatch:
         return StateBatch(*(torch.cat([getattr(s, f) for s in states]) for f in _FIELDS))
 
 
-_FIELDS = ("tadn", "summary", "last_ts", "count", "ring_items", "ring_ts")
+_FIELDS = ("tadn", "summary", "last_ts", "count", "ring_items", "ring_ts", "hidden")
 
 
 def _raw(t: Tensor, dtype: torch.dtype) -> bytes:
@@ -106,10 +113,11 @@ def encode_state(state: StateBatch, cfg: HyTRecConfig, model_version: str, dtype
     keep = state.ring_items[0] != PAD_ROW
     ring_items, ring_ts = state.ring_items[0][keep], state.ring_ts[0][keep]
     mv = model_version.encode("ascii")
+    has_hidden = state.hidden.shape[1] > 0
     parts = [
         _HEADER.pack(
             MAGIC,
-            LAYOUT_VERSION,
+            LAYOUT_WITH_HIDDEN if has_hidden else LAYOUT_VERSION,
             _DTYPE_CODES[dtype],
             0,
             n_layers,
@@ -128,6 +136,8 @@ def encode_state(state: StateBatch, cfg: HyTRecConfig, model_version: str, dtype
         _raw(ring_items, torch.int32),
         _raw(ring_ts, torch.float64),
     ]
+    if has_hidden:
+        parts += [_HIDDEN.pack(*state.hidden.shape[1:3]), _raw(state.hidden[0], STATE_DTYPES[dtype])]
     body = b"".join(parts)
     return body + _CRC.pack(zlib.crc32(body))
 
@@ -142,8 +152,9 @@ def decode_state(blob: bytes, cfg: HyTRecConfig, model_version: str) -> StateBat
     magic, layout, code, _, n_layers, h, dv, dk, d_model, window, ring_len, mv_len = _HEADER.unpack_from(blob)
     if magic != MAGIC:
         raise StateCodecError("not a HyTRec state blob (bad magic)")
-    if layout != LAYOUT_VERSION:
-        raise StateCodecError(f"state layout version {layout} is not supported (expected {LAYOUT_VERSION})")
+    expected_layout = LAYOUT_WITH_HIDDEN if cfg.window_layers else LAYOUT_VERSION
+    if layout != expected_layout:
+        raise StateCodecError(f"state layout version {layout} is not supported (expected {expected_layout})")
     (crc,) = _CRC.unpack_from(blob, len(blob) - _CRC.size)
     if zlib.crc32(blob[: -_CRC.size]) != crc:
         raise StateCodecError("state blob corrupted (checksum mismatch)")
@@ -160,8 +171,10 @@ def decode_state(blob: bytes, cfg: HyTRecConfig, model_version: str) -> StateBat
         raise StateCodecError(f"state shapes {(n_layers, h, dv, dk, d_model, window)} do not match {expected}")
     dtype = STATE_DTYPES[_CODE_DTYPES[code]]
     sizes = [n_layers * h * dv * dk * dtype.itemsize, d_model * 4, ring_len * 4, ring_len * 8]
-    if len(blob) != offset + _COUNTERS.size + sum(sizes) + _CRC.size:
-        raise StateCodecError(f"state blob has {len(blob)} bytes, layout says {offset + sum(sizes) + 20}")
+    n_hidden = cfg.window_layers * cfg.long_window * d_model
+    extra = _HIDDEN.size + n_hidden * dtype.itemsize if cfg.window_layers else 0
+    if len(blob) != offset + _COUNTERS.size + sum(sizes) + extra + _CRC.size:
+        raise StateCodecError(f"state blob has {len(blob)} bytes, layout says {offset + sum(sizes) + extra + 20}")
     count, last_ts = _COUNTERS.unpack_from(blob, offset)
     offset += _COUNTERS.size
     arrays = []
@@ -182,4 +195,12 @@ def decode_state(blob: bytes, cfg: HyTRecConfig, model_version: str) -> StateBat
     if ring_len:
         state.ring_items[0, window - ring_len :] = torch.from_numpy(arrays[2].astype(np.int64))
         state.ring_ts[0, window - ring_len :] = torch.from_numpy(arrays[3].astype(np.float64))
+    if cfg.window_layers:
+        n_win, w = _HIDDEN.unpack_from(blob, offset)
+        if (n_win, w) != (cfg.window_layers, cfg.long_window):
+            raise StateCodecError(f"hidden window {(n_win, w)} does not match {(cfg.window_layers, cfg.long_window)}")
+        np_dtype = {torch.float32: "<f4", torch.float16: "<f2", torch.bfloat16: "<i2"}[dtype]
+        raw = torch.from_numpy(np.frombuffer(blob, dtype=np_dtype, count=n_hidden, offset=offset + _HIDDEN.size).copy())
+        raw = raw.view(torch.bfloat16) if dtype == torch.bfloat16 else raw
+        state.hidden = raw.float().view(1, n_win, w, d_model)
     return state

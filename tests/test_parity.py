@@ -54,8 +54,15 @@ def parallel(model, histories, now: torch.Tensor) -> torch.Tensor:
     return u[torch.arange(len(histories)), lengths - 1]
 
 
-CASES = [("hytrec", "float32"), ("hytrec", "float16"), ("hytrec", "bfloat16")] + [
-    (variant, "float32") for variant in ("hytrec-notime", "tadn-only", "recent-softmax")
+CASES = [
+    ("hytrec", "float32"),
+    ("hytrec", "float16"),
+    ("hytrec", "bfloat16"),
+    ("hytrec-intent", "float16"),
+    ("hytrec-hybrid", "float16"),
+] + [
+    (variant, "float32")
+    for variant in ("hytrec-notime", "tadn-only", "recent-softmax", "hytrec-intent", "hytrec-hybrid")
 ]
 
 
@@ -104,7 +111,9 @@ def _steps(model, state: StateBatch, events: list[tuple[torch.Tensor, torch.Tens
     return state
 
 
-@pytest.mark.parametrize("variant", ["hytrec", "hytrec-notime", "tadn-only", "recent-softmax"])
+@pytest.mark.parametrize(
+    "variant", ["hytrec", "hytrec-notime", "tadn-only", "recent-softmax", "hytrec-intent", "hytrec-hybrid"]
+)
 def test_extending_a_stored_state_in_one_pass_equals_stepping(variant: str) -> None:
     """Chunked ingest: a user's batch of new events applied from the stored state by the parallel form gives
     the state of applying them one step at a time, for users with and without a history, for batches
@@ -135,6 +144,10 @@ def test_extending_a_stored_state_in_one_pass_equals_stepping(variant: str) -> N
     if model.cfg.uses_long:
         assert (rel_err(extended.tadn.flatten(1), stepped.tadn.flatten(1)) <= 1e-5).all()
         assert (rel_err(extended.summary, stepped.summary) <= 1e-5).all()
+    if model.cfg.window_layers:  # hytrec-hybrid: the ring of the long softmax block's inputs
+        some = extended.count > 0
+        assert (rel_err(extended.hidden[some].flatten(1), stepped.hidden[some].flatten(1)) <= 1e-5).all()
+        assert not extended.hidden[~some].any()
 
 
 def test_serving_advance_mixes_chunked_and_stepped_users() -> None:

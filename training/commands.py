@@ -27,6 +27,15 @@ class Split(StrEnum):
     VALID = "valid"
 
 
+class Scenario(StrEnum):
+    """``hytrec synth --scenario``: the default generator, or a planted long-range scenario (training/synth.py)."""
+
+    NONE = "none"
+    DORMANT = "dormant"
+    PERIODIC = "periodic"
+    RECONSUME = "reconsume"
+
+
 class RequestTime(StrEnum):
     TARGET = "target"
     LAST_EVENT = "last-event"
@@ -83,21 +92,55 @@ def synth(
     write_item_table: Annotated[
         bool, typer.Option("--items-table/--no-items-table", help="Also write an item table beside --out.")
     ] = True,
+    scenario: Annotated[
+        Scenario,
+        typer.Option(
+            "--scenario",
+            help="none: the default generator | dormant / periodic / reconsume: a planted interest that returns "
+            "--gap events after its last burst (docs/long_history.md; --events-per-user is then not used)",
+        ),
+    ] = Scenario.NONE,
+    gap: Annotated[int, typer.Option("--gap", help="Scenarios: background events between planted bursts.")] = 1000,
+    returns: Annotated[
+        int, typer.Option("--returns", help="Scenarios: planted returns before the test event's return.")
+    ] = 2,
 ) -> None:
     """Write a synthetic interaction log (user_id, item_id, timestamp) with long-term tastes and sessions."""
-    from hytrec.training.synth import SynthConfig, generate, items_path_for, write_interactions, write_items
+    from hytrec.training.synth import (
+        LongRangeConfig,
+        SynthConfig,
+        generate,
+        generate_long_range,
+        items_path_for,
+        write_interactions,
+        write_items,
+    )
 
     t0 = time.perf_counter()
-    cfg = SynthConfig(
-        n_users=users,
-        n_items=items,
-        events_per_user=events_per_user,
-        seed=seed,
-        start_time=start_time,
-        n_genres=genres,
-    )
     try:
-        log = generate(cfg)
+        if scenario is Scenario.NONE:
+            cfg = SynthConfig(
+                n_users=users,
+                n_items=items,
+                events_per_user=events_per_user,
+                seed=seed,
+                start_time=start_time,
+                n_genres=genres,
+            )
+            log = generate(cfg)
+        else:
+            log = generate_long_range(
+                LongRangeConfig(
+                    scenario=scenario.value,
+                    gap=gap,
+                    n_users=users,
+                    n_items=items,
+                    n_genres=genres,
+                    seed=seed,
+                    returns=returns,
+                    start_time=start_time,
+                )
+            )
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from exc
     write_interactions(log, out)

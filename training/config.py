@@ -20,6 +20,8 @@ class ModelType(StrEnum):
     HYTREC_NOTIME = "hytrec-notime"
     TADN_ONLY = "tadn-only"
     RECENT_SOFTMAX = "recent-softmax"
+    HYTREC_INTENT = "hytrec-intent"
+    HYTREC_HYBRID = "hytrec-hybrid"
     SASREC = "sasrec"
 
 
@@ -53,7 +55,11 @@ class TrainConfig:
 
     model_type: ModelType = field(
         default=ModelType.HYTREC,
-        metadata=_help("hytrec (both branches), hytrec-notime / tadn-only / recent-softmax (ablations), sasrec."),
+        metadata=_help(
+            "hytrec (both branches), hytrec-notime / tadn-only / recent-softmax (ablations), hytrec-intent (the "
+            "short branch reads each TADN state at request time), hytrec-hybrid (n-layers TADN blocks + one sliding-"
+            "window softmax block in the long branch; docs/long_history.md), sasrec."
+        ),
     )
     epochs: int = field(
         default=40,

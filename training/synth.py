@@ -66,6 +66,7 @@ class SynthLog:
     session: np.ndarray  # int64 (N,), global session index
     reconsumed: np.ndarray  # bool (N,), True where the item repeats an earlier event of the user
     item_genre: np.ndarray  # int64 (n_items,), genre of item id k + 1
+    planted: np.ndarray | None = None  # bool (N,): first event of a planted long-range return (scenarios only)
 
     def __len__(self) -> int:
         return len(self.users)
@@ -223,3 +224,167 @@ def items_path_for(out: str | Path) -> Path:
             name = name[: -len(suffix)]
             break
     return out.with_name(f"{name}.items.tsv")
+
+
+# --------------------------------------------------------------------------------- long-range scenarios
+
+SCENARIOS: tuple[str, ...] = ("dormant", "periodic", "reconsume")
+
+
+@dataclass(frozen=True)
+class LongRangeConfig:
+    """A log with a planted dependency beyond the short window (docs/long_history.md states the story and
+    the values used there; they were fixed before any model was trained on these logs).
+
+    Each user has background tastes (``bg_tastes`` genres, sessions as in :func:`generate` but simpler) and
+    one planted interest: a genre D that the background never touches. D appears in bursts of ``burst``
+    events: one at the start of the history, ``returns`` more, each ``gap`` background events after the
+    previous burst (jittered uniformly by +-``jitter`` of it; ``periodic``: exactly ``gap``), and the test
+    event is the first event of one last return, ``gap`` events after the previous burst. So the item of
+    the test event depends on events at least ``(1 - jitter) * gap`` events back.
+
+    - ``dormant``: burst items are fresh Zipf draws from D (the model must remember the genre); the first
+      event of a burst comes after a long pause (``pause_days``, longer than any background gap), a cue
+      that says *that* the old interest returns but not *which* one.
+    - ``reconsume``: the same, but burst items are drawn uniformly from the user's ``favourites`` items of D
+      (fixed per user; the first burst is every favourite once, in random order): old favourites come back,
+      the item itself must be remembered.
+    - ``periodic``: fresh draws from D like ``dormant``, every exactly ``gap`` events and with no pause cue:
+      the return is predictable only by counting events since the last burst.
+    """
+
+    scenario: str = "dormant"
+    gap: int = 1000
+    n_users: int = 400
+    n_items: int = 2000
+    n_genres: int = 20
+    seed: int = 0
+    returns: int = 2
+    burst: int = 4
+    jitter: float = 0.25
+    bg_tastes: int = 2
+    p_intent: float = 0.2
+    favourites: int = 5
+    zipf_a: float = 0.8
+    mean_session_len: float = 8.0
+    within_gap_median_s: float = 60.0
+    between_gap_median_s: float = 6 * 3600.0
+    between_gap_clip_s: tuple[float, float] = (600.0, 3 * DAY)
+    pause_days: float = 30.0
+    start_time: int = 1_600_000_000
+
+    def __post_init__(self) -> None:
+        if self.scenario not in SCENARIOS:
+            raise ValueError(f"scenario must be one of {SCENARIOS}, got {self.scenario!r}")
+        if self.gap < 1 or self.returns < 0 or self.burst < 1 or not 0 <= self.jitter < 1:
+            raise ValueError("gap and burst must be >= 1, returns >= 0, 0 <= jitter < 1")
+        if self.n_genres < self.bg_tastes + 1 or self.n_items < self.n_genres:
+            raise ValueError("need more genres than background tastes + 1 and at least one item per genre")
+
+
+def generate_long_range(cfg: LongRangeConfig) -> SynthLog:
+    """Generate a long-range scenario (see :class:`LongRangeConfig`). ``SynthLog.planted`` marks the first
+    event of every return of the planted interest (the long-range predictions; the last event of every
+    user is one of them), ``reconsumed`` the events that repeat an earlier item of the user."""
+    rng = np.random.default_rng(cfg.seed)
+    g = cfg.n_genres
+    perm = rng.permutation(cfg.n_items)
+    genre_items = [perm[j::g] for j in range(g)]  # inside a genre: popularity rank = position
+    item_genre = np.empty(cfg.n_items, dtype=np.int64)
+    for j, members in enumerate(genre_items):
+        item_genre[members] = j
+
+    def zipf(genre: int, size: int) -> np.ndarray:
+        members = genre_items[genre]
+        w = 1.0 / np.arange(1, len(members) + 1) ** cfg.zipf_a
+        return members[rng.choice(len(members), size=size, p=w / w.sum())]
+
+    users, items, stamps, sessions, planted = [], [], [], [], []
+    session_base = 0
+    for user in range(cfg.n_users):
+        order = rng.permutation(g)
+        dormant, tastes, others = int(order[0]), order[1 : 1 + cfg.bg_tastes], order[1:]
+        favourites = zipf(dormant, 50)
+        favourites = np.unique(favourites)[: cfg.favourites] if len(np.unique(favourites)) else favourites[:1]
+        n_gaps = cfg.returns + 1
+        if cfg.scenario == "periodic":
+            gaps = np.full(n_gaps, cfg.gap)
+        else:
+            lo, hi = round(cfg.gap * (1 - cfg.jitter)), round(cfg.gap * (1 + cfg.jitter))
+            gaps = rng.integers(max(lo, 1), max(hi, 1) + 1, size=n_gaps)
+        # segments: burst, (gap of background, burst) x returns, gap of background, the test event
+        kinds: list[tuple[str, int]] = [("burst", cfg.burst)]
+        for i, n in enumerate(gaps):
+            kinds += [("bg", int(n)), ("burst", cfg.burst if i < cfg.returns else 1)]
+        u_items, u_gaps, u_session, u_planted = [], [], [], []
+        session = session_base
+        for kind, n in kinds:
+            if kind == "burst":
+                if cfg.scenario != "reconsume":
+                    drawn = zipf(dormant, n)
+                elif not u_items:  # the first burst consumes every favourite once, so each return is a repeat
+                    drawn = rng.permutation(favourites)
+                    n = len(drawn)
+                else:
+                    drawn = rng.choice(favourites, size=n)
+                u_items.append(drawn)
+                first_gap = (
+                    cfg.between_gap_median_s * rng.lognormal(0.0, 1.0)
+                    if cfg.scenario == "periodic"
+                    else max(cfg.pause_days * DAY * rng.lognormal(0.0, 0.25), 10 * DAY)
+                )
+                within = rng.lognormal(np.log(cfg.within_gap_median_s), 1.0, n)
+                within[0] = first_gap
+                u_gaps.append(within)
+                session += 1
+                u_session.append(np.full(n, session))
+                mark = np.zeros(n, dtype=bool)
+                mark[0] = True
+                u_planted.append(mark)
+                continue
+            new = rng.random(n) < 1.0 / cfg.mean_session_len
+            new[0] = True
+            sid = np.cumsum(new) - 1
+            n_sessions = int(sid[-1]) + 1
+            intent = rng.random(n_sessions) < cfg.p_intent
+            s_genre = np.where(intent, rng.choice(others, n_sessions), rng.choice(tastes, n_sessions))
+            genre = s_genre[sid]
+            drawn = np.empty(n, dtype=np.int64)
+            for gg in np.unique(genre):
+                at = genre == gg
+                drawn[at] = zipf(int(gg), int(at.sum()))
+            u_items.append(drawn)
+            between = np.clip(rng.lognormal(np.log(cfg.between_gap_median_s), 1.0, n), *cfg.between_gap_clip_s)
+            u_gaps.append(np.where(new, between, rng.lognormal(np.log(cfg.within_gap_median_s), 1.0, n)))
+            u_session.append(session + 1 + sid)
+            session += n_sessions
+            u_planted.append(np.zeros(n, dtype=bool))
+        gaps_s = np.concatenate(u_gaps)
+        gaps_s[0] = 0.0
+        start = cfg.start_time + rng.uniform(0, 30 * DAY)
+        it = np.concatenate(u_items)
+        users.append(np.full(len(it), user + 1))
+        items.append(it)
+        stamps.append(np.floor(start + np.cumsum(gaps_s)).astype(np.int64))
+        sessions.append(np.concatenate(u_session))
+        planted.append(np.concatenate(u_planted))
+        session_base = session + 1
+    items_all = np.concatenate(items)
+    users_all = np.concatenate(users).astype(np.int64)
+    reconsumed = np.zeros(len(items_all), dtype=bool)
+    start = 0
+    for u_items_arr in items:  # an item the user had before
+        seen: set[int] = set()
+        for k, item in enumerate(u_items_arr.tolist()):
+            reconsumed[start + k] = item in seen
+            seen.add(item)
+        start += len(u_items_arr)
+    return SynthLog(
+        users=users_all,
+        items=items_all + 1,
+        timestamps=np.concatenate(stamps),
+        session=np.concatenate(sessions).astype(np.int64),
+        reconsumed=reconsumed,
+        item_genre=item_genre,
+        planted=np.concatenate(planted),
+    )

@@ -164,4 +164,5 @@ def train(data_path: str | Path, out: str | Path, cfg: TrainConfig, resume: bool
     }
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     np.save(out / "test_ranks.npy", test.ranks)
+    np.save(out / "test_ranks_unfiltered.npy", test_all.ranks)  # the repeat-aware protocol (nothing filtered)
     return result

@@ -11,14 +11,16 @@ All forms share one layout: ``q, k`` (B, H, L, d_k), ``v`` (B, H, L, d_v), ``g``
     S_t = exp(g_t) * S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T.
 """
 
-from hytrec.model.tadn.chunk import chunk_gated_delta_rule
+from hytrec.model.tadn.chunk import chunk_gated_delta_rule, chunk_gated_delta_rule_with_read
 from hytrec.model.tadn.gate import time_deltas, time_feature
-from hytrec.model.tadn.naive import naive_gated_delta_rule
+from hytrec.model.tadn.naive import naive_gated_delta_rule, naive_gated_delta_rule_with_read
 from hytrec.model.tadn.recurrent import recurrent_gated_delta_step
 
 __all__ = [
     "chunk_gated_delta_rule",
+    "chunk_gated_delta_rule_with_read",
     "naive_gated_delta_rule",
+    "naive_gated_delta_rule_with_read",
     "recurrent_gated_delta_step",
     "time_deltas",
     "time_feature",

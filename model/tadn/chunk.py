@@ -33,16 +33,53 @@ def chunk_gated_delta_rule(
     with different lengths work the same way when the caller sets g = beta = 0 on padding.
     Returns (o (B, H, L, d_v), final state (B, H, d_v, d_k)).
     """
+    o, _, state = _chunked(q, k, v, g, beta, None, chunk_size, initial_state)
+    return o, state
+
+
+def chunk_gated_delta_rule_with_read(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    read_q: Tensor,
+    chunk_size: int = 64,
+    initial_state: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`chunk_gated_delta_rule` plus a second read of every state by other queries: ``read_q``
+    (B, H, L, d_k) gives ``S_t read_q_t`` (the state after event t read by a query that is not the layer's
+    own, e.g. the short branch's intent at the request time after t). Same value as the naive loop's
+    ``read_q`` output. Returns (o, o_read (B, H, L, d_v), final state)."""
+    o, o_read, state = _chunked(q, k, v, g, beta, read_q, chunk_size, initial_state)
+    assert o_read is not None
+    return o, o_read, state
+
+
+def _chunked(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    read_q: Tensor | None,
+    chunk_size: int,
+    initial_state: Tensor | None,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """The chunked recurrence; ``read_q`` (or None) is a second set of queries read against the same states."""
     b, h, length, d_k = k.shape
     d_v = v.shape[-1]
     c = max(1, min(chunk_size, length))  # a shorter sequence is one chunk of its own length: no padding
     pad = (-length) % c
     if pad:
         q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        read_q = F.pad(read_q, (0, 0, 0, pad)) if read_q is not None else None
         g, beta = F.pad(g, (0, pad)), F.pad(beta, (0, pad))
     n = (length + pad) // c
     q, k, v = (x.reshape(b, h, n, c, x.shape[-1]) for x in (q, k, v))
     g, beta = g.reshape(b, h, n, c), beta.reshape(b, h, n, c)
+    if read_q is not None:
+        read_q = read_q.reshape(b, h, n, c, d_k)
 
     gamma = g.cumsum(-1)
     diff = gamma[..., :, None] - gamma[..., None, :]
@@ -65,12 +102,20 @@ def chunk_gated_delta_rule(
     chunk_decay = gamma[..., -1].exp()[..., None, None]
 
     state = initial_state if initial_state is not None else q.new_zeros(b, h, d_v, d_k)
-    outputs = []
+    if read_q is not None:  # the same read-out as q's, for the second queries: r_t = S_t read_q_t
+        r_attn = (read_q @ k.transpose(-1, -2)) * decay_inclusive
+        r_decayed = read_q * gamma.exp()[..., None]
+    else:  # placeholders that the loop never reads
+        r_attn, r_decayed = attn, q_decayed
+    outputs, reads = [], []
     # unbind once: indexing chunk i inside the loop would make autograd write a full-size zero tensor per chunk
-    per_chunk = (t.unbind(2) for t in (u_v, w, q_decayed, attn, chunk_decay, k_to_end))
-    for u_v_i, w_i, q_i, attn_i, decay_i, k_i in zip(*per_chunk, strict=True):
+    per_chunk = (t.unbind(2) for t in (u_v, w, q_decayed, attn, chunk_decay, k_to_end, r_decayed, r_attn))
+    for u_v_i, w_i, q_i, attn_i, decay_i, k_i, rq_i, r_attn_i in zip(*per_chunk, strict=True):
         u = u_v_i - w_i @ state.transpose(-1, -2)
         outputs.append(q_i @ state.transpose(-1, -2) + attn_i @ u)
+        if read_q is not None:
+            reads.append(rq_i @ state.transpose(-1, -2) + r_attn_i @ u)
         state = state * decay_i + u.transpose(-1, -2) @ k_i
     out = torch.stack(outputs, dim=2).reshape(b, h, n * c, d_v)[:, :, :length]
-    return out, state
+    read = torch.stack(reads, dim=2).reshape(b, h, n * c, d_v)[:, :, :length] if read_q is not None else None
+    return out, read, state

@@ -18,19 +18,40 @@ def naive_gated_delta_rule(
 
     Shapes as in :mod:`hytrec.model.tadn`; returns (o (B, H, L, d_v), final state (B, H, d_v, d_k)).
     """
+    o, _, state = naive_gated_delta_rule_with_read(q, k, v, g, beta, None, initial_state)
+    return o, state
+
+
+def naive_gated_delta_rule_with_read(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    g: Tensor,
+    beta: Tensor,
+    read_q: Tensor | None,
+    initial_state: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """The literal loop, also reading every state S_t with ``read_q[..., t, :]`` when given (the reference of
+    :func:`hytrec.model.tadn.chunk.chunk_gated_delta_rule_with_read`): (o, o_read or None, final state)."""
     b, h, length, d_k = k.shape
     d_v = v.shape[-1]
     state = initial_state if initial_state is not None else q.new_zeros(b, h, d_v, d_k)
     eye = torch.eye(d_k, dtype=q.dtype, device=q.device)
-    outputs = []
+    outputs, reads = [], []
+    rq = read_q if read_q is not None else q  # the loop reads it only when read_q is given
     # unbind once: indexing step t inside the loop would make its backward quadratic in the length
-    for q_t, k_t, v_t, g_t, beta_t in zip(*(x.unbind(2) for x in (q, k, v, g, beta)), strict=True):
+    for q_t, k_t, v_t, g_t, beta_t, r_t in zip(*(x.unbind(2) for x in (q, k, v, g, beta, rq)), strict=True):
         beta_t = beta_t[..., None, None]
         transition = torch.exp(g_t)[..., None, None] * (eye - beta_t * k_t[..., :, None] * k_t[..., None, :])
         state = state @ transition + beta_t * v_t[..., :, None] * k_t[..., None, :]
         outputs.append((state @ q_t[..., None]).squeeze(-1))
+        if read_q is not None:
+            reads.append((state @ r_t[..., None]).squeeze(-1))
     out = torch.stack(outputs, dim=2) if outputs else v.new_zeros(b, h, 0, d_v)
-    return out, state
+    read = None
+    if read_q is not None:
+        read = torch.stack(reads, dim=2) if reads else v.new_zeros(b, h, 0, d_v)
+    return out, read, state
 
 
 def _naive_parallel_rule(
