@@ -33,6 +33,8 @@ from hytrec.benchmarks.harness import BenchPage, echo_result, read_json, run_iso
 
 SCHEMA = "hytrec-bench-serving/1"
 SECTIONS = ("ceiling", "saturation", "before_after", "overload", "ingestion", "hot_user", "history")
+SECTIONS += ("catalogue", "alternatives", "profile")
+PROFILE_SVG = "serving_profile.svg"
 Section = StrEnum("Section", [(name.upper(), name) for name in SECTIONS])
 USERS_PREFIX = "load-"  # the generator's default: pre-warmed users are the ones it draws
 INGEST_SHAPES = {  # name: (Settings field of the rates in posts/s, Workload fields)
@@ -74,6 +76,14 @@ class Settings:
     histories: tuple[int, ...] = (100, 1000, 10_000, 100_000)
     history_rps: float = 50
     history_s: float = 8.0
+    catalogue_sizes: tuple[int, ...] = (10_000, 100_000, 1_000_000)
+    catalogue_queries: int = 256  # user vectors from the model (see benchmarks/catalogue_bench.py)
+    catalogue_history: int = 200  # events per query user
+    alt_histories: tuple[int, ...] = (100, 1000, 10_000)
+    alt_s: float = 4.0  # per alternative and history length
+    profile_rps: float = 200
+    profile_s: float = 15.0  # per recording (flame graph, then collapsed stacks)
+    profile_rate: int = 100  # py-spy samples/s
     timeout_s: float = 5.0
     max_in_flight: int = 2048  # above the server's admission cap (512), so its 503s show, not generator drops
     capacity_p99_ms: float = 100.0
@@ -88,7 +98,9 @@ class Settings:
             n_items=2000, users=50, prewarm_events=2, calib_rates=(800, 1600), calib_s=1.0, rates=(25, 50),
             workers=(1,), duration_s=1.0, warmup_s=0.3, ab_rates=(25,), ab_rounds=1, baseline_s=1.0,
             overload_rps=200, overload_s=2.0, recover_rps=25, recover_s=2.0, ingest_rates=(5,), bulk_rates=(2,),
-            ingest_s=1.0, hot_writers=4, hot_posts=5, histories=(10, 100), history_rps=20, history_s=1.0, quick=True,
+            ingest_s=1.0, hot_writers=4, hot_posts=5, histories=(10, 100), history_rps=20, history_s=1.0,
+            catalogue_sizes=(2000,), catalogue_queries=64, catalogue_history=20, alt_histories=(10, 100), alt_s=0.3,
+            profile_rps=25, profile_s=1.0, quick=True,
         )  # fmt: skip
 
 
@@ -285,8 +297,9 @@ class Lab:
     """What the sections share: settings, checkpoint, its items (read once from a current server's
     GET /v1/items), and the shared servers (one per worker count, for the sections that need no fresh one)."""
 
-    def __init__(self, s: Settings, ckpt: Path, logs: Path, before: Path | None) -> None:
+    def __init__(self, s: Settings, ckpt: Path, logs: Path, before: Path | None, artifacts: Path) -> None:
         self.s, self.ckpt, self.logs, self.before = s, ckpt, logs, before
+        self.artifacts = artifacts  # where files other than the JSON go (the profile's flame graph)
         self.items: tuple[list[str], list[int]] = ([], [])
         self._shared: dict[int, Server] = {}
         self._warm: set[int] = set()
@@ -416,6 +429,63 @@ def sec_history(lab: Lab) -> dict[str, Any]:
     return {"by_history": out}
 
 
+def sec_catalogue(lab: Lab) -> dict[str, Any]:
+    from hytrec.benchmarks.catalogue_bench import CatalogueSettings, run_catalogue
+
+    try:
+        import faiss  # noqa: F401
+    except ImportError as exc:
+        raise Skipped(f"faiss is not installed (pip install faiss-cpu): {exc}") from exc
+    s = lab.s
+    cs = CatalogueSettings(sizes=s.catalogue_sizes, d_model=s.d_model, queries=s.catalogue_queries,
+                           history=s.catalogue_history, repeats=1 if s.quick else 2, seed=s.seed)  # fmt: skip
+    return {"settings": asdict(cs), **run_catalogue(cs)}
+
+
+def sec_alternatives(lab: Lab) -> dict[str, Any]:
+    from hytrec.benchmarks.recompute_bench import RecomputeSettings, run_recompute
+
+    s = lab.s
+    rs = RecomputeSettings(histories=s.alt_histories, seconds=s.alt_s, seed=s.seed)
+    return {"settings": asdict(rs), **run_recompute(str(lab.ckpt), rs)}
+
+
+def sec_profile(lab: Lab) -> dict[str, Any]:
+    """py-spy on a fresh one-worker server while the open-loop generator sends ``profile_rps`` (the usual mix):
+    a flame graph, then collapsed stacks for the table, back to back under one continuous load."""
+    from hytrec.benchmarks import profile_bench
+    from hytrec.loadtest import engine, report
+
+    s, exe = lab.s, profile_bench.pyspy()
+    if exe is None:
+        raise Skipped("py-spy is not installed (pip install py-spy)")
+    if (why := profile_bench.check_pyspy(exe)) is not None:
+        raise Skipped(f"py-spy cannot read processes here: {why}")
+    raw = lab.logs / "profile.collapsed.txt"
+    with lab.fresh(False) as (srv,):
+        w, seconds = workload(s, lab.items), 2 * s.profile_s + 2.0  # both recordings, plus slack for py-spy's start
+        start = time.perf_counter() + 1.0
+        plan = engine.Plan(srv.url, w, s.profile_rps, seconds, s.warmup_s, s.timeout_s, s.max_in_flight, seed=s.seed)
+        plan = replace(plan, start_at=start)
+        rec = profile_bench.Recorder(exe, srv.pid, start + s.warmup_s, s.profile_s, lab.artifacts / PROFILE_SVG, raw,
+                                     s.profile_rate)  # fmt: skip
+        rec.start()
+        run = report.merge_run([_loop(engine.run_plan(plan))], s.profile_rps, w.mix, seconds, s.timeout_s)
+        rec.join(s.profile_s * 2 + 300)
+    for name, r in rec.result.items():
+        if r["rc"] != 0:
+            raise RuntimeError(f"py-spy ({name}) exited {r['rc']}: {r['stderr']}")
+    version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.strip()
+    return {
+        "pyspy_version": version.removeprefix("py-spy ").strip(),
+        "pyspy": rec.result,
+        "svg": PROFILE_SVG,
+        "svg_dir": str(lab.artifacts),
+        "top": profile_bench.top_functions(raw.read_text()),
+        "run": slim(run),
+    }
+
+
 RUNNERS: dict[str, Callable[[Lab], dict[str, Any]]] = {name: globals()[f"sec_{name}"] for name in SECTIONS}
 
 
@@ -437,15 +507,18 @@ def run_bench(
     sections: tuple[str, ...] = SECTIONS,
     command: str | None = None,
     progress: Callable[[str], None] = lambda m: None,
+    artifacts: Path | None = None,
 ) -> dict[str, Any]:
-    """Every selected section in priority order; the result JSON."""
+    """Every selected section in priority order; the result JSON. ``artifacts``: where the profile's flame graph
+    goes (default: the run's temporary folder, deleted at the end)."""
     page, t0 = BenchPage.start(command, quick=s.quick), time.monotonic()
     res: dict[str, Any] = {"schema": SCHEMA, "sections": {}}
     with tempfile.TemporaryDirectory(prefix="hytrec-bench-serving-") as tmp:
         ckpt, logs = Path(tmp) / "checkpoint", Path(tmp) / "logs"
         logs.mkdir()
         version = run_isolated(make_checkpoint, str(ckpt), s.n_items, s.d_model, s.state_dtype, timeout_s=600).unwrap()
-        lab = Lab(s, ckpt, logs, before)
+        lab = Lab(s, ckpt, logs, before, artifacts or logs)
+        (artifacts or logs).mkdir(parents=True, exist_ok=True)
         try:
             for name in SECTIONS:
                 if name not in sections:
@@ -464,6 +537,27 @@ def run_bench(
     return res
 
 
+def merge_kept(res: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
+    """``res`` (a run of some sections) with every section it did not select taken from ``old`` (the JSON it
+    overwrites) where that one was measured, marked ``kept`` with its own run's date, command and settings, so
+    one section can be re-measured without re-running the page. Only a JSON of this schema and the same
+    ``--quick`` is merged."""
+    if old.get("schema") != SCHEMA or bool(old["meta"].get("quick")) != bool(res["meta"].get("quick")):
+        return res
+    chosen, merged = set(res["meta"]["sections"]), {}
+    for name in SECTIONS:
+        prev = old["sections"].get(name)
+        if name not in chosen and prev is not None and prev["status"] == "ok":
+            meta = old["meta"]
+            kept = {"date": meta["date"], "command": meta["command"], "settings": meta["settings"]}
+            kept.update(git_commit=meta.get("git_commit"), git_dirty=meta.get("git_dirty"), cpu=meta.get("cpu"))
+            kept["logical_cpus"] = meta.get("logical_cpus")
+            merged[name] = {**prev, "kept": prev.get("kept", kept)}
+        else:
+            merged[name] = res["sections"][name]
+    return {**res, "sections": merged}
+
+
 # -------------------------------------------------------------------------------------------- CLI
 def bench_serving(
     quick: Annotated[bool, typer.Option("--quick", help="Tiny catalogue, 1-2 rates of ~1 s (smoke test).")] = False,
@@ -476,7 +570,10 @@ def bench_serving(
     budget_min: Annotated[float, typer.Option("--budget-min", help="No section starts after this.")] = 40.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON instead of the summary.")] = False,
 ) -> None:
-    """The service under open-loop load: ceiling, saturation, before/after, overload, ingestion, hot user, history."""
+    """The service under open-loop load: ceiling, saturation, before/after, overload, ingestion, hot user, history,
+    catalogue size (exact vs faiss), the alternatives (recompute vs incremental), a py-spy profile.
+
+    With ``--section``, the sections not selected are kept from the JSON being overwritten (when it has them)."""
     from hytrec.benchmarks import serving_report
 
     if from_json is not None:
@@ -484,9 +581,13 @@ def bench_serving(
     else:
         s = replace(Settings.quick_run() if quick else Settings(), budget_min=budget_min)
         chosen = tuple(x.value for x in section) if section else SECTIONS
-        res = run_bench(s, before.resolve() if before else None, chosen, progress=lambda m: typer.echo(m, err=True))
         if json_out is None and markdown is not None:
             json_out = markdown.with_suffix(".json")
+        artifacts = plot_dir or (markdown.parent if markdown is not None else None)
+        res = run_bench(s, before.resolve() if before else None, chosen, progress=lambda m: typer.echo(m, err=True),
+                        artifacts=artifacts)  # fmt: skip
+        if section and json_out is not None and json_out.exists():
+            res = merge_kept(res, read_json(json_out))
     if json_out is not None:
         write_json(json_out, res)
     plots = serving_report.write_plots(res, plot_dir) if plot_dir is not None else {}

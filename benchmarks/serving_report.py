@@ -14,12 +14,17 @@ from pathlib import Path
 from typing import Any
 
 from hytrec.benchmarks.harness import BenchPage, markdown_table
-from hytrec.benchmarks.serving_bench import INGEST_SHAPES, SECTIONS
+from hytrec.benchmarks.recompute_bench import ALTERNATIVES
+from hytrec.benchmarks.serving_bench import INGEST_SHAPES, PROFILE_SVG, SECTIONS
 
 TITLE = "Serving benchmark: the service under open-loop load"
 _TITLES = "Generator ceiling|Saturation curve|Before / after|Overload and recovery|Ingestion|Hot user|History length"
+_TITLES += "|Catalogue size: exact top-10 against ANN|The alternatives: recompute against incremental|Profile"
 NAMES = {n: f"{i}. {title}" for i, (n, title) in enumerate(zip(SECTIONS, _TITLES.split("|"), strict=True), 1)}
-PLOTS = {name: f"serving_{name}.png" for name in ("saturation", "before_after", "overload", "history")}
+PLOTS = {name: f"serving_{name}.png" for name in ("saturation", "before_after", "overload", "history", "catalogue")}
+PLOTS["alternatives"] = "serving_alternatives.png"
+ANN_MIN_RECALL = 0.95  # an index configuration counts for the conclusion only at this recall@10 or better
+ANN_MIN_SPEEDUP = 2.0  # ... and only if it is this much faster than the best exact search, at batch 1 and 64
 CEILING_FACTOR = 3.0
 REGENERATE = "rerun the command to measure again, or add `--from-json docs/benchmarks/serving.json` to re-render."
 METHOD = [
@@ -130,6 +135,8 @@ def all_runs(res: dict[str, Any]) -> Iterator[dict[str, Any]]:
     for shape in INGEST_SHAPES:
         yield from sec["ingestion"].get(shape, {}).get("runs", [])
     yield from (h["run"] for h in sec["history"].get("by_history", {}).values())
+    if "run" in sec.get("profile", {}):
+        yield sec["profile"]["run"]
 
 
 def accounting(res: dict[str, Any]) -> dict[str, int]:
@@ -347,6 +354,180 @@ def _history(sec: dict[str, Any], s: dict[str, Any]) -> list[str]:
     ]
 
 
+def ann_verdict(sec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per catalogue size and batch size (1 and the bench's batch): the fastest exact search (fp32 or bf16) and
+    the fastest index configuration with recall@10 >= ANN_MIN_RECALL, per query (p50); ``earns``: that index is
+    >= ANN_MIN_SPEEDUP times faster at both batch sizes."""
+    out = {}
+    for n, v in sec["by_size"].items():
+        if "rows" not in v:
+            continue
+        exact = [r for r in v["rows"] if r["method"].startswith("exact")]
+        ann = [r for r in v["rows"] if not r["method"].startswith("exact") and r["recall_at_10"] >= ANN_MIN_RECALL]
+        row: dict[str, Any] = {}
+        for b in (1, sec["settings"]["batch"]):
+            key = f"batch{b}"
+            e = min(exact, key=lambda r, k=key: r[k]["p50_per_query_ms"])
+            a = min(ann, key=lambda r, k=key: r[k]["p50_per_query_ms"], default=None)
+            speed = e[key]["p50_per_query_ms"] / a[key]["p50_per_query_ms"] if a else None
+            row[key] = {"exact": e, "ann": a, "speedup": speed}
+        row["earns"] = all(x["speedup"] is not None and x["speedup"] >= ANN_MIN_SPEEDUP for x in row.values())
+        out[n] = row
+    return out
+
+
+def _catalogue(sec: dict[str, Any], s: dict[str, Any]) -> list[str]:
+    c, b = sec["settings"], sec["settings"]["batch"]
+    spreads = ", ".join(
+        f"{int(n):,}: {v['queries']['mean_pairwise_cosine']:.2f}" for n, v in sec["by_size"].items() if "queries" in v
+    )
+    lines = [
+        f"Queries: {c['queries']} user vectors from a **random-init HyTRec** over each catalogue (d = {c['d_model']}, "
+        "no dropout; no trained model of 10^4+ items exists here), read by `HyTRec.user_vector` 60 s after "
+        f"histories of {c['history']} events drawn Zipf (s = 1) over the catalogue and built with the parallel form; "
+        f"mean pairwise cosine of the queries per size: {spreads}. Items: that model's item table. *Exact*: "
+        "`user_vectors @ items.T` then `topk(10)`, the service's scoring (`ServingModel.recommend` without its id "
+        "mapping and seen-item mask), in fp32 and in bf16 (both operands cast). Indexes (faiss "
+        f"{sec['faiss']}): HNSW over the flat vectors, inner product (M = {c['hnsw_m']}, efConstruction = "
+        f"{c['hnsw_ef_construction']}), and IVF-Flat, inner product (nlist = {c['ivf_lists_per_sqrt_n']:g} "
+        "x sqrt(N), trained on up to 40 x nlist items). **One thread** for everything (torch and faiss's "
+        "OpenMP), the index builds included; each size in a fresh process. Recall@10 against the exact fp32 "
+        f"top-10 of the same queries. Latency per call, p50/p99 over {c['repeats']} passes over the queries (batch "
+        f"1: one call per query; batch {b}: one call per {b} queries), and the per-query share at batch {b}. "
+        "Memory: the table tensor, or the serialised index (`faiss.serialize_index`, vectors included). Random "
+        "item vectors have no cluster structure, which makes this a hard case for an index: a trained catalogue "
+        "may give better recall at the same settings.",
+        "",
+    ]
+    header = (f"method|parameters|recall@10|batch 1 p50 ms|batch 1 p99 ms|batch {b} p50 ms|batch {b} p99 ms|"
+              f"per query at {b} (ms)|build s|memory MB")  # fmt: skip
+    for n, v in sec["by_size"].items():
+        lines += [f"**{int(n):,} items**" + (f": failed ({v['error']})." if "error" in v else ""), ""]
+        if "rows" not in v:
+            continue
+        rows = []
+        for r in v["rows"]:
+            one, many = r["batch1"], r[f"batch{b}"]
+            rows.append([r["method"], r["params"], f"{r['recall_at_10']:.3f}", _f(one["p50_ms"]), _f(one["p99_ms"]),
+                         _f(many["p50_ms"]), _f(many["p99_ms"]), _f(many["p50_per_query_ms"]),
+                         "-" if r["build_s"] is None else f"{r['build_s']:.1f}", _f(r["memory_mb"])])  # fmt: skip
+        lines += [*_table(header, rows, "llrrrrrrrr"), ""]
+    verdicts = ann_verdict(sec)
+    for n, v in verdicts.items():
+        parts = []
+        for key, label in (("batch1", "batch 1"), (f"batch{b}", f"batch {b}")):
+            x = v[key]
+            e = f"exact {_f(x['exact'][key]['p50_per_query_ms'])} ms ({x['exact']['method'].split()[-1]})"
+            a = "no index configuration reaches the recall" if x["ann"] is None else (
+                f"{x['ann']['method']} {x['ann']['params']} {_f(x['ann'][key]['p50_per_query_ms'])} ms "
+                f"(recall {x['ann']['recall_at_10']:.3f}, {x['speedup']:.2f}x)")  # fmt: skip
+            parts.append(f"{label}: {e} against {a}")
+        lines.append(f"* {int(n):,} items, per query p50: " + "; ".join(parts) + ".")
+    served = verdicts.get(str(s["n_items"]))
+    earns = [f"{int(n):,}" for n, v in verdicts.items() if v["earns"]]
+    rule = (f"an index earns a place only if, at recall@10 >= {ANN_MIN_RECALL:g}, it is >= {ANN_MIN_SPEEDUP:g}x "
+            f"faster per query than the fastest exact search at batch 1 and at batch {b}")  # fmt: skip
+    if served is None:
+        verdict = f"the served size ({s['n_items']:,} items) was not measured, so no verdict ({rule})."
+    elif served["earns"]:
+        verdict = (f"**ANN earns a place at the served {s['n_items']:,} items** ({rule}); serving still stays exact "
+                   "until the service adopts it, and if it does, every filter stays exact: over-fetch k + the "
+                   "ring window (64) from the index, then re-rank exactly.")  # fmt: skip
+    else:
+        verdict = (f"**ANN does not earn a place in serving at the served {s['n_items']:,} items** ({rule}); it "
+                   "stays in this benchmark. Were it ever used, filters would stay exact: over-fetch k + the ring "
+                   "window (64) from the index, then re-rank exactly.")  # fmt: skip
+    tail = f" Sizes where the rule holds: {', '.join(earns)} items." if earns else " It holds at no measured size."
+    return [*lines, "", "**Conclusion**: " + verdict + tail]
+
+
+ALT_NAMES = {
+    "sasrec": "SASRec recomputed over the last 200 events",
+    "parallel": "HyTRec parallel form recomputed over the full history",
+    "incremental": "HyTRec incremental (decode state, short branch, score)",
+}
+ALT_GOAL = 50.0
+
+
+def _alternatives(sec: dict[str, Any], s: dict[str, Any]) -> list[str]:
+    c, hist = sec["settings"], sec["by_history"]
+    lines = [
+        "**In-process, at the use-case level, not over HTTP** (a recompute over HTTP would need a serving mode that "
+        f"does not exist; the HTTP stack and Redis would add the same cost to all three): one process, one torch "
+        f"thread, the run's checkpoint ({sec['n_items']:,} items, d = {sec['d_model']}, {sec['state_dtype']} state, "
+        f"the servers' catalogue and scoring), the same requests for every alternative ({c['users']} users cycling, "
+        "each asked 60 s after their last event, top-10, one request at a time), in "
+        f"{c['rounds']} interleaved rounds, {c['seconds']:g} s per alternative and length (at least one request per "
+        "round). SASRec: random init, 2 layers, d = 64. Histories and state blobs are held in memory (no store read, "
+        "no parsing), which flatters the recomputes: a real one would first read its events. Requests/s = 1 / mean "
+        "latency. Not included anywhere: the incremental path's per-event cost at ingest (see Ingestion).",
+        "",
+    ]
+    rows = []
+    for n, v in hist.items():
+        for name in ALTERNATIVES:
+            r = v[name]
+            rows.append([f"{int(n):,}", ALT_NAMES[name], _f(r["requests_per_s"]), _f(r["p50_ms"]), _f(r["p99_ms"]),
+                         _f(r["max_ms"]), r["requests"]])  # fmt: skip
+    lines += [*_table("history events|alternative|requests/s|p50 ms|p99 ms|max ms|requests", rows, "rlrrrrr"), ""]
+    for n, v in hist.items():
+        lines.append(
+            f"* {int(n):,} events: incremental / parallel recompute **{v['incremental_over_parallel']:.1f}x**, "
+            f"incremental / SASRec recompute **{v['incremental_over_sasrec']:.2f}x** (requests/s); top-10 "
+            f"agreement of the parallel recompute with the incremental answer (stored state in "
+            f"{sec['state_dtype']}): {v['top10_agreement_parallel_vs_incremental']:.0%}."
+        )
+    top = str(max(int(n) for n in hist))
+    v = hist[top]
+    ok = v["incremental_over_parallel"] >= ALT_GOAL
+    lines += [
+        "",
+        f"Goal (incremental >= {ALT_GOAL:g}x the requests/s of per-request recomputation at 10^4-event histories), "
+        f"at {int(top):,} events: **{v['incremental_over_parallel']:.1f}x** against HyTRec's own recompute "
+        f"(parallel form): **{'PASS' if ok else 'FAIL'}**"
+        + ("" if int(top) == 10_000 else " (not at 10^4 events: a quick run)")
+        + f". Against SASRec over the last 200 events it is {v['incremental_over_sasrec']:.2f}x: that baseline "
+        "truncates the history, so its cost does not grow with it (and it forgets everything older).",
+    ]
+    return lines
+
+
+def _profile(sec: dict[str, Any], s: dict[str, Any]) -> list[str]:
+    run, top = sec["run"], sec["top"]
+    rec, ev = run["endpoints"].get("recommend"), run["endpoints"].get("events")
+    lat = "; ".join(
+        f"{name} p50 {_f(e['latency_ms']['p50'])} ms, p99 {_f(e['latency_ms']['p99'])} ms"
+        for name, e in (("recommendations", rec), ("posts", ev))
+        if e is not None
+    )
+    cmd = loadtest_cmd([s["profile_rps"]], 2 * s["profile_s"] + 2, s["warmup_s"], s["mix"], s)
+    rows = [
+        [i, f"`{r['function']}`", r["file"], r["samples"], f"{r['share']:.1%}"] for i, r in enumerate(top["self"], 1)
+    ]
+    incl = [[i, f"`{r['function']}`", r["file"], r["samples"], f"{r['share']:.1%}"]
+            for i, r in enumerate(top["inclusive"][:10], 1)]  # fmt: skip
+    return [
+        f"**py-spy** {sec.get('pyspy_version', '')} attached from outside to a fresh one-worker server "
+        f"(`{server_cmd(1)}`, users pre-warmed; the service runs unchanged) while the open-loop generator sends "
+        f"{_f(s['profile_rps'])} req/s ({s['mix']}): `{cmd}`. Under that one load, two recordings of "
+        f"{s['profile_s']:g} s at {s['profile_rate']} samples/s follow each other: the flame graph "
+        f"(`{sec['pyspy']['flamegraph']['command']}`), then the collapsed stacks of the table "
+        f"(`{sec['pyspy']['raw']['command']}`). Python frames only (no `--native`: time in torch's C++ shows in the "
+        "Python function that called it); idle threads left out (py-spy's default), so shares are of the worker's "
+        "busy samples. py-spy pauses the worker for each sample, so the load's latency includes its overhead: "
+        f"{lat}; statuses {_statuses(run['endpoints']['all'])}.",
+        "",
+        f"Top of the profile by **self** samples ({top['samples']:,} busy samples in the collapsed recording):",
+        "",
+        *_table("#|function|file|self samples|share", rows, "rllrr"),
+        "",
+        "HyTRec's own functions (model/, service/, state_store/) by **inclusive** samples (the function or anything "
+        "it called), of the same busy samples:",
+        "",
+        *_table("#|function|file|samples|share", incl, "rllrr"),
+    ]
+
+
 # -------------------------------------------------------------------------------------------- plots
 def write_plots(res: dict[str, Any], folder: Path) -> dict[str, str]:
     """The PNGs of the measured sections; returns {section: file name}. Log latency axes, a colour per series."""
@@ -445,12 +626,52 @@ def write_plots(res: dict[str, Any], folder: Path) -> dict[str, str]:
         ax.set_title("recommendation latency against history length, one user at a time")
         ax.legend(**legend)
         save(fig, "history")
+    if (cat := sec.get("catalogue", {})).get("status") == "ok":
+        sizes = {n: v for n, v in cat["by_size"].items() if "rows" in v}
+        b = cat["settings"]["batch"]
+        fig, axs = plt.subplots(1, max(len(sizes), 1), figsize=(4.6 * max(len(sizes), 1), 4.4), squeeze=False)
+        for ax, (n, v) in zip(axs[0], sizes.items(), strict=False):
+            groups: dict[str, list[dict[str, Any]]] = {}
+            for r in v["rows"]:
+                groups.setdefault(r["method"], []).append(r)
+            for i, (method, rs) in enumerate(groups.items()):
+                for key, fill, tag in (("batch1", colours[i], "batch 1"), (f"batch{b}", "none", f"batch {b}")):
+                    xs = [r[key]["p50_per_query_ms"] for r in rs]
+                    ax.plot(xs, [r["recall_at_10"] for r in rs], "-o", color=colours[i], mfc=fill,
+                            label=f"{method}, {tag}")  # fmt: skip
+            ax.axhline(ANN_MIN_RECALL, color="grey", ls=":", lw=1)
+            ax.set_xscale("log")
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.set(xlabel="p50 per query (ms, log)", ylabel="recall@10 against exact fp32", ylim=(0, 1.05))
+            ax.set_title(f"{int(n):,} items, one thread")
+            ax.grid(True, which="both", alpha=0.3)
+        axs[0][-1].legend(**{**legend, "fontsize": 7})
+        fig.suptitle("exact top-10 against faiss indexes (HNSW: efSearch up the curve; IVF: nprobe up the curve)")
+        save(fig, "catalogue")
+    if (alt := sec.get("alternatives", {})).get("status") == "ok":
+        xs = [float(n) for n in alt["by_history"]]
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.6))
+        for i, name in enumerate(ALTERNATIVES):
+            vs = list(alt["by_history"].values())
+            a1.plot(xs, [v[name]["requests_per_s"] for v in vs], "-o", color=colours[i], label=name)
+            a2.plot(xs, [y(v[name]["p99_ms"]) for v in vs], "-o", color=colours[i], label=f"{name} p99")
+            a2.plot(xs, [y(v[name]["p50_ms"]) for v in vs], "--s", color=colours[i], ms=3, label=f"{name} p50")
+        axes(a1, xs, "events in the user's history (log)", "requests/s, one thread (log)")
+        axes(a2, xs, "events in the user's history (log)", "latency per request (ms, log)")
+        a1.set_title("throughput: recompute per request against incremental state")
+        a2.set_title("latency")
+        a1.legend(fontsize=8)
+        a2.legend(**legend)
+        save(fig, "alternatives")
+    if sec.get("profile", {}).get("status") == "ok" and (folder / sec["profile"]["svg"]).exists():
+        out["profile"] = sec["profile"]["svg"]
     return out
 
 
 # --------------------------------------------------------------------------------------------- page
 RENDER = {"ceiling": _ceiling, "saturation": _saturation, "before_after": _before_after, "overload": _overload}
 RENDER.update(ingestion=_ingestion, hot_user=_hot_user, history=_history)
+RENDER.update(catalogue=_catalogue, alternatives=_alternatives, profile=_profile)
 
 
 def render_summary(res: dict[str, Any]) -> str:
@@ -469,12 +690,18 @@ def render_markdown(res: dict[str, Any], plots: dict[str, str] | None = None) ->
     env, base_cmd = BenchPage.from_meta(meta).environment, re.sub(r" --section \S+", "", meta["command"])
     lines = BenchPage.from_meta(meta).header(TITLE, REGENERATE, METHOD)
     missing = [f"* **{NAMES[n]}**: {v['reason']}." for n, v in sec.items() if v["status"] != "ok"]
+    kept = [f"{NAMES[n]} ({v['kept']['date']})" for n, v in sec.items() if "kept" in v]
+    kept_note = [] if not kept else [
+        f"This run measured only {', '.join(NAMES[n] for n in meta.get('sections', []) if n in NAMES)}; kept from "
+        f"earlier runs of this JSON, with their own dates, commands and machines: {', '.join(kept)}. The header's "
+        "machine line and load average are this run's.", ""]  # fmt: skip
     acc = accounting(res)
     lines += [
         "## Not measured",
         "",
         *(missing or ["Every section was measured."]),
         "",
+        *kept_note,
         f"Every scheduled request is accounted for: {acc['scheduled']:,} scheduled in {acc['runs']} runs, "
         f"{acc['ended']:,} ended as a status, a timeout, a connection error or a drop, {acc['unaccounted']} "
         "unaccounted. *Capacity*: the highest offered rate, below the first that fails, at which every request "
@@ -487,13 +714,33 @@ def render_markdown(res: dict[str, Any], plots: dict[str, str] | None = None) ->
         if v["status"] != "ok":
             lines += [f"**Not measured**: {v['reason']}.", ""]
             continue
-        lines += [
-            f"Section command: `{base_cmd} --section {name}` ({v['wall_s']:.0f} s "
-            f"in this run). Machine: {env.cpu}, {env.logical_cpus} logical CPUs (see the header).",
-            "",
-            *RENDER[name](v, s),
-        ]
-        if name in plots:
+        if "kept" in v:
+            k = v["kept"]
+            code = f"commit {(k.get('git_commit') or 'unknown')[:12]}" + (" with changes" if k.get("git_dirty") else "")
+            own = re.sub(r" --section \S+", "", k["command"])
+            lines += [
+                f"Kept from an earlier run: measured on {k['date']} by `{k['command']}` ({code}; "
+                f"{v['wall_s']:.0f} s). Machine: {k.get('cpu') or 'not recorded'}, {k.get('logical_cpus') or '?'} "
+                f"logical CPUs (not necessarily the header's). Its section command: `{own} --section {name}`.",
+                "",
+                *RENDER[name](v, k["settings"]),
+            ]
+        else:
+            lines += [
+                f"Section command: `{base_cmd} --section {name}` ({v['wall_s']:.0f} s "
+                f"in this run). Machine: {env.cpu}, {env.logical_cpus} logical CPUs (see the header).",
+                "",
+                *RENDER[name](v, s),
+            ]
+        if name == "profile" and name in plots:
+            lines += ["", f"Flame graph: [{plots[name]}]({plots[name]}) (open the file for py-spy's interactive "
+                      "view: hover for counts, click to zoom).", "", f"![flame graph]({plots[name]})"]  # fmt: skip
+        elif name == "profile":
+            lines += [
+                "",
+                f"The flame graph ({PROFILE_SVG}) was written to `{v['svg_dir']}`, not to this page's folder.",
+            ]
+        elif name in plots:
             lines += ["", f"![{NAMES[name]}]({plots[name]})"]
         lines.append("")
     return "\n".join(lines)
