@@ -17,7 +17,6 @@ from fastapi import FastAPI
 
 from hytrec import __version__
 from hytrec.service import routes
-from hytrec.service.auth import ApiKeyAuth
 from hytrec.service.errors import install
 from hytrec.service.guard import Guard
 from hytrec.service.runtime import Lifecycle
@@ -69,7 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install(app, s.retry_after_s)
     app.add_middleware(
         Guard,
-        auth=ApiKeyAuth(s.api_key_list),
+        access=s.access_control(),
         max_body=s.max_body_bytes,
         max_in_flight=s.max_in_flight,
         retry_after=s.retry_after_s,

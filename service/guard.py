@@ -1,4 +1,4 @@
-"""Pure-ASGI middleware in front of every route: API keys on /v1, admission, the body size limit, latency metrics.
+"""Pure-ASGI middleware in front of every route: API keys and scopes on /v1, admission, the body limit, latency.
 
 Pure ASGI rather than a Starlette ``BaseHTTPMiddleware``: it runs for every request, so it must not copy
 bodies or spawn tasks; it counts the bytes of a streamed body as they arrive and stops at the limit.
@@ -16,7 +16,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hytrec.service import metrics
-from hytrec.service.auth import ApiKeyAuth
+from hytrec.service.auth import AccessControl, Denied
 from hytrec.service.errors import Problem, problem_response, unavailable
 from hytrec.service.microbatch import Overloaded
 
@@ -31,19 +31,27 @@ def _too_large(limit: int) -> Problem:
     return Problem(413, "too-large", "Content too large", f"request body larger than {limit} bytes")
 
 
+def _denied(d: Denied) -> Problem:
+    if d.status == 404:
+        return Problem(404, "not-found", "Not found", d.detail)
+    if d.status == 403:
+        return Problem(403, "forbidden", "Forbidden", d.detail)
+    return Problem(401, "unauthorized", "Unauthorized", d.detail, headers={"WWW-Authenticate": 'Bearer realm="hytrec"'})
+
+
 class Guard:
     """Checks the API key and the body size before a route runs, and times every request."""
 
     def __init__(
         self,
         app: ASGIApp,
-        auth: ApiKeyAuth,
+        access: AccessControl,
         max_body: int,
         max_in_flight: int,
         retry_after: int,
         shed: Shedder | None = None,
     ) -> None:
-        self.app, self.auth, self.max_body = app, auth, max_body
+        self.app, self.access, self.max_body = app, access, max_body
         self.max_in_flight, self.retry_after, self.shed = max_in_flight, retry_after, shed
         self.in_flight = 0
 
@@ -70,16 +78,12 @@ class Guard:
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if scope["path"].startswith("/v1/") and not self.auth.check(headers.get("authorization")):
-            p = Problem(
-                401,
-                "unauthorized",
-                "Unauthorized",
-                "a valid API key is required: Authorization: Bearer <key>",
-                headers={"WWW-Authenticate": 'Bearer realm="hytrec"'},
-            )
-            await problem_response(None, p)(scope, receive, send)
+        decision = self.access.decide(scope["method"], scope["path"], headers.get("authorization"))
+        if isinstance(decision, Denied):
+            await problem_response(None, _denied(decision))(scope, receive, send)
             return
+        if decision is not None:  # the caller, for the routes (rate limits, logs): ``request.state.principal``
+            scope.setdefault("state", {})["principal"] = decision
         if scope["path"].startswith("/v1/"):
             if self.in_flight >= self.max_in_flight:
                 metrics.SHED.labels("admission", "in_flight").inc()

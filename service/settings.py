@@ -10,9 +10,10 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from hytrec.service.auth import AccessControl, parse_keys
 from hytrec.state_store.settings import StoreSettings
 
 
@@ -24,7 +25,10 @@ def demo_model() -> Path:
 class Settings(StoreSettings):
     """Everything ``hytrec serve`` reads from the environment (see docs/service.md for the table)."""
 
-    model_config = SettingsConfigDict(env_prefix="HYTREC_", extra="ignore", protected_namespaces=())
+    # Errors never echo their input: it can be a key.
+    model_config = SettingsConfigDict(
+        env_prefix="HYTREC_", extra="ignore", protected_namespaces=(), hide_input_in_errors=True
+    )
 
     model: Path = Field(
         default_factory=demo_model,
@@ -37,7 +41,17 @@ class Settings(StoreSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
         "info", description="Uvicorn and service log level."
     )
-    api_keys: str = Field("", description="Comma-separated API keys; when set, every /v1 route needs a bearer key.")
+    api_keys: SecretStr = Field(
+        SecretStr(""),
+        description="Comma-separated API keys of the read and write routes, each `key` (read and write) or "
+        "`key:read`, `key:write`, `key:read+write`; when set, every /v1 route needs a bearer key with its scope.",
+        json_schema_extra={"shown_default": "empty (routes open)"},
+    )
+    admin_keys: SecretStr = Field(
+        SecretStr(""),
+        description="Comma-separated admin keys (every scope); the /v1/admin routes answer 404 while none is set.",
+        json_schema_extra={"shown_default": "empty (admin routes off)"},
+    )
     strict_items: bool = Field(False, description="Reject a batch holding an item id the model does not know.")
     max_batch_events: int = Field(1000, ge=1, le=100_000, description="Most events in one POST /v1/events.")
     max_body_bytes: int = Field(2_097_152, ge=1024, description="Largest request body accepted (413 beyond).")
@@ -114,7 +128,12 @@ class Settings(StoreSettings):
         9464, ge=0, le=65535, description="Port of `hytrec consume`'s own /metrics (0: not exposed)."
     )
 
-    @property
-    def api_key_list(self) -> list[str]:
-        """The configured API keys (empty: authentication off)."""
-        return [k.strip() for k in self.api_keys.split(",") if k.strip()]
+    @field_validator("api_keys")
+    @classmethod
+    def _scopes_parse(cls, v: SecretStr) -> SecretStr:
+        parse_keys(v.get_secret_value())  # a typo in a scope fails at start-up, not as a 403 in production
+        return v
+
+    def access_control(self) -> AccessControl:
+        """The access model these settings configure (see service/auth.py)."""
+        return AccessControl.from_specs(self.api_keys.get_secret_value(), self.admin_keys.get_secret_value())
