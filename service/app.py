@@ -19,6 +19,7 @@ from hytrec import __version__
 from hytrec.service import routes
 from hytrec.service.errors import install
 from hytrec.service.guard import Guard
+from hytrec.service.ratelimit import RateLimiter
 from hytrec.service.runtime import Lifecycle
 from hytrec.service.settings import Settings
 
@@ -40,6 +41,18 @@ def openapi_with_limits(app: FastAPI, s: Settings) -> Callable[[], dict[str, Any
         return app.openapi_schema
 
     return openapi
+
+
+def rate_limiter(lifecycle: Lifecycle, s: Settings) -> RateLimiter | None:
+    """The per-key limiter on the store's Redis client (None when no limit is configured: zero cost)."""
+    if s.rate_limit_per_s is None:
+        return None
+
+    def client() -> Any | None:
+        rt = lifecycle.runtime
+        return None if rt is None else rt.store.client
+
+    return RateLimiter(client, s.key_prefix, s.rate_limit_per_s, s.rate_limit_burst, s.rate_limit_timeout_ms)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -73,6 +86,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_in_flight=s.max_in_flight,
         retry_after=s.retry_after_s,
         shed=lifecycle.shed,
+        limiter=rate_limiter(lifecycle, s),
     )
     for router in (routes.events, routes.users, routes.items, routes.model, routes.operations):
         app.include_router(router)

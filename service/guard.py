@@ -1,4 +1,5 @@
-"""Pure-ASGI middleware in front of every route: API keys and scopes on /v1, admission, the body limit, latency.
+"""Pure-ASGI middleware in front of every route: API keys and scopes on /v1, per-key rate limits, admission, the
+body limit, latency.
 
 Pure ASGI rather than a Starlette ``BaseHTTPMiddleware``: it runs for every request, so it must not copy
 bodies or spawn tasks; it counts the bytes of a streamed body as they arrive and stops at the limit.
@@ -19,6 +20,7 @@ from hytrec.service import metrics
 from hytrec.service.auth import AccessControl, Denied
 from hytrec.service.errors import Problem, problem_response, unavailable
 from hytrec.service.microbatch import Overloaded
+from hytrec.service.ratelimit import RateLimiter
 
 Shedder = Callable[[str, str], Overloaded | None]  # (method, path) -> why it is shed now, or None
 
@@ -29,6 +31,12 @@ class BodyTooLarge(StarletteHTTPException):
 
 def _too_large(limit: int) -> Problem:
     return Problem(413, "too-large", "Content too large", f"request body larger than {limit} bytes")
+
+
+def _rate_limited(key_id: str, retry_after: int, limiter: RateLimiter) -> Problem:
+    detail = f"this API key is over its limit of {limiter.per_s:g} requests/s (burst {limiter.burst}); retry after"
+    detail += f" {retry_after} s"
+    return Problem(429, "rate-limited", "Too many requests", detail, headers={"Retry-After": str(retry_after)})
 
 
 def _denied(d: Denied) -> Problem:
@@ -50,9 +58,11 @@ class Guard:
         max_in_flight: int,
         retry_after: int,
         shed: Shedder | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.app, self.access, self.max_body = app, access, max_body
         self.max_in_flight, self.retry_after, self.shed = max_in_flight, retry_after, shed
+        self.limiter = limiter  # None: no rate limit, no Redis round trip
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -82,8 +92,14 @@ class Guard:
         if isinstance(decision, Denied):
             await problem_response(None, _denied(decision))(scope, receive, send)
             return
-        if decision is not None:  # the caller, for the routes (rate limits, logs): ``request.state.principal``
+        if decision is not None:  # the caller, for the routes (logs): ``request.state.principal``
             scope.setdefault("state", {})["principal"] = decision
+            if self.limiter is not None:  # one Redis round trip, shared by every worker and replica
+                wait = await self.limiter.retry_after(decision.key_id)
+                if wait is not None:
+                    problem = _rate_limited(decision.key_id, wait, self.limiter)
+                    await problem_response(None, problem)(scope, receive, send)
+                    return
         if scope["path"].startswith("/v1/"):
             if self.in_flight >= self.max_in_flight:
                 metrics.SHED.labels("admission", "in_flight").inc()

@@ -52,6 +52,25 @@ class Settings(StoreSettings):
         description="Comma-separated admin keys (every scope); the /v1/admin routes answer 404 while none is set.",
         json_schema_extra={"shown_default": "empty (admin routes off)"},
     )
+    rate_limit_per_s: float | None = Field(
+        None,
+        gt=0,
+        description="Requests per second each API key may make to the /v1 routes, shared by every worker and "
+        "replica (in Redis); past it 429 rate-limited with Retry-After. Requests without a key, while the routes "
+        "are open, share one budget.",
+        json_schema_extra={"shown_default": "none (no limit)"},
+    )
+    rate_limit_burst: int = Field(
+        20,
+        ge=1,
+        description="Requests a key may make at once before HYTREC_RATE_LIMIT_PER_S paces it (the bucket's size).",
+    )
+    rate_limit_timeout_ms: float = Field(
+        50.0,
+        gt=0,
+        description="How long a request waits for its rate-limit check; past it, or with Redis down, the request "
+        "is let through (fail open, counted in hytrec_rate_limit_errors_total).",
+    )
     strict_items: bool = Field(False, description="Reject a batch holding an item id the model does not know.")
     max_batch_events: int = Field(1000, ge=1, le=100_000, description="Most events in one POST /v1/events.")
     max_body_bytes: int = Field(2_097_152, ge=1024, description="Largest request body accepted (413 beyond).")
