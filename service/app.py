@@ -19,13 +19,15 @@ from hytrec import __version__
 from hytrec.service import routes
 from hytrec.service.errors import install
 from hytrec.service.guard import Guard
+from hytrec.service.openapi import describe_errors
 from hytrec.service.ratelimit import RateLimiter
 from hytrec.service.runtime import Lifecycle
 from hytrec.service.settings import Settings
 
 
 def openapi_with_limits(app: FastAPI, s: Settings) -> Callable[[], dict[str, Any]]:
-    """``app.openapi`` that writes the configured limits into the document (they are settings, not constants)."""
+    """``app.openapi`` that writes the configured limits into the document (they are settings, not constants),
+    and every error answer with the security the settings configure (``openapi.describe_errors``)."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -37,7 +39,7 @@ def openapi_with_limits(app: FastAPI, s: Settings) -> Callable[[], dict[str, Any
                     param["schema"]["maximum"] = s.max_k
             events = schema["components"]["schemas"]["EventBatch"]["properties"]["events"]
             events["maxItems"] = s.max_batch_events
-            app.openapi_schema = schema
+            app.openapi_schema = describe_errors(schema, s, s.access_control())
         return app.openapi_schema
 
     return openapi

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hytrec.service import metrics
@@ -45,6 +46,10 @@ def _denied(d: Denied) -> Problem:
     if d.status == 403:
         return Problem(403, "forbidden", "Forbidden", d.detail)
     return Problem(401, "unauthorized", "Unauthorized", d.detail, headers={"WWW-Authenticate": 'Bearer realm="hytrec"'})
+
+
+async def _answer(scope: Scope, receive: Receive, send: Send, problem: Problem) -> None:
+    await problem_response(Request(scope), problem)(scope, receive, send)
 
 
 class Guard:
@@ -90,7 +95,7 @@ class Guard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         decision = self.access.decide(scope["method"], scope["path"], headers.get("authorization"))
         if isinstance(decision, Denied):
-            await problem_response(None, _denied(decision))(scope, receive, send)
+            await _answer(scope, receive, send, _denied(decision))
             return
         if decision is not None:  # the caller, for the routes (logs): ``request.state.principal``
             scope.setdefault("state", {})["principal"] = decision
@@ -98,7 +103,7 @@ class Guard:
                 wait = await self.limiter.retry_after(decision.key_id)
                 if wait is not None:
                     problem = _rate_limited(decision.key_id, wait, self.limiter)
-                    await problem_response(None, problem)(scope, receive, send)
+                    await _answer(scope, receive, send, problem)
                     return
         if scope["path"].startswith("/v1/"):
             if self.in_flight >= self.max_in_flight:
@@ -106,12 +111,12 @@ class Guard:
                 detail = (
                     f"the service is over capacity ({self.max_in_flight} requests in flight); retry after the delay"
                 )
-                await problem_response(None, unavailable(detail, self.retry_after, "overloaded"))(scope, receive, send)
+                await _answer(scope, receive, send, unavailable(detail, self.retry_after, "overloaded"))
                 return
             shed = self.shed(scope["method"], scope["path"]) if self.shed is not None else None
             if shed is not None:
                 detail = f"the service is over capacity ({shed.reason}); retry after the delay"
-                await problem_response(None, unavailable(detail, self.retry_after, "overloaded"))(scope, receive, send)
+                await _answer(scope, receive, send, unavailable(detail, self.retry_after, "overloaded"))
                 return
             self.in_flight += 1
             try:
@@ -124,7 +129,7 @@ class Guard:
     async def _admitted(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
-            await problem_response(None, _too_large(self.max_body))(scope, receive, send)
+            await _answer(scope, receive, send, _too_large(self.max_body))
             return
         seen = 0
 
