@@ -35,6 +35,12 @@ class Settings(StoreSettings):
         description="Checkpoint directory served (a directory written by `hytrec train`).",
         json_schema_extra={"shown_default": "the bundled demo checkpoint"},
     )
+    model_root: Path | None = Field(
+        None,
+        description="The only directory tree an admin route may load a model from (a path resolving outside it, "
+        "symlinks and '..' followed, is refused with 422); unset: no model is loaded by path over HTTP.",
+        json_schema_extra={"shown_default": "none (loading by path off)"},
+    )
     host: str = Field("127.0.0.1", description="Interface `hytrec serve` binds.")
     port: int = Field(8000, ge=0, le=65535, description="Port `hytrec serve` binds.")
     workers: int = Field(1, ge=1, description="Uvicorn worker processes of `hytrec serve`.")
