@@ -7,8 +7,9 @@ exactly when the next token comes. The script reads the clock of the Redis serve
 the replicas play no part, and runs atomically, so concurrent workers never both take the last token. One
 ``EVALSHA`` per request; the key expires when its bucket is full again, so idle keys vanish.
 
-When Redis does not answer within the limiter's timeout the request is **let through** (fail open) and counted
-in ``hytrec_rate_limit_errors_total``: a limit protects capacity, it is not an access control, and the routes
+When Redis does not answer within the limiter's timeout the request is **let through** (fail open), counted in
+``hytrec_rate_limit_errors_total``, and so is every request of the next second unchecked (one timeout per second
+per worker, not one per request): a limit protects capacity, it is not an access control, and the routes
 that need Redis answer 503 on their own while it is down, whereas failing closed would also take down the
 routes that do not need it (the catalogue, the model). Access is still decided by the keys, without Redis.
 """
@@ -19,6 +20,7 @@ import asyncio
 import hashlib
 import logging
 import math
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +45,7 @@ redis.call('SET', KEYS[1], tat + interval, 'PX', math.ceil((tat + interval - now
 return {1, 0}
 """
 GCRA_SHA = hashlib.sha1(GCRA.encode()).hexdigest()
+SKIP_AFTER_ERROR_S = 1.0
 
 
 class RateLimiter:
@@ -56,6 +59,7 @@ class RateLimiter:
         self.per_s, self.burst = per_s, burst
         self._interval_us = max(1, round(1_000_000 / per_s))
         self._timeout = timeout_ms / 1000.0
+        self._skip_until = 0.0  # after a failed check, let requests through unchecked until then
 
     def key(self, key_id: str) -> str:
         return f"{self._prefix}:rl:{key_id}"
@@ -65,12 +69,17 @@ class RateLimiter:
         client = self._client()
         if client is None:  # the store is not open yet: the routes answer 503 not-ready anyway
             return None
+        now = time.monotonic()
+        if now < self._skip_until:
+            return None
         try:
             async with asyncio.timeout(self._timeout):
                 allowed, wait_us = await self._eval(client, self.key(key_id))
         except (rex.RedisError, OSError, TimeoutError) as exc:
+            # one failed check per second per worker: an outage must not add the timeout to every request
+            self._skip_until = now + SKIP_AFTER_ERROR_S
             metrics.RATE_LIMIT_ERRORS.labels(type(exc).__name__).inc()
-            log.warning("rate limit not checked (let through): %s", exc.__class__.__name__)
+            log.warning("rate limit not checked for %gs (let through): %s", SKIP_AFTER_ERROR_S, type(exc).__name__)
             return None
         if allowed:
             return None

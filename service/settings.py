@@ -75,7 +75,8 @@ class Settings(StoreSettings):
         50.0,
         gt=0,
         description="How long a request waits for its rate-limit check; past it, or with Redis down, the request "
-        "is let through (fail open, counted in hytrec_rate_limit_errors_total).",
+        "is let through (fail open, counted in hytrec_rate_limit_errors_total) and the worker skips the checks of "
+        "the next second.",
     )
     strict_items: bool = Field(False, description="Reject a batch holding an item id the model does not know.")
     max_batch_events: int = Field(1000, ge=1, le=100_000, description="Most events in one POST /v1/events.")

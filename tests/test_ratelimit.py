@@ -49,6 +49,7 @@ def test_two_apps_on_one_redis_share_one_budget_per_key(
             elapsed = time.monotonic() - start
             codes = [r.status_code for r in answers]
             passed = codes.count(200)
+            print(f"\nshared budget: {passed} of 24 passed over 2 instances in {elapsed:.2f} s, {24 - passed} x 429")
             assert set(codes) == {200, 429}
             assert 6 <= passed <= 6 + math.ceil(elapsed * 1.0), (codes, elapsed)
             assert codes[:6] == [200] * 6  # the burst, whichever instance served it
@@ -97,6 +98,7 @@ def test_concurrent_requests_never_overspend_the_bucket(redis_standalone_url: st
         limiters = [RateLimiter(lambda c=c: c, prefix, 0.5, 50, 5000) for c in clients]
         try:
             got = await asyncio.gather(*(limiters[i % 4].retry_after("hot") for i in range(200)))
+            print(f"\nconcurrent: {got.count(None)} of 200 passed (burst 50)")
             assert got.count(None) == 50 and all(w is not None and w >= 1 for w in got if w is not None)
         finally:
             for c in clients:
@@ -125,8 +127,9 @@ def test_off_by_default_no_redis_key_no_429(service_checkpoint: Checkpoint, redi
 
 
 def test_redis_down_fails_open_within_the_timeout(service_checkpoint: Checkpoint) -> None:
-    """With Redis killed, a limited key still reads the catalogue (no Redis needed), each check bounded by
-    HYTREC_RATE_LIMIT_TIMEOUT_MS, and the failures are counted; once Redis is back the limit holds again."""
+    """With Redis killed, a limited key still reads the model info (no Redis needed): the first check is bounded
+    by HYTREC_RATE_LIMIT_TIMEOUT_MS and counted, the next second's are skipped; once Redis is back the limit
+    holds again."""
     server = RedisServer().start()
     try:
         s = settings_for(
@@ -141,12 +144,14 @@ def test_redis_down_fails_open_within_the_timeout(service_checkpoint: Checkpoint
                 start = time.monotonic()
                 codes = [(await client.get("/v1/model")).status_code for _ in range(5)]
                 per_request = (time.monotonic() - start) / 5
+                print(f"\nfail open with Redis killed: 5 x 200, {per_request * 1000:.0f} ms per request")
                 assert codes == [200] * 5
-                assert per_request < 1.0, per_request  # bounded (100 ms budget), not the store's retries
+                # one check waits out the 100 ms budget (not the store's retries), the next ones skip it
+                assert per_request < 0.1, per_request
                 after = sum(
                     m.value for m in metrics.RATE_LIMIT_ERRORS.collect()[0].samples if m.name.endswith("_total")
                 )
-                assert after - before == 5
+                assert after - before == 1
                 server.restart()
                 for _ in range(100):  # the client reconnects by itself
                     if (await client.get("/v1/model")).status_code == 429:
