@@ -40,7 +40,19 @@ ItemId = Annotated[
         }
     ),
 ]
-Timestamp = Annotated[float, Field(gt=0, lt=MAX_TS, allow_inf_nan=False, description="Unix seconds.")]
+
+
+def _no_bool(value: Any) -> Any:
+    """A JSON true is not a timestamp (pydantic's lax mode would read it as 1.0)."""
+    if isinstance(value, bool):
+        raise ValueError("Input should be a valid number, not a boolean")
+    return value
+
+
+# Lax otherwise: stream entries (streams/wire.py) carry ts as text, validated by this same model.
+Timestamp = Annotated[
+    float, Field(gt=0, lt=MAX_TS, allow_inf_nan=False, description="Unix seconds."), BeforeValidator(_no_bool)
+]
 
 
 class Event(BaseModel):

@@ -160,3 +160,18 @@ def test_405_names_every_method_of_the_path(service_checkpoint: Checkpoint, redi
             assert r.status_code == 405 and r.headers["allow"] == "POST"
 
     run(body)
+
+
+@pytest.mark.parametrize("value", [1.0, 1_700_000_000, 0, -1, 4102444800, 1e300, True, False, None, [], {}])
+def test_ts_schema_and_validation_agree(value: object) -> None:
+    """(A numeric string is the one exception: accepted, for stream entries whose fields are all text.)"""
+    doc = _doc()
+    schema = {"$ref": "#/components/schemas/Event", "components": doc["components"]}
+    event = {"user_id": "u", "item_id": "1", "ts": value}
+    fits = jsonschema_rs.validator_for(schema).is_valid(event)
+    try:
+        Event.model_validate(event)
+        accepted = True
+    except pydantic.ValidationError:
+        accepted = False
+    assert fits == accepted, (value, fits, accepted)
