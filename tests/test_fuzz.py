@@ -24,7 +24,7 @@ import pytest
 from tests.service_fixtures import REPO, Checkpoint, ServiceProcess, service_env
 
 KEY = "fuzz-key-0123456789"
-MAX_EXAMPLES = 50
+MAX_EXAMPLES = 60
 # POST /v1/events gets more cases, fuzzed positively (its negative cases come from the coverage phase):
 # most of its cases reach a 200, as a client's would.
 CONFIG = """
