@@ -19,12 +19,15 @@ from hytrec import __version__
 from hytrec.service import routes
 from hytrec.service.errors import install
 from hytrec.service.guard import Guard
+from hytrec.service.openapi import describe_errors
+from hytrec.service.ratelimit import RateLimiter
 from hytrec.service.runtime import Lifecycle
 from hytrec.service.settings import Settings
 
 
 def openapi_with_limits(app: FastAPI, s: Settings) -> Callable[[], dict[str, Any]]:
-    """``app.openapi`` that writes the configured limits into the document (they are settings, not constants)."""
+    """``app.openapi`` that writes the configured limits into the document (they are settings, not constants),
+    and every error answer with the security the settings configure (``openapi.describe_errors``)."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -36,10 +39,22 @@ def openapi_with_limits(app: FastAPI, s: Settings) -> Callable[[], dict[str, Any
                     param["schema"]["maximum"] = s.max_k
             events = schema["components"]["schemas"]["EventBatch"]["properties"]["events"]
             events["maxItems"] = s.max_batch_events
-            app.openapi_schema = schema
+            app.openapi_schema = describe_errors(schema, s, s.access_control())
         return app.openapi_schema
 
     return openapi
+
+
+def rate_limiter(lifecycle: Lifecycle, s: Settings) -> RateLimiter | None:
+    """The per-key limiter on the store's Redis client (None when no limit is configured: zero cost)."""
+    if s.rate_limit_per_s is None:
+        return None
+
+    def client() -> Any | None:
+        rt = lifecycle.runtime
+        return None if rt is None else rt.store.client
+
+    return RateLimiter(client, s.key_prefix, s.rate_limit_per_s, s.rate_limit_burst, s.rate_limit_timeout_ms)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -73,6 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_in_flight=s.max_in_flight,
         retry_after=s.retry_after_s,
         shed=lifecycle.shed,
+        limiter=rate_limiter(lifecycle, s),
     )
     for router in (routes.events, routes.users, routes.items, routes.model, routes.operations):
         app.include_router(router)

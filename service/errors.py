@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from hytrec.service.microbatch import Overloaded
 from hytrec.state_store import ConflictError, CorruptStateError, StoreError, StoreUnavailable
@@ -93,11 +94,33 @@ def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
     if malformed is not None:
         ctx = malformed.get("ctx") or {}
         where = malformed.get("loc", ("body", 0))
-        detail = f"request body is not valid JSON ({ctx.get('error', 'parse error')} at position {where[-1]})"
+        reason = str(ctx.get("error", "parse error")).removesuffix(" at")
+        detail = f"request body is not valid JSON ({reason} at position {where[-1]})"
         return problem_response(request, Problem(400, "malformed-json", "Malformed JSON", detail))
     if not errors:
         errors = [{"field": "body", "in": "body", "message": "invalid request", "type": "invalid"}]
     return problem_response(request, field_problem(errors))
+
+
+def _undecodable(exc: Exception) -> str:
+    """Why a body that is not a JSON parse error could not be read as JSON (the cause FastAPI chained)."""
+    cause = exc.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        byte = cause.object[cause.start]
+        return f"request body is not valid JSON (not UTF-8: byte {byte:#04x} at position {cause.start})"
+    if isinstance(cause, RecursionError):
+        return "request body is not valid JSON (nested too deeply for the parser)"
+    return f"request body is not valid JSON ({type(cause).__name__})"
+
+
+def _allowed(request: Request) -> set[str]:
+    """Every method some route serves at this path (asked of each route, included routers too)."""
+    routes = request.app.router.routes
+    return {
+        m
+        for m in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+        if any(r.matches({**request.scope, "method": m})[0] is Match.FULL for r in routes)
+    }
 
 
 def install(app: FastAPI, retry_after: int) -> None:
@@ -111,13 +134,18 @@ def install(app: FastAPI, retry_after: int) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.__cause__ is not None:  # FastAPI could not decode the JSON body
+            return problem_response(request, Problem(400, "malformed-json", "Malformed JSON", _undecodable(exc)))
         titles = {404: "Not found", 405: "Method not allowed", 413: "Content too large"}
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # Starlette names only the first route of the path: name them all
+            headers["Allow"] = ", ".join(sorted(_allowed(request)))
         p = Problem(
             exc.status_code,
-            {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http"),
+            {404: "not-found", 405: "method-not-allowed", 413: "too-large"}.get(exc.status_code, "http"),
             titles.get(exc.status_code, "HTTP error"),
             str(exc.detail),
-            headers=dict(exc.headers or {}),
+            headers=headers,
         )
         return problem_response(request, p)
 

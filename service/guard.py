@@ -1,4 +1,5 @@
-"""Pure-ASGI middleware in front of every route: API keys and scopes on /v1, admission, the body limit, latency.
+"""Pure-ASGI middleware in front of every route: API keys and scopes on /v1, per-key rate limits, admission, the
+body limit, latency.
 
 Pure ASGI rather than a Starlette ``BaseHTTPMiddleware``: it runs for every request, so it must not copy
 bodies or spawn tasks; it counts the bytes of a streamed body as they arrive and stops at the limit.
@@ -13,12 +14,14 @@ import time
 from collections.abc import Callable
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hytrec.service import metrics
 from hytrec.service.auth import AccessControl, Denied
 from hytrec.service.errors import Problem, problem_response, unavailable
 from hytrec.service.microbatch import Overloaded
+from hytrec.service.ratelimit import RateLimiter
 
 Shedder = Callable[[str, str], Overloaded | None]  # (method, path) -> why it is shed now, or None
 
@@ -31,12 +34,22 @@ def _too_large(limit: int) -> Problem:
     return Problem(413, "too-large", "Content too large", f"request body larger than {limit} bytes")
 
 
+def _rate_limited(key_id: str, retry_after: int, limiter: RateLimiter) -> Problem:
+    detail = f"this API key is over its limit of {limiter.per_s:g} requests/s (burst {limiter.burst}); retry after"
+    detail += f" {retry_after} s"
+    return Problem(429, "rate-limited", "Too many requests", detail, headers={"Retry-After": str(retry_after)})
+
+
 def _denied(d: Denied) -> Problem:
     if d.status == 404:
         return Problem(404, "not-found", "Not found", d.detail)
     if d.status == 403:
         return Problem(403, "forbidden", "Forbidden", d.detail)
     return Problem(401, "unauthorized", "Unauthorized", d.detail, headers={"WWW-Authenticate": 'Bearer realm="hytrec"'})
+
+
+async def _answer(scope: Scope, receive: Receive, send: Send, problem: Problem) -> None:
+    await problem_response(Request(scope), problem)(scope, receive, send)
 
 
 class Guard:
@@ -50,9 +63,11 @@ class Guard:
         max_in_flight: int,
         retry_after: int,
         shed: Shedder | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.app, self.access, self.max_body = app, access, max_body
         self.max_in_flight, self.retry_after, self.shed = max_in_flight, retry_after, shed
+        self.limiter = limiter  # None: no rate limit, no Redis round trip
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -80,22 +95,28 @@ class Guard:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         decision = self.access.decide(scope["method"], scope["path"], headers.get("authorization"))
         if isinstance(decision, Denied):
-            await problem_response(None, _denied(decision))(scope, receive, send)
+            await _answer(scope, receive, send, _denied(decision))
             return
-        if decision is not None:  # the caller, for the routes (rate limits, logs): ``request.state.principal``
+        if decision is not None:  # the caller, for the routes (logs): ``request.state.principal``
             scope.setdefault("state", {})["principal"] = decision
+            if self.limiter is not None:  # one Redis round trip, shared by every worker and replica
+                wait = await self.limiter.retry_after(decision.key_id)
+                if wait is not None:
+                    problem = _rate_limited(decision.key_id, wait, self.limiter)
+                    await _answer(scope, receive, send, problem)
+                    return
         if scope["path"].startswith("/v1/"):
             if self.in_flight >= self.max_in_flight:
                 metrics.SHED.labels("admission", "in_flight").inc()
                 detail = (
                     f"the service is over capacity ({self.max_in_flight} requests in flight); retry after the delay"
                 )
-                await problem_response(None, unavailable(detail, self.retry_after, "overloaded"))(scope, receive, send)
+                await _answer(scope, receive, send, unavailable(detail, self.retry_after, "overloaded"))
                 return
             shed = self.shed(scope["method"], scope["path"]) if self.shed is not None else None
             if shed is not None:
                 detail = f"the service is over capacity ({shed.reason}); retry after the delay"
-                await problem_response(None, unavailable(detail, self.retry_after, "overloaded"))(scope, receive, send)
+                await _answer(scope, receive, send, unavailable(detail, self.retry_after, "overloaded"))
                 return
             self.in_flight += 1
             try:
@@ -108,7 +129,7 @@ class Guard:
     async def _admitted(self, scope: Scope, receive: Receive, send: Send, headers: dict[str, str]) -> None:
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
-            await problem_response(None, _too_large(self.max_body))(scope, receive, send)
+            await _answer(scope, receive, send, _too_large(self.max_body))
             return
         seen = 0
 

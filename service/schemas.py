@@ -4,20 +4,55 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, WithJsonSchema
 
 ID_PATTERN = r"^[A-Za-z0-9_.:@-]{1,128}$"
 MAX_TS = 4_102_444_800.0  # 2100-01-01: timestamps are unix seconds in (0, MAX_TS)
 
 
+MAX_INT_ID = 2**53 - 1  # the largest integer every JSON parser reads exactly
+
+
 def _int_to_str(value: Any) -> Any:
-    """Accept JSON integers as item ids (booleans stay invalid)."""
-    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    """Accept JSON integers in [0, 2^53) as item ids: exactly what the schema below declares (booleans, negative
+    and larger integers stay invalid: they reach the string check and fail it)."""
+    if isinstance(value, float) and value.is_integer():  # JSON Schema counts 5.0 as an integer
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_INT_ID:
+        return str(value)
+    return value
 
 
 Identifier = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
-ItemId = Annotated[str, BeforeValidator(_int_to_str), StringConstraints(pattern=ID_PATTERN)]
-Timestamp = Annotated[float, Field(gt=0, lt=MAX_TS, allow_inf_nan=False, description="Unix seconds.")]
+# The schema is written out: pydantic would document a plain string without its pattern (the before-validator
+# hides the constraint), so "" looked valid and integers looked invalid, the opposite of what was accepted.
+ItemId = Annotated[
+    str,
+    BeforeValidator(_int_to_str),
+    StringConstraints(pattern=ID_PATTERN),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "pattern": ID_PATTERN},
+                {"type": "integer", "minimum": 0, "maximum": MAX_INT_ID},
+            ],
+            "description": "Item id: [A-Za-z0-9_.:@-]{1,128}, or a non-negative integer (read as its decimal string).",
+        }
+    ),
+]
+
+
+def _no_bool(value: Any) -> Any:
+    """A JSON true is not a timestamp (pydantic's lax mode would read it as 1.0)."""
+    if isinstance(value, bool):
+        raise ValueError("Input should be a valid number, not a boolean")
+    return value
+
+
+# Lax otherwise: stream entries (streams/wire.py) carry ts as text, validated by this same model.
+Timestamp = Annotated[
+    float, Field(gt=0, lt=MAX_TS, allow_inf_nan=False, description="Unix seconds."), BeforeValidator(_no_bool)
+]
 
 
 class Event(BaseModel):

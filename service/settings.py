@@ -35,6 +35,12 @@ class Settings(StoreSettings):
         description="Checkpoint directory served (a directory written by `hytrec train`).",
         json_schema_extra={"shown_default": "the bundled demo checkpoint"},
     )
+    model_root: Path | None = Field(
+        None,
+        description="The only directory tree an admin route may load a model from (a path resolving outside it, "
+        "symlinks and '..' followed, is refused with 422); unset: no model is loaded by path over HTTP.",
+        json_schema_extra={"shown_default": "none (loading by path off)"},
+    )
     host: str = Field("127.0.0.1", description="Interface `hytrec serve` binds.")
     port: int = Field(8000, ge=0, le=65535, description="Port `hytrec serve` binds.")
     workers: int = Field(1, ge=1, description="Uvicorn worker processes of `hytrec serve`.")
@@ -51,6 +57,26 @@ class Settings(StoreSettings):
         SecretStr(""),
         description="Comma-separated admin keys (every scope); the /v1/admin routes answer 404 while none is set.",
         json_schema_extra={"shown_default": "empty (admin routes off)"},
+    )
+    rate_limit_per_s: float | None = Field(
+        None,
+        gt=0,
+        description="Requests per second each API key may make to the /v1 routes, shared by every worker and "
+        "replica (in Redis); past it 429 rate-limited with Retry-After. Requests without a key, while the routes "
+        "are open, share one budget.",
+        json_schema_extra={"shown_default": "none (no limit)"},
+    )
+    rate_limit_burst: int = Field(
+        20,
+        ge=1,
+        description="Requests a key may make at once before HYTREC_RATE_LIMIT_PER_S paces it (the bucket's size).",
+    )
+    rate_limit_timeout_ms: float = Field(
+        50.0,
+        gt=0,
+        description="How long a request waits for its rate-limit check; past it, or with Redis down, the request "
+        "is let through (fail open, counted in hytrec_rate_limit_errors_total) and the worker skips the checks of "
+        "the next second.",
     )
     strict_items: bool = Field(False, description="Reject a batch holding an item id the model does not know.")
     max_batch_events: int = Field(1000, ge=1, le=100_000, description="Most events in one POST /v1/events.")
