@@ -157,3 +157,71 @@ def test_redis_sigkill_under_load_then_restart(
     finally:
         serve.stop()
         server.stop()
+
+
+def _stall(server: RedisServer, how: str, ms: int) -> None:
+    """Stall the server for ``ms``: CLIENT PAUSE (returns at once) or DEBUG SLEEP (blocks this caller)."""
+    with server.client() as c:
+        if how == "debug-sleep":
+            c.execute_command("DEBUG", "SLEEP", ms / 1000)
+        else:
+            c.execute_command("CLIENT", "PAUSE", ms, "WRITE" if how == "pause-write" else "ALL")
+
+
+@pytest.mark.parametrize("how", ["pause-all", "pause-write", "debug-sleep"])
+def test_slow_redis_answers_within_the_deadline(
+    how: str, service_checkpoint: Checkpoint, model: ServingModel, redis_dir: Path, tmp_path: Path
+) -> None:
+    """A stall of 4 s, twice the 2 s socket timeout (so redis-py times out and retries inside it): every request
+    is answered within the 1 s deadline, 503 with Retry-After while it lasts, 200 again right after."""
+    stall_ms = 4000
+    server = RedisServer(workdir=redis_dir, extra=_redis_args("everysec") + _debug_args()).start()
+    serve = _serve(service_checkpoint, server, tmp_path)
+    prefix = serve.env["HYTREC_KEY_PREFIX"]
+    feed = EventFeed(f"slow-{how}", service_checkpoint.item_ids, users=40, size=6, per_batch=3)
+    feed_first = [feed.next() for _ in range(10)]  # every read user has a state before the stall
+    times: dict[str, float] = {}
+    try:
+        assert all(r.status_code == 200 for r in asyncio.run(resend(serve.url, feed_first)))
+
+        async def fault() -> None:
+            await asyncio.sleep(2.0)
+            times["from"] = time.monotonic() - t0
+            await asyncio.to_thread(_stall, server, how, stall_ms)
+            times["to"] = times["from"] + stall_ms / 1000
+
+        t0 = time.monotonic()
+        reads = feed.users[:20]
+        load = open_loop(serve.url, RATE, 10.0, feed, events_share=0.5, read_users=reads, start=t0)
+        answers, _ = asyncio.run(with_fault(load, fault))
+
+        _check_answers(answers, {"200", "503 overloaded", "503 unavailable"})
+        stalled = [a for a in answers if times["from"] + 0.2 < a.sched < times["to"] - DEADLINE_S]
+        writes = [a for a in stalled if a.what == "events"]
+        reads_ok = [a for a in stalled if a.what == "recommend" and a.status == 200]
+        assert writes and all(a.status == 503 for a in writes), statuses(writes)
+        if how == "pause-write":
+            assert reads_ok, "CLIENT PAUSE WRITE stopped the reads too"  # reads go on being served
+        else:
+            assert not reads_ok, statuses(stalled)
+        late = [a for a in answers if a.sched > times["to"] + 1.5]
+        assert late and all(a.status == 200 for a in late), statuses(late)  # no backlog left behind
+        first_ok = min(a.done for a in answers if a.status == 200 and a.what == "events" and a.sched >= times["to"])
+
+        # An event post answered 503 may still have landed (its batch went on after the deadline): re-sending
+        # every batch is safe, and the counts are exact.
+        again = asyncio.run(resend(serve.url, feed.batches))
+        assert all(r.status_code == 200 for r in again)
+        with server.client() as c:
+            final = read_states(c, model, prefix, feed.users)
+        for u, ids in ids_of(feed.batches).items():
+            assert final[u].ids == ids and final[u].count == len(ids), (u, final[u].count, len(ids))
+        slow_503 = max(a.latency for a in answers if a.status == 503)
+        print(
+            f"\n{how} {stall_ms} ms: {len(answers)} requests {dict(statuses(answers))}; during the stall "
+            f"{dict(statuses(stalled))}; slowest answer {max(a.latency for a in answers) * 1e3:.0f} ms, slowest 503 "
+            f"{slow_503 * 1e3:.0f} ms; first event 200 {first_ok - times['to']:.2f}s after the stall; exact counts"
+        )
+    finally:
+        serve.stop()
+        server.stop()
