@@ -9,14 +9,19 @@ every user's state decodes; re-sending what was not acknowledged gives exact cou
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
+import psutil
 import pytest
+import redis
 
 from hytrec.model.serving import ServingModel
+from hytrec.state_store import StoreAuthError, StoreSettings, StoreUnavailable, open_store
 from tests.fault_load import Answer, EventFeed, ids_of, open_loop, read_states, resend, statuses, with_fault
 from tests.redis_servers import REDIS_SERVER, RedisServer
 from tests.service_fixtures import Checkpoint, ServiceProcess, service_env
@@ -225,3 +230,119 @@ def test_slow_redis_answers_within_the_deadline(
     finally:
         serve.stop()
         server.stop()
+
+
+def _protected(server: RedisServer) -> RedisServer:
+    """The server requires a password from now on (set after start: the helper's readiness check has none)."""
+    with server.client() as c:
+        c.config_set("requirepass", "right-pw-123")
+    return server
+
+
+@pytest.mark.parametrize("password", ["wrong", None])
+def test_wrong_credentials_fail_fast_and_clearly_at_start_up(
+    password: str | None, service_checkpoint: Checkpoint, redis_dir: Path, tmp_path: Path
+) -> None:
+    """A wrong or missing password is a configuration error: the worker says so on /healthz and /readyz and
+    stops trying, instead of logging "not available yet" forever. The password is in no answer or log line."""
+    server = _protected(RedisServer(workdir=redis_dir).start())
+    extra = {"redis_password": password} if password else {}
+    serve = ServiceProcess(service_env(service_checkpoint, server.url, log_level="info", **extra), tmp_path)
+    try:
+        serve.launch()
+        launched = time.monotonic()
+        deadline = launched + 60
+        health = None
+        while time.monotonic() < deadline:
+            try:
+                health = httpx.get(serve.url + "/healthz", timeout=2)
+            except httpx.TransportError:
+                health = None
+            if health is not None and health.status_code == 503:
+                break
+            time.sleep(0.1)
+        assert health is not None and health.status_code == 503, serve.output()
+        failed_after = time.monotonic() - launched
+        body = health.json()
+        assert body["type"].endswith("/failed") and "refused the credentials" in body["detail"], body
+        ready = httpx.get(serve.url + "/readyz", timeout=2)
+        assert ready.status_code == 503 and "refused the credentials" in ready.json()["detail"]
+        time.sleep(1.0)  # would be several retries by now if it still retried
+        log = serve.output()
+        assert "not available yet" not in log and log.count("refused the credentials") == 1, log
+        assert "wrong" not in body["detail"] and "right-pw-123" not in log and (password is None or password not in log)
+        print(f"\npassword={password!r}: /healthz 503 failed {failed_after:.1f}s after launch: {body['detail']}")
+    finally:
+        serve.stop()
+        server.stop()
+
+
+def test_store_auth_error_is_not_retried(redis_dir: Path) -> None:
+    server = _protected(RedisServer(workdir=redis_dir).start())
+    try:
+        settings = StoreSettings(redis_url=server.url, redis_password="nope", redis_retries=5)
+        began = time.monotonic()
+        with pytest.raises(StoreAuthError, match="refused the credentials"):
+            asyncio.run(open_store(settings, "v1"))
+        assert time.monotonic() - began < 2.0
+        assert isinstance(StoreAuthError("x"), StoreUnavailable)  # a request still gets 503 + Retry-After
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("username", [None, "hytrec-svc"])
+def test_embedded_redis_requires_the_configured_password(username: str | None, tmp_path: Path) -> None:
+    """HYTREC_REDIS_PASSWORD (and HYTREC_REDIS_USERNAME) protect the embedded server too: a client without
+    them is refused, the store with them works, and the watchdog (which authenticates as well) stops it."""
+    password = 'pw with "quotes" and spaces'
+    settings = StoreSettings(
+        redis_url=None, data_dir=tmp_path / "var", redis_username=username, redis_password=password
+    )
+
+    async def main(check: bool) -> tuple[str, int]:
+        store = await open_store(settings, "v1")
+        try:
+            sock = store.embedded.socket_path
+            if check:
+                await store.put("u", b"blob", n_events=1)
+                with redis.Redis(unix_socket_path=sock) as anon, pytest.raises(redis.AuthenticationError):
+                    anon.ping()
+                with (
+                    redis.Redis(unix_socket_path=sock, username=username, password="wrong") as bad,
+                    pytest.raises(redis.AuthenticationError),
+                ):
+                    bad.ping()
+                with redis.Redis(unix_socket_path=sock, username=username, password=password) as good:
+                    assert good.ping()
+            else:
+                assert (await store.get("u")).blob == b"blob"  # persisted, read back with the same credentials
+            return sock, store.embedded.pid
+        finally:
+            await store.close()
+
+    asyncio.run(main(check=True))
+    sock, pid = asyncio.run(main(check=False))  # a second start on the same data dir
+    deadline = time.monotonic() + 10
+    while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        assert time.monotonic() < deadline, "the embedded server outlived its store"
+        time.sleep(0.05)
+    assert not Path(sock).exists()
+
+
+def test_serve_with_embedded_redis_and_a_password(service_checkpoint: Checkpoint, tmp_path: Path) -> None:
+    env = {
+        "HYTREC_MODEL": str(service_checkpoint.path),
+        "HYTREC_DATA_DIR": str(tmp_path / "data"),
+        "HYTREC_REDIS_PASSWORD": "embedded-pw-9",
+    }
+    serve = ServiceProcess(env, tmp_path)
+    try:
+        serve.start()
+        events = [{"user_id": "p", "item_id": "1", "ts": 1.7e9, "event_id": "p1"}]
+        ack = httpx.post(serve.url + "/v1/events", json={"events": events}, timeout=10)
+        assert ack.status_code == 200 and ack.json()["applied"] == 1, ack.text
+        reg = json.loads((tmp_path / "data" / "redis" / "hytrec.rdb.settings").read_text())
+        with redis.Redis(unix_socket_path=reg["unixsocket"]) as anon, pytest.raises(redis.AuthenticationError):
+            anon.ping()
+    finally:
+        serve.stop()
