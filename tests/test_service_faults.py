@@ -346,3 +346,55 @@ def test_serve_with_embedded_redis_and_a_password(service_checkpoint: Checkpoint
             anon.ping()
     finally:
         serve.stop()
+
+
+def test_overload_at_four_times_capacity_with_redis_paused_sheds_fast_and_recovers(
+    service_checkpoint: Checkpoint, model: ServingModel, redis_dir: Path, tmp_path: Path
+) -> None:
+    """Capacity made small and measurable (one post of 300 events per batch), then 4x that offered open loop for
+    6 s with Redis paused for 1.5 s in the middle. Behaviour, not timing goals: only 200 and 503 + Retry-After;
+    the shed answers come back much faster than the served ones; memory stays bounded; 200 again after."""
+    server = RedisServer(workdir=redis_dir, extra=_redis_args("everysec")).start()
+    serve = _serve(service_checkpoint, server, tmp_path, events_batch_max_size=1)
+    feed = EventFeed("over", service_checkpoint.item_ids, users=60, size=300, per_batch=3)
+    try:
+        with httpx.Client(base_url=serve.url, timeout=10) as c:
+            took = []
+            for _ in range(8):
+                began = time.monotonic()
+                assert c.post("/v1/events", json={"events": feed.next().events}).status_code == 200
+                took.append(time.monotonic() - began)
+        service_s = sorted(took)[len(took) // 2]
+        rate = min(4 / service_s, 80.0)
+        assert serve.proc is not None
+        rss_before = psutil.Process(serve.proc.pid).memory_info().rss
+
+        async def fault() -> None:
+            await asyncio.sleep(2.0)
+            await asyncio.to_thread(_stall, server, "pause-all", 1500)
+
+        load = open_loop(serve.url, rate, 6.0, feed, start=time.monotonic())
+        answers, _ = asyncio.run(with_fault(load, fault))
+        rss_after = psutil.Process(serve.proc.pid).memory_info().rss
+        _check_answers(answers, {"200", "503 overloaded", "503 unavailable"})
+        shed = sorted(a.latency for a in answers if a.status == 503)
+        ok = sorted(a.latency for a in answers if a.status == 200)
+        assert len(shed) > len(answers) / 3, statuses(answers)  # at 4x capacity most of the excess is shed
+        assert shed[len(shed) // 2] < ok[len(ok) // 2], (shed[len(shed) // 2], ok[len(ok) // 2])
+        assert rss_after - rss_before < 200 * 2**20  # no unbounded queue
+        with httpx.Client(base_url=serve.url, timeout=10) as c:  # the load is gone: served again
+            after = c.post("/v1/events", json={"events": feed.next().events})
+        assert after.status_code == 200, after.text
+
+        def pct(xs: list[float], q: float) -> float:
+            return xs[min(len(xs) - 1, int(q * len(xs)))] * 1e3
+
+        print(
+            f"\ncapacity ~{1 / service_s:.1f} posts/s of 300 events ({service_s * 1e3:.0f} ms each); offered "
+            f"{rate:.1f}/s for 6 s, Redis paused 1.5 s: {len(answers)} requests {dict(statuses(answers))}; 503 "
+            f"p50 {pct(shed, 0.5):.0f} ms p99 {pct(shed, 0.99):.0f} ms; 200 p50 {pct(ok, 0.5):.0f} ms p99 "
+            f"{pct(ok, 0.99):.0f} ms; server RSS {rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MB"
+        )
+    finally:
+        serve.stop()
+        server.stop()
