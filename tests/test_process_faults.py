@@ -179,6 +179,7 @@ def test_worker_sigkilled_mid_batch_leaves_whole_users_and_keeps_acknowledged_ev
         landed = sum(ids <= held.get(u, set()) for u, ids in shares)
         total = sum(len(v) for v in ids_of(feed.batches).values())
         ok_ms = sorted(a.latency * 1e3 for a in answers if a.status == 200)
+        assert ok_ms, f"no post was acknowledged, nothing to check them against: {seen}"
         print(
             f"\n{len(answers)} posts of 1000 events {dict(seen)}; {len(killed)} workers SIGKILLed; {len(cut)} posts "
             f"cut ({landed} of their {len(shares)} user shares had landed whole, the rest not at all); {len(stored)} "
