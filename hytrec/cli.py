@@ -34,6 +34,7 @@ _COMMANDS: list[tuple[str, str, typer.Typer, str]] = [
     ("hytrec.service.commands", "backfill", app, "backfill"),
     ("hytrec.streams.commands", "consume", app, "consume"),
     ("hytrec.loadtest.commands", "loadtest", app, "loadtest"),
+    ("hytrec.loadtest.soak", "soak", app, "soak"),
     ("hytrec.ops", "render", ops, "render"),
 ]
 

@@ -57,7 +57,8 @@ def serve(
     if settings.redis_url is None:
         from hytrec.state_store.embedded import EmbeddedRedis
 
-        embedded = EmbeddedRedis(settings.data_dir)
+        password = settings.redis_password.get_secret_value() if settings.redis_password else None
+        embedded = EmbeddedRedis(settings.data_dir, settings.redis_username, password)  # workers AUTH with these
         os.environ["HYTREC_REDIS_URL"] = f"unix://{embedded.start()}"  # shared by every worker
         typer.echo(f"embedded redis: data in {embedded.data_dir}", err=True)
     # uvicorn re-raises SIGTERM after its graceful shutdown; make that an exception so the finally below runs

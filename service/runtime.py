@@ -22,7 +22,7 @@ from hytrec.service.events import EventBatcher, EventIngestor
 from hytrec.service.microbatch import MicroBatcher, Overloaded
 from hytrec.service.recommend import Recommender
 from hytrec.service.settings import Settings
-from hytrec.state_store import StateStore, StoreUnavailable, open_store
+from hytrec.state_store import StateStore, StoreAuthError, StoreUnavailable, open_store
 
 T = TypeVar("T")
 log = logging.getLogger("hytrec.service")
@@ -93,7 +93,13 @@ class Lifecycle:
         metrics.MODEL_INFO.labels(model.version, model.model_type, str(model.n_items)).set(1)
         log.info("model %s loaded (%d items) from %s", model.version, model.n_items, s.model)
         self.phase = "connecting to redis"
-        store = await self._open_store(model.version)
+        try:
+            store = await self._open_store(model.version)
+        except StoreAuthError as exc:  # wrong credentials: say so at once instead of retrying forever
+            self.error = str(exc)
+            self.phase = "failed"
+            log.error("%s", self.error)
+            return
         limits = s.max_queue, s.max_queue_delay_ms
         batcher = RecommendBatcher(model, store, self.run, s.microbatch_max_size, s.microbatch_max_wait_ms, *limits)
         events = EventBatcher(model, store, s.events_batch_max_size, s.events_batch_max_wait_ms, *limits)
@@ -116,6 +122,8 @@ class Lifecycle:
         while True:
             try:
                 return await open_store(self.settings, model_version, runner=self.run)
+            except StoreAuthError:
+                raise
             except StoreUnavailable as exc:
                 log.warning("state store not available yet (%s); retrying in %.1fs", exc, backoff)
                 await asyncio.sleep(backoff)

@@ -6,7 +6,14 @@ the key layout and the update protocol.
 """
 
 from hytrec.state_store.connect import open_store
-from hytrec.state_store.errors import ConflictError, CorruptStateError, FencedError, StoreError, StoreUnavailable
+from hytrec.state_store.errors import (
+    ConflictError,
+    CorruptStateError,
+    FencedError,
+    StoreAuthError,
+    StoreError,
+    StoreUnavailable,
+)
 from hytrec.state_store.keys import KeySpace, check_user_id
 from hytrec.state_store.settings import StoreSettings
 from hytrec.state_store.store import Commit, Compute, Mark, Runner, Snapshot, StateStore, Write, entry_key
@@ -22,6 +29,7 @@ __all__ = [
     "Runner",
     "Snapshot",
     "StateStore",
+    "StoreAuthError",
     "StoreError",
     "StoreSettings",
     "StoreUnavailable",

