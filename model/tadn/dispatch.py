@@ -1,12 +1,13 @@
 """The one dispatch point of the chunked delta rule: PyTorch (:mod:`hytrec.model.tadn.chunk`) or fla-core's
 Triton kernel, behind :func:`chunk_gated_delta_rule`'s signature; the model calls nothing else.
 
-The recurrence always runs in fp32, whatever autocast is active (bf16 training autocasts the projections
-around it): its inputs are cast up and autocast is off inside. The fla kernel (``pip install fla-core``, CUDA
-only, not in the lock) is used when :func:`set_kernel` says ``fla``, or ``auto`` and it is importable, the
-tensors are on CUDA and it matches the PyTorch form on a random probe (:func:`fla_parity`). fla takes its
-q, k, v and beta in bf16 (as its own tests do) and keeps its state and g in fp32; it reads (B, L, H, d)
-and stores the state as (B, H, d_k, d_v), the transpose of ours, which the wrapper handles.
+The recurrence always runs in fp32 (fp64 when given fp64), whatever autocast is active (bf16 training
+autocasts the projections around it): fp16 / bf16 inputs are cast up and autocast is off inside. The fla
+kernel (``pip install fla-core``, CUDA only, not in the lock) is used when :func:`set_kernel` says ``fla``,
+or ``auto`` and it is importable, the tensors are on CUDA and it matches the PyTorch form on a random probe
+(:func:`fla_parity`). fla takes its q, k, v and beta in bf16 (as its own tests do) and keeps its state and
+g in fp32; it reads (B, L, H, d) and stores the state as (B, H, d_k, d_v), the transpose of ours, which the
+wrapper handles.
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ def _fla_rule(
         output_final_state=True,
     )
     return o.transpose(1, 2).float(), state.transpose(-1, -2).float()
+
+
+def _at_least_fp32(x: Tensor) -> Tensor:
+    """fp16 / bf16 cast up to fp32; fp32 and fp64 (the tests' reference runs) unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def relative_error(a: Tensor, b: Tensor) -> float:
@@ -122,10 +128,10 @@ def chunk_gated_delta_rule(
     selected implementation."""
     with torch.autocast(q.device.type, enabled=False):
         if initial_state is not None:
-            initial_state = initial_state.float()
+            initial_state = _at_least_fp32(initial_state)
         if _use_fla(q):
             return _fla_rule(q, k, v, g, beta, chunk_size, initial_state)
-        q, k, v, g, beta = (x.float() for x in (q, k, v, g, beta))
+        q, k, v, g, beta = (_at_least_fp32(x) for x in (q, k, v, g, beta))
         return torch_form.chunk_gated_delta_rule(q, k, v, g, beta, chunk_size, initial_state)
 
 
@@ -142,7 +148,7 @@ def chunk_gated_delta_rule_with_read(
     """:func:`hytrec.model.tadn.chunk.chunk_gated_delta_rule_with_read` in fp32 (PyTorch only: fla has no
     second read)."""
     with torch.autocast(q.device.type, enabled=False):
-        q, k, v, g, beta, read_q = (x.float() for x in (q, k, v, g, beta, read_q))
+        q, k, v, g, beta, read_q = (_at_least_fp32(x) for x in (q, k, v, g, beta, read_q))
         if initial_state is not None:
-            initial_state = initial_state.float()
+            initial_state = _at_least_fp32(initial_state)
         return torch_form.chunk_gated_delta_rule_with_read(q, k, v, g, beta, read_q, chunk_size, initial_state)
