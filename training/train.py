@@ -253,6 +253,7 @@ def _train(data_path: Path, out: Path, cfg: TrainConfig, world: distributed.Worl
         "bad_epochs": 0,
         "epoch_loss": 0.0,  # the current epoch's sum of target losses so far
         "epoch_tokens": 0,
+        "epoch_sequences": 0,
         "epoch_seconds": 0.0,
     }
     log_path, steps_path = out / "log.jsonl", out / "steps.jsonl"
@@ -306,6 +307,7 @@ def _train(data_path: Path, out: Path, cfg: TrainConfig, world: distributed.Worl
             info.update(step=step + 1, global_step=info["global_step"] + 1)
             info["epoch_loss"] += batch_loss
             info["epoch_tokens"] += n_global
+            info["epoch_sequences"] += len(index)
             step_lines.append(json.dumps({"step": info["global_step"], "loss": batch_loss / n_global, "lr": lr}))
             elapsed = time.perf_counter() - started
             bar.update()
@@ -321,8 +323,8 @@ def _train(data_path: Path, out: Path, cfg: TrainConfig, world: distributed.Worl
         [val] = _evaluate(model, split.valid, world)
         ndcg = val.summary["all"]["NDCG@10"]
         improved = ndcg > info["best_ndcg"]
-        total_loss, tokens = info["epoch_loss"], info["epoch_tokens"]
-        info.update(epoch=epoch, step=0, epoch_loss=0.0, epoch_tokens=0, epoch_seconds=0.0)
+        total_loss, tokens, sequences = info["epoch_loss"], info["epoch_tokens"], info["epoch_sequences"]
+        info.update(epoch=epoch, step=0, epoch_loss=0.0, epoch_tokens=0, epoch_sequences=0, epoch_seconds=0.0)
         info["bad_epochs"] = 0 if improved else info["bad_epochs"] + 1
         if improved:
             info.update(best_ndcg=ndcg, best_epoch=epoch)
@@ -334,6 +336,10 @@ def _train(data_path: Path, out: Path, cfg: TrainConfig, world: distributed.Worl
             "train_loss": total_loss / max(tokens, 1),
             "train_seconds": round(train_seconds, 2),
             "tokens_per_s": round(tokens / train_seconds),
+            "targets": tokens,  # next-item predictions trained on (all processes)
+            "sequences": sequences,
+            "peak_memory_bytes": max(world.all_gather(_peak_memory(device))),  # of the largest process
+            "memory": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS",
             "eval_seconds": round(time.perf_counter() - started - train_seconds, 2),
             "val": val.summary["all"],
             "best_epoch": info["best_epoch"],
@@ -375,6 +381,15 @@ def _train(data_path: Path, out: Path, cfg: TrainConfig, world: distributed.Worl
         np.save(out / "test_ranks_unfiltered.npy", test_all.ranks)  # the repeat-aware protocol (nothing filtered)
     world.barrier()
     return result
+
+
+def _peak_memory(device: torch.device) -> int:
+    """This process's peak: CUDA memory allocated by torch on a GPU, resident set size on CPU (bytes)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _append(path: Path, lines: list[str]) -> None:
