@@ -167,6 +167,7 @@ def train(
     The defaults are the recipe of docs/results.md; every TrainConfig field is an option.
     """
     import json
+    import os
 
     import torch
 
@@ -182,7 +183,8 @@ def train(
     if cfg.kernel == "fla" and not fla_importable():
         raise typer.BadParameter("fla-core is not installed (pip install fla-core; needs CUDA)", param_hint="--kernel")
     result = run_training(data, out, cfg, resume=resume, quiet=quiet)
-    typer.echo(json.dumps({k: result[k] for k in ("model_version", "best_epoch", "test")}, indent=2))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every process returns the same result
+        typer.echo(json.dumps({k: result[k] for k in ("model_version", "best_epoch", "test")}, indent=2))
 
 
 def evaluate(

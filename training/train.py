@@ -258,8 +258,11 @@ def _train(data_path: Path, out: Path, cfg: TrainConfig, world: distributed.Worl
     }
     log_path, steps_path = out / "log.jsonl", out / "steps.jsonl"
     state_dir = _state_dir(out) if resume else None
+    if resume and state_dir is None and (out / "train_state.json").exists():
+        raise ValueError(f"{out}: its train state was written by an older trainer (train_state.json); cannot resume")
     if state_dir is not None:
-        info, rng_state = _load_train_state(state_dir, world, model, opt, sched)
+        saved, rng_state = _load_train_state(state_dir, world, model, opt, sched)
+        info = {**info, **saved}
         rng.bit_generator.state = rng_state
         if world.is_main:
             _keep_lines(log_path, lambda r: r["epoch"] <= info["epoch"])
