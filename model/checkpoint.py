@@ -5,13 +5,22 @@ Files: ``model.safetensors`` (weights only), ``config.json`` (``model_type`` and
 training popularity, for the cold-start fallback). The model version is
 ``<model_type>-<sha256 of config + weights>[:12]``, so different weights never share a version (and never
 share serving state); the items file is not part of it. Nothing is unpickled.
+
+Writes are atomic (:func:`save_checkpoint`): every file is written and fsynced in a temporary directory
+beside the target first. A new directory appears by one ``rename``; into an existing one (a training run's
+directory, which holds other files too) the files are renamed one by one with ``config.json`` last, and
+``config.json`` records the sha256 of the weights and items files, so a write stopped between two renames
+leaves files that :func:`validate_checkpoint` rejects (digest mismatch), never a mix it accepts.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,6 +74,47 @@ def _version(model_type: str, config_json: str, weights: Path) -> str:
     return f"{model_type}-{digest.hexdigest()[:12]}"
 
 
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a directory's entries') data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_dir_atomically(target: str | Path, write: Callable[[Path], None]) -> Path:
+    """Have ``write(tmp)`` fill a fresh temporary directory beside ``target``, fsync it, then rename it to
+    ``target``; an existing ``target`` is first renamed to ``<target>.old`` and removed after the swap.
+
+    Between the two renames only ``<target>.old`` exists (readers fall back to it); at no point does
+    ``target`` name a partly written directory.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        write(tmp)
+        for f in tmp.iterdir():
+            _fsync(f)
+        _fsync(tmp)
+        old = target.with_name(target.name + ".old")
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            target.rename(old)
+        tmp.rename(target)
+        _fsync(target.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
 def save_checkpoint(
     directory: str | Path,
     model: nn.Module,
@@ -77,7 +127,6 @@ def save_checkpoint(
     ``item_ids`` in row order and their training ``popularity`` become ``items.json`` (:class:`Vocab`).
     """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
     try:
         vocab = Vocab(item_ids, popularity)
@@ -87,11 +136,31 @@ def save_checkpoint(
         raise CheckpointError(f"{vocab.n_items} item ids for {cfg.n_items} items")
     model_type = model_type_of(model)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, directory / WEIGHTS)
-    config_json = json.dumps({"model_type": model_type, "config": cfg.to_dict(), "meta": meta or {}}, indent=2)
-    (directory / CONFIG).write_text(config_json + "\n")
-    vocab.save(directory / ITEMS)
-    return _version(model_type, config_json + "\n", directory / WEIGHTS)
+    config_json = ""
+
+    def write(tmp: Path) -> None:
+        nonlocal config_json
+        save_file(state, tmp / WEIGHTS)
+        vocab.save(tmp / ITEMS)
+        files = {name: _sha256(tmp / name) for name in (WEIGHTS, ITEMS)}
+        spec = {"model_type": model_type, "config": cfg.to_dict(), "meta": meta or {}, "files": files}
+        config_json = json.dumps(spec, indent=2) + "\n"
+        (tmp / CONFIG).write_text(config_json)
+
+    if not directory.exists():
+        write_dir_atomically(directory, write)
+    else:  # a directory with other files (a run's): rename file by file, config.json (the digests) last
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.ckpt-", dir=directory.parent))
+        try:
+            write(tmp)
+            for name in (WEIGHTS, ITEMS, CONFIG):
+                _fsync(tmp / name)
+            for name in (WEIGHTS, ITEMS, CONFIG):
+                os.replace(tmp / name, directory / name)
+            _fsync(directory)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return _version(model_type, config_json, directory / WEIGHTS)
 
 
 def _read_spec(directory: Path) -> tuple[str, str, dict[str, Any], dict[str, Any]]:
@@ -107,7 +176,20 @@ def _read_spec(directory: Path) -> tuple[str, str, dict[str, Any], dict[str, Any
     config, meta = spec.get("config"), spec.get("meta", {})
     if not isinstance(config, dict) or not isinstance(meta, dict):
         raise CheckpointError(f"{path}: malformed config, 'config' and 'meta' must be objects")
+    if not isinstance(spec.get("files", {}), dict):
+        raise CheckpointError(f"{path}: malformed config, 'files' must be an object")
     return config_json, spec["model_type"], config, meta
+
+
+def _check_digests(directory: Path) -> None:
+    """The sha256 that config.json records for each file (checkpoints written before it recorded none pass)."""
+    files = json.loads((directory / CONFIG).read_text()).get("files", {})
+    for name, digest in files.items():
+        if name in (WEIGHTS, ITEMS) and _sha256(directory / name) != digest:
+            raise CheckpointError(
+                f"{directory / name}: its sha256 is not the one {CONFIG} records (a write that stopped half-way, "
+                "or a file changed by hand)"
+            )
 
 
 def _expected_tensors(path: Path, model_type: str, config: dict[str, Any]) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -142,13 +224,15 @@ def _check_weights(path: Path, expected: dict[str, tuple[tuple[int, ...], str]])
 
 
 def validate_checkpoint(directory: str | Path) -> None:
-    """Check a checkpoint without loading its weights: the files are there, the JSON files parse, and the
-    safetensors header holds exactly the tensors (names, shapes, dtypes) the config's model has.
+    """Check a checkpoint without loading its weights: the files are there, the JSON files parse, the
+    safetensors header holds exactly the tensors (names, shapes, dtypes) the config's model has, and the
+    weights and items files have the sha256 that config.json records (when it records them).
 
     Raises :class:`CheckpointError` naming the file (and the tensor) at fault; cheap enough for a CLI to call
     before it starts workers.
     """
     _validate(Path(directory))
+    _check_digests(Path(directory))
 
 
 def _validate(directory: Path) -> tuple[str, str, dict[str, Any], dict[str, Any], Vocab]:
@@ -185,6 +269,7 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
     for name, tensor in weights.items():
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(f"{path}: tensor {name!r} holds NaN or infinite values")
+    _check_digests(directory)
     model.eval()
     version = _version(model_type, config_json, path)
     return Checkpoint(model, model_type, cfg, vocab, version, meta)

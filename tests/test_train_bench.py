@@ -61,3 +61,21 @@ def test_bench_state_dtype_reports_each_storage_dtype(tmp_path: Path, log: Path)
     for per_dtype in batches.values():
         assert per_dtype["float32"]["max_rel_error"] < 1e-4 and per_dtype["float32"]["mean_top10_shared"] == 10
         assert per_dtype["float16"]["max_rel_error"] >= per_dtype["float32"]["max_rel_error"]
+
+
+def test_bench_train_processes_reports_samples_per_second_and_memory(log: Path) -> None:
+    """One epoch of the real trainer on 1 and on 2 processes (torchrun, gloo)."""
+    res = CliRunner().invoke(
+        app,
+        ["bench", "train", "--data", str(log), "--model-type", "tadn-only", "--batch-tokens", "512",
+         "--processes", "1,2"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert [(r["processes"], r["device"]) for r in out["runs"]] == [(1, "cpu"), (2, "cpu")]
+    for r in out["runs"]:
+        assert r["sequences_per_s"] > 0 and r["targets_per_s"] > 0 and r["train_seconds"] > 0
+        assert 50 < r["peak_memory_mib"] < 16_000 and r["memory"] == "peak RSS"  # a torch process: tens of MiB up
+    assert out["runs"][0]["rate_vs_first"] == 1.0
+    bad = CliRunner().invoke(app, ["bench", "train", "--data", str(log), "--processes", "0,x"])
+    assert bad.exit_code == 2 and "--processes" in bad.output

@@ -153,3 +153,15 @@ def test_train_command_end_to_end(tmp_path: Path) -> None:
     assert written == {**expected, "data": str(data)}
     bad = CliRunner().invoke(app, ["train", "--data", str(data), "--out", str(out), "--loss", "softmax"])
     assert bad.exit_code != 0 and re.search(r"loss", bad.output)
+
+
+def test_the_commands_of_docs_training_parse() -> None:
+    """docs/training.md's `hytrec train` and `torchrun ... -m hytrec.cli train` lines are valid options."""
+    text = (REPO / "docs" / "training.md").read_text()
+    commands = _commands(text, "hytrec train ") + [
+        "hytrec " + c.split("-m hytrec.cli ", 1)[1] for c in _commands(text, "torchrun ")
+    ]
+    assert len(commands) >= 6
+    for command in commands:
+        args = shlex.split(command.split("#")[0].replace("…", "d"))[2:]
+        parse_train(args)

@@ -156,7 +156,9 @@ def synth(
 def train(
     data: Annotated[Path, typer.Option("--data", help="Interactions file (user_id item_id timestamp).")],
     out: Annotated[Path, typer.Option("--out", help="Checkpoint directory to write.")],
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from OUT/train_state.*.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from OUT/train_state (the last step written), same curve.")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
     **config: Any,
 ) -> None:
@@ -165,11 +167,24 @@ def train(
     The defaults are the recipe of docs/results.md; every TrainConfig field is an option.
     """
     import json
+    import os
 
+    import torch
+
+    from hytrec.model.tadn.dispatch import fla_importable
     from hytrec.training.train import train as run_training
 
-    result = run_training(data, out, TrainConfig(**config), resume=resume, quiet=quiet)
-    typer.echo(json.dumps({k: result[k] for k in ("model_version", "best_epoch", "test")}, indent=2))
+    try:
+        cfg = TrainConfig(**config)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter("torch sees no CUDA device (a CPU build of torch, or no GPU)", param_hint="--device")
+    if cfg.kernel == "fla" and not fla_importable():
+        raise typer.BadParameter("fla-core is not installed (pip install fla-core; needs CUDA)", param_hint="--kernel")
+    result = run_training(data, out, cfg, resume=resume, quiet=quiet)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every process returns the same result
+        typer.echo(json.dumps({k: result[k] for k in ("model_version", "best_epoch", "test")}, indent=2))
 
 
 def evaluate(

@@ -38,6 +38,38 @@ class StateDtype(StrEnum):
     BFLOAT16 = "bfloat16"
 
 
+class Schedule(StrEnum):
+    """Learning-rate schedule after the linear warm-up (:func:`hytrec.training.optim.lr_factor`)."""
+
+    CONSTANT = "constant"
+    COSINE = "cosine"
+
+
+class DecayRule(StrEnum):
+    """Which parameters AdamW's weight decay reaches (:func:`hytrec.training.optim.param_groups`)."""
+
+    MATRICES = "matrices"
+    ALL = "all"
+
+
+class Device(StrEnum):
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class Precision(StrEnum):
+    FP32 = "fp32"
+    BF16 = "bf16"
+
+
+class Kernel(StrEnum):
+    """The chunked delta rule's implementation (:mod:`hytrec.model.tadn.dispatch`)."""
+
+    AUTO = "auto"
+    TORCH = "torch"
+    FLA = "fla"
+
+
 SASREC_MAX_LEN = 200  # SASRec+ reads the latest 200 events unless told otherwise; HyTRec reads them all
 
 
@@ -66,8 +98,22 @@ class TrainConfig:
         metadata=_help("Maximum epochs (docs/results.md: 40; its ML-1M HyTRec rows 29, for CPU time)."),
     )
     patience: int = field(default=5, metadata=_help("Stop after this many epochs without a better val NDCG@10."))
-    lr: float = field(default=2e-3, metadata=_help("AdamW learning rate."))
-    weight_decay: float = field(default=0.01, metadata=_help("AdamW weight decay."))
+    lr: float = field(default=2e-3, metadata=_help("AdamW peak learning rate."))
+    weight_decay: float = field(default=0.01, metadata=_help("AdamW weight decay (of the parameters --decay names)."))
+    decay: DecayRule = field(
+        default=DecayRule.MATRICES,
+        metadata=_help(
+            "matrices: decay only nn.Linear weights, none on biases, norms, embeddings, gates and time parameters "
+            "| all: every parameter (one group: how docs/results.md's runs were trained)."
+        ),
+    )
+    grad_clip: float = field(default=1.0, metadata=_help("Clip the global gradient norm to this (0: no clipping)."))
+    schedule: Schedule = field(
+        default=Schedule.CONSTANT,
+        metadata=_help("After warm-up: constant, or cosine down to min-lr-ratio x lr at the last epoch's end."),
+    )
+    warmup_steps: int = field(default=0, metadata=_help("Optimiser steps of linear learning-rate warm-up."))
+    min_lr_ratio: float = field(default=0.1, metadata=_help("Cosine schedule: final learning rate / lr."))
     batch_tokens: int = field(
         default=8192, metadata=_help("Events per batch (B x L); a longer history is a batch of its own.")
     )
@@ -94,6 +140,25 @@ class TrainConfig:
         default=0,
         metadata=_help("Torch intra-op threads (0: torch's default; docs/results.md ran 1 per run, 2 at a time)."),
     )
+    device: Device = field(
+        default=Device.CPU,
+        metadata=_help("cpu or cuda (under torchrun: each process the GPU of its LOCAL_RANK)."),
+    )
+    precision: Precision = field(
+        default=Precision.FP32,
+        metadata=_help("bf16: autocast the projections and FFNs; the delta-rule recurrence and the loss stay fp32."),
+    )
+    kernel: Kernel = field(
+        default=Kernel.AUTO,
+        metadata=_help(
+            "Chunked delta rule: auto (fla-core's Triton kernel on CUDA when installed and it passes its parity "
+            "check, else PyTorch), torch, or fla."
+        ),
+    )
+    checkpoint_every: int = field(
+        default=0,
+        metadata=_help("Also write the resumable train state every N optimiser steps (0: at each epoch's end only)."),
+    )
     model_overrides: dict[str, Any] = field(
         default_factory=dict,
         metadata=_help("Extra model-config keys, over the ones above (tests and benchmarks).", cli=False),
@@ -104,6 +169,11 @@ class TrainConfig:
         self.model_type = ModelType(self.model_type)
         self.loss = Loss(self.loss)
         self.state_dtype = StateDtype(self.state_dtype)
+        self.decay, self.schedule = DecayRule(self.decay), Schedule(self.schedule)
+        self.device, self.precision, self.kernel = Device(self.device), Precision(self.precision), Kernel(self.kernel)
+        for name in ("grad_clip", "weight_decay", "warmup_steps", "checkpoint_every", "min_lr_ratio"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.model_type is ModelType.SASREC and self.max_len is None:
             self.max_len = SASREC_MAX_LEN
 

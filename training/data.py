@@ -269,6 +269,36 @@ def _pack(order: np.ndarray, lengths: np.ndarray, max_tokens: int, max_batch_siz
     return batches
 
 
+def epoch_plan(
+    data: Interactions,
+    max_tokens: int,
+    *,
+    seed: int | np.random.Generator = 0,
+    max_len: int | None = None,
+    max_batch_size: int | None = None,
+    min_len: int = 2,
+    bucket_size: int | None = None,
+) -> list[np.ndarray]:
+    """The sequence indices of each batch of one shuffled epoch, in order (see :func:`train_batches`).
+
+    A function of ``data``'s lengths and the generator's state only, so every process of a data-parallel run
+    computes the same plan from the same seed, and a resumed run recomputes it from the saved state.
+    """
+    if max_tokens < 1:
+        raise ValueError("max_tokens must be >= 1")
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    lengths = data.lengths if max_len is None else np.minimum(data.lengths, max_len)
+    keep = np.flatnonzero(lengths >= max(min_len, 1))
+    keep = keep[rng.permutation(len(keep))]
+    step = bucket_size or max(len(keep), 1)
+    batches: list[np.ndarray] = []
+    for lo in range(0, len(keep), step):
+        chunk = keep[lo : lo + step]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches.extend(_pack(chunk, lengths, max_tokens, max_batch_size))
+    return [batches[b] for b in rng.permutation(len(batches))]
+
+
 def train_batches(
     data: Interactions,
     max_tokens: int,
@@ -287,20 +317,17 @@ def train_batches(
     ``max_tokens`` (and batch size <= ``max_batch_size``); a longer sequence is a batch on its own. Batch
     order is then shuffled. ``seed``: an int or a numpy Generator (pass one Generator across epochs).
     """
-    if max_tokens < 1:
-        raise ValueError("max_tokens must be >= 1")
-    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
-    lengths = data.lengths if max_len is None else np.minimum(data.lengths, max_len)
-    keep = np.flatnonzero(lengths >= max(min_len, 1))
-    keep = keep[rng.permutation(len(keep))]
-    step = bucket_size or max(len(keep), 1)
-    batches: list[np.ndarray] = []
-    for lo in range(0, len(keep), step):
-        chunk = keep[lo : lo + step]
-        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        batches.extend(_pack(chunk, lengths, max_tokens, max_batch_size))
-    for b in rng.permutation(len(batches)):
-        yield make_batch(data, batches[b], max_len)
+    plan = epoch_plan(
+        data,
+        max_tokens,
+        seed=seed,
+        max_len=max_len,
+        max_batch_size=max_batch_size,
+        min_len=min_len,
+        bucket_size=bucket_size,
+    )
+    for index in plan:
+        yield make_batch(data, index, max_len)
 
 
 def eval_batches(

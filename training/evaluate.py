@@ -70,27 +70,51 @@ class Evaluation:
 
 
 @torch.inference_mode()
-def _rankings(
-    model: nn.Module, eval_set: EvalSet, exclude_seen: tuple[bool, ...], stream_dtype: str | None
-) -> list[Evaluation]:
-    """One pass of the model over ``eval_set``; one full-catalogue ranking per entry of ``exclude_seen``."""
+def target_ranks_of(
+    model: nn.Module,
+    eval_set: EvalSet,
+    exclude_seen: tuple[bool, ...],
+    stream_dtype: str | None = None,
+    device: torch.device | str = "cpu",
+) -> list[np.ndarray]:
+    """One pass of the model (on ``device``) over ``eval_set``; the target ranks of one full-catalogue
+    ranking per entry of ``exclude_seen``, in EvalSet order."""
     model.eval()
     ranks = [np.zeros(len(eval_set), dtype=np.int64) for _ in exclude_seen]
     max_len = history_max_len(model)
     for batch in eval_batches(eval_set.history, 65536, max_len=max_len, max_batch_size=512):
-        t = batch.to_torch()
-        now = torch.from_numpy(eval_set.request_ts[batch.index])
+        t = batch.to_torch(device)
+        now = torch.from_numpy(eval_set.request_ts[batch.index]).to(device)
         u = final_user_vectors(model, t["items"], t["timestamps"], t["lengths"], now, stream_dtype)
-        scores = model.logits(u)
+        scores = model.logits(u.float())
         targets = eval_set.targets[batch.index]
         for r, exclude in zip(ranks, exclude_seen, strict=True):
             seen = [eval_set.history.sequence(int(i))[0] for i in batch.index] if exclude else None
             r[batch.index] = target_ranks(scores, targets, seen, ties="pessimistic")
-    out = []
-    for r in ranks:
-        per_user = per_user_metrics(r)
-        out.append(Evaluation(r, per_user, summarize(per_user, eval_set.buckets)))
-    return out
+    return ranks
+
+
+def from_ranks(ranks: np.ndarray, eval_set: EvalSet) -> Evaluation:
+    """The metrics of target ranks given in ``eval_set`` order."""
+    per_user = per_user_metrics(ranks)
+    return Evaluation(ranks, per_user, summarize(per_user, eval_set.buckets))
+
+
+def subset(eval_set: EvalSet, index: np.ndarray) -> EvalSet:
+    """The predictions ``index`` of ``eval_set`` (e.g. one process's share)."""
+    index = np.asarray(index, dtype=np.int64)
+    return EvalSet(
+        history=eval_set.history.take_prefixes(eval_set.history.lengths[index], index),
+        targets=eval_set.targets[index],
+        request_ts=eval_set.request_ts[index],
+        user_index=eval_set.user_index[index],
+    )
+
+
+def _rankings(
+    model: nn.Module, eval_set: EvalSet, exclude_seen: tuple[bool, ...], stream_dtype: str | None
+) -> list[Evaluation]:
+    return [from_ranks(r, eval_set) for r in target_ranks_of(model, eval_set, exclude_seen, stream_dtype)]
 
 
 def evaluate_both(
