@@ -133,8 +133,10 @@ class Totals:
     dead_letter: int = 0
     trimmed: int = 0
     batches: int = 0
-    first_batch: float | None = None  # time.monotonic() of the first non-empty batch read
+    first_batch: float | None = None  # time.monotonic() when the read of the first non-empty batch began
     last_ack: float | None = None
+    first_batch_unix: float | None = None  # the same two as Unix times (comparable across consumers)
+    last_ack_unix: float | None = None
     partitions: set[int] = field(default_factory=set)
 
     def as_dict(self) -> dict[str, Any]:
@@ -148,6 +150,8 @@ class Totals:
             "busy_seconds": round(span, 3),
             "events_per_s": round((self.applied + self.duplicates) / span, 1) if span > 0 else None,
             "partitions": sorted(self.partitions),
+            "first_batch_unix": self.first_batch_unix,
+            "last_ack_unix": self.last_ack_unix,
         }
 
 
@@ -276,8 +280,8 @@ class Consumer:
             while not self.stopping.is_set() and not lease.release:
                 if not lease.alive():
                     raise LeaseLost
-                res = await self._fetch(lease)
-                claimed, entries = res
+                began = time.monotonic()
+                claimed, entries = await self._fetch(lease)
                 if not claimed and not entries:
                     self.idle.add(part.index)
                     if self.until_idle and self.idle >= set(self.leases):
@@ -286,6 +290,9 @@ class Consumer:
                     await self._wait_new(part, lease.last)
                     continue
                 self.idle.discard(part.index)
+                if self.totals.first_batch is None:
+                    self.totals.first_batch = began
+                    self.totals.first_batch_unix = time.time() - (time.monotonic() - began)
                 await self._handle(lease, claimed, entries)
         except LeaseLost:
             if not lease.lost:
@@ -383,8 +390,6 @@ class Consumer:
         """Apply one batch, dead-letter its bad entries, then acknowledge; retried until done or the lease goes."""
         part = lease.part
         start = time.monotonic()
-        if self.totals.first_batch is None:
-            self.totals.first_batch = start
         metrics.BATCH_SIZE.observe(len(entries))
         good, ids, dead = self._validate(part, entries)
         present = {eid for eid, _ in entries}
@@ -437,7 +442,7 @@ class Consumer:
         t.dead_letter += len(dead)
         t.trimmed += len(trimmed)
         t.batches += 1
-        t.last_ack = time.monotonic()
+        t.last_ack, t.last_ack_unix = time.monotonic(), time.time()
         for outcome, n in (
             ("applied", applied),
             ("duplicate", dups),
