@@ -54,6 +54,7 @@ class Settings:
     events: int = 20_000
     users: int = 2_000
     batch: int = 1000
+    big_batch: int = 4000  # one more 1-consumer, 1-partition configuration (the most one read returns)
     partitions: tuple[int, ...] = (1, 4)  # for one consumer; two consumers run on the last
     rounds: int = 2  # runs per configuration (alternating before/after when --before is given)
     lag_fractions: tuple[float, ...] = (0.5, 0.8, 1.2)  # of the measured 1-consumer, 1-partition throughput
@@ -69,8 +70,8 @@ class Settings:
     @classmethod
     def quick_run(cls) -> Settings:
         return cls(
-            events=2000, users=200, batch=200, partitions=(1, 2), rounds=1, lag_fractions=(0.5,), lag_s=3.0,
-            lag_drain_s=20.0, profile=False, quick=True,
+            events=2000, users=200, batch=200, big_batch=800, partitions=(1, 2), rounds=1, lag_fractions=(0.5,),
+            lag_s=3.0, lag_drain_s=20.0, profile=False, quick=True,
         )  # fmt: skip
 
 
@@ -174,12 +175,12 @@ class Lab:
 
         return StreamLayout(prefix, "events", partitions)
 
-    def env(self, prefix: str, partitions: int, **extra: Any) -> dict[str, str]:
+    def env(self, prefix: str, partitions: int, batch: int | None = None, **extra: Any) -> dict[str, str]:
         env = {
             "HYTREC_DATA_DIR": str(self.data),
             "HYTREC_KEY_PREFIX": prefix,
             "HYTREC_STREAM_PARTITIONS": str(partitions),
-            "HYTREC_STREAM_BATCH_SIZE": str(self.s.batch),
+            "HYTREC_STREAM_BATCH_SIZE": str(batch or self.s.batch),
             "HYTREC_STREAM_LEASE_MS": str(self.s.lease_ms),
             "HYTREC_CONSUME_METRICS_PORT": "0",
         }
@@ -217,7 +218,9 @@ def _owner(value: bytes | None) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------ throughput
-def throughput_run(lab: Lab, partitions: int, consumers: int, before: bool = False, profile: dict | None = None):
+def throughput_run(
+    lab: Lab, partitions: int, consumers: int, before: bool = False, profile: dict | None = None, batch: int = 0
+) -> dict[str, Any]:
     """One gated run: fill, start ``consumers``, open the gate, time until drained; the figures and totals."""
     from hytrec.streams import StreamProducer
 
@@ -230,8 +233,9 @@ def throughput_run(lab: Lab, partitions: int, consumers: int, before: bool = Fal
         producer.add(events[lo : lo + 5000])
     for p in layout.partitions:
         lab.client.set(p.lease, GATE, px=600_000)
+    code = lab.before if before else None
     procs = [
-        ConsumerProc(lab.env(prefix, partitions), lab.logs, f"{prefix}-c{i}", True, lab.before if before else None)
+        ConsumerProc(lab.env(prefix, partitions, batch), lab.logs, f"{prefix}-c{i}", True, code)
         for i in range(consumers)
     ]
     try:
@@ -266,6 +270,7 @@ def throughput_run(lab: Lab, partitions: int, consumers: int, before: bool = Fal
         "code": "before" if before else "after",
         "partitions": partitions,
         "consumers": consumers,
+        "batch": batch or s.batch,
         "events": len(events),
         "stored_events": stored,
         "exact": stored == len(events) and sum(t["applied"] for t in totals) == len(events),
@@ -285,14 +290,15 @@ def throughput_run(lab: Lab, partitions: int, consumers: int, before: bool = Fal
 
 def sec_throughput(lab: Lab, progress) -> dict[str, Any]:
     s = lab.s
-    configs = [(p, 1) for p in s.partitions] + [(s.partitions[-1], 2)]
+    configs = [(p, 1, s.batch) for p in s.partitions] + [(1, 1, s.big_batch), (s.partitions[-1], 2, s.batch)]
     runs = []
     for r in range(s.rounds):
-        for p, c in configs:
+        for p, c, batch in configs:
             codes = [True, False] if (lab.before is not None and c == 1) else [False]
             for before in codes if r % 2 == 0 else codes[::-1]:
-                row = throughput_run(lab, p, c, before)
-                progress(f"  {row['code']} {c} consumer(s) x {p} partition(s): {row['events_per_s']} events/s")
+                row = throughput_run(lab, p, c, before, batch=batch)
+                progress(f"  {row['code']} {c} consumer(s) x {p} partition(s), batch {batch}: "
+                         f"{row['events_per_s']} events/s")  # fmt: skip
                 runs.append({**row, "round": r})
     return {"runs": runs}
 
@@ -485,7 +491,7 @@ def run_bench(s: Settings, before: Path | None, artifacts: Path, command: str | 
                 if name == "throughput":
                     out = sec_throughput(lab, progress)
                 elif name == "lag":
-                    out = sec_lag(lab, _capacity(res), progress)
+                    out = sec_lag(lab, _capacity(res, s.batch), progress)
                 else:
                     out = sec_profile(lab, artifacts, progress)
                 res["sections"][name] = {"status": "ok", **out}
@@ -504,10 +510,14 @@ def run_bench(s: Settings, before: Path | None, artifacts: Path, command: str | 
     return res
 
 
-def _capacity(res: dict[str, Any]) -> float | None:
+def _capacity(res: dict[str, Any], batch: int) -> float | None:
     """The median 1-consumer, 1-partition throughput of this checkout (what the lag rates are fractions of)."""
     runs = res["sections"].get("throughput", {}).get("runs", [])
-    rows = sorted(r["events_per_s"] for r in runs if r["code"] == "after" and r["consumers"] == r["partitions"] == 1)
+    rows = sorted(
+        r["events_per_s"]
+        for r in runs
+        if r["code"] == "after" and r["consumers"] == r["partitions"] == 1 and r["batch"] == batch
+    )
     return rows[len(rows) // 2] if rows else None
 
 

@@ -38,10 +38,10 @@ def method(res: dict[str, Any]) -> list[str]:
     ]
 
 
-def _rows_by(runs: list[dict[str, Any]]) -> dict[tuple[str, int, int], list[dict[str, Any]]]:
-    out: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
+def _rows_by(runs: list[dict[str, Any]]) -> dict[tuple[str, int, int, int], list[dict[str, Any]]]:
+    out: dict[tuple[str, int, int, int], list[dict[str, Any]]] = {}
     for r in runs:
-        out.setdefault((r["code"], r["consumers"], r["partitions"]), []).append(r)
+        out.setdefault((r["code"], r["consumers"], r["partitions"], r["batch"]), []).append(r)
     return out
 
 
@@ -54,19 +54,19 @@ def _median(xs: list[float]) -> float:
 def throughput_lines(sec: dict[str, Any]) -> list[str]:
     groups = _rows_by(sec["runs"])
     rows = []
-    for (code, c, p), runs in groups.items():
+    for (code, c, p, b), runs in groups.items():
         per = [r["events_per_s"] for r in runs]
         busy = [r["busy_events_per_s"] for r in runs if "busy_events_per_s" in r]
         split = " / ".join(
             "+".join(f"{t['applied']:,}" for t in r["consumers_totals"]) for r in runs
         )  # who applied what, per run
         rows.append([
-            code, c, p, len(runs), f"{_median(per):,.0f}", ", ".join(f"{x:,.0f}" for x in per),
+            code, c, p, b, len(runs), f"{_median(per):,.0f}", ", ".join(f"{x:,.0f}" for x in per),
             f"{_median(busy):,.0f}" if busy else "-", split, "yes" if all(r["exact"] for r in runs) else "**no**",
         ])  # fmt: skip
-    header = ["code", "consumers", "partitions", "runs", "events/s (median)", "each run", "busy events/s",
+    header = ["code", "consumers", "partitions", "batch", "runs", "events/s (median)", "each run", "busy events/s",
               "applied per consumer", "counts exact"]  # fmt: skip
-    lines = markdown_table(header, rows, "lrrrrrrll")
+    lines = markdown_table(header, rows, "lrrrrrrrll")
     after = [r for r in sec["runs"] if r["code"] == "after" and r["consumers"] == 1]
     best = max((_median([x["events_per_s"] for x in rs]) for k, rs in groups.items() if k[0] == "after" and k[1] == 1),
                default=None)  # fmt: skip
@@ -76,14 +76,14 @@ def throughput_lines(sec: dict[str, Any]) -> list[str]:
     if any(k[0] == "before" for k in groups):
         lines += ["", "Before/after (same configuration, runs alternating in one run, ratio of medians):", ""]
         ratio_rows = []
-        for (code, c, p), runs in groups.items():
-            if code != "after" or (("before", c, p) not in groups):
+        for (code, c, p, n), runs in groups.items():
+            if code != "after" or (("before", c, p, n) not in groups):
                 continue
             a = _median([r["events_per_s"] for r in runs])
-            b = _median([r["events_per_s"] for r in groups[("before", c, p)]])
-            ratio_rows.append([c, p, f"{b:,.0f}", f"{a:,.0f}", f"{a / b:.2f}x"])
-        lines += markdown_table(["consumers", "partitions", "before events/s", "after events/s", "ratio"],
-                                ratio_rows, "rrrrr")  # fmt: skip
+            b = _median([r["events_per_s"] for r in groups[("before", c, p, n)]])
+            ratio_rows.append([c, p, n, f"{b:,.0f}", f"{a:,.0f}", f"{a / b:.2f}x"])
+        lines += markdown_table(["consumers", "partitions", "batch", "before events/s", "after events/s", "ratio"],
+                                ratio_rows, "rrrrrr")  # fmt: skip
     return lines
 
 

@@ -70,14 +70,15 @@ return 0
 """
 # The fenced read: only the lease holder gets entries, atomically with the lease check, so a consumer that lost
 # its lease can never read (and apply) entries its successor reads too. Pending entries, oldest first, before
-# any new one.
-# KEYS: lease, stream. ARGV: token, group, consumer, count.
+# any new one. ARGV[5] is where the pending ones not yet in this consumer's hands start: '-' (all of them), or
+# '(<id>' past the last entry it already holds, so it can read the next batch while the current one applies.
+# KEYS: lease, stream. ARGV: token, group, consumer, count, pending start.
 # Returns {-1} (lease not held) | {1, pending ids, claimed entries} | {0, {}, new entries} |
 #         {0, {}, {}, id of the newest entry or '0-0'} when there is nothing to read.
 FETCH = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {-1} end
 local n = tonumber(ARGV[4])
-local pend = redis.call('XPENDING', KEYS[2], ARGV[2], '-', '+', n)
+local pend = redis.call('XPENDING', KEYS[2], ARGV[2], ARGV[5], '+', n)
 if #pend > 0 then
   local ids = {}
   for i, p in ipairs(pend) do ids[i] = p[1] end
@@ -275,13 +276,25 @@ class Consumer:
 
     # ------------------------------------------------------------ one partition
     async def _work(self, lease: _Lease) -> None:
+        """Read, apply, acknowledge, in stream order; the next batch is read while the current one applies.
+
+        Reading ahead is safe because batches still apply one after another: the next one only once the current
+        one is committed and acknowledged (a failed batch is retried first, and a lost lease drops both). Its
+        entries were delivered to this consumer, so on a stop they stay pending for the next owner to claim.
+        """
         part = lease.part
+        after = "-"  # pending entries past this id are not in hand yet (see FETCH)
+        ahead: asyncio.Task | None = None
         try:
             while not self.stopping.is_set() and not lease.release:
                 if not lease.alive():
                     raise LeaseLost
                 began = time.monotonic()
-                claimed, entries = await self._fetch(lease)
+                if ahead is None:
+                    claimed, entries = await self._fetch(lease, after)
+                else:
+                    claimed, entries = await ahead
+                    ahead = None
                 if not claimed and not entries:
                     self.idle.add(part.index)
                     if self.until_idle and self.idle >= set(self.leases):
@@ -293,6 +306,9 @@ class Consumer:
                 if self.totals.first_batch is None:
                     self.totals.first_batch = began
                     self.totals.first_batch_unix = time.time() - (time.monotonic() - began)
+                after = "(" + max([*claimed[-1:], *(e for e, _ in entries[-1:])], key=entry_key)
+                if self.s.stream_read_ahead:
+                    ahead = asyncio.create_task(self._fetch(lease, after))
                 await self._handle(lease, claimed, entries)
         except LeaseLost:
             if not lease.lost:
@@ -304,6 +320,10 @@ class Consumer:
         except Exception:  # noqa: BLE001 - the lease loop re-acquires the partition later
             log.exception("partition %d worker failed", part.index)
         finally:
+            if ahead is not None:  # what it read stays pending: the next owner (or this one again) claims it
+                ahead.cancel()
+                with contextlib.suppress(BaseException):
+                    await ahead
             self.leases.pop(part.index, None)
             self.workers.pop(part.index, None)
             metrics.LEASES_HELD.set(len(self.leases))
@@ -323,11 +343,11 @@ class Consumer:
                 except (rex.RedisError, OSError) as exc:  # it expires by itself
                     log.warning("release of partition %d failed: %s", part.index, exc)
 
-    async def _fetch(self, lease: _Lease) -> tuple[list[str], list[tuple[str, dict]]]:
+    async def _fetch(self, lease: _Lease, after: str = "-") -> tuple[list[str], list[tuple[str, dict]]]:
         """The fenced read: (pending ids claimed, entries); ``LeaseLost`` when the lease is not ours."""
         part = lease.part
         n = min(self.s.stream_batch_size, MAX_FETCH)
-        args = [lease.token, self.s.stream_group, self.id, n]
+        args = [lease.token, self.s.stream_group, self.id, n, after]
         while True:
             try:
                 res = await self._script("fetch", [part.lease, part.stream], args)
