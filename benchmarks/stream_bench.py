@@ -105,7 +105,9 @@ class ConsumerProc:
         self.log = logs / f"{name}.err"
         self.out = logs / f"{name}.out"
         full = {k: v for k, v in os.environ.items() if not k.startswith("HYTREC_")}
-        full.update(env, PYTHONPATH=str(pythonpath or ""), HYTREC_LOG_LEVEL="warning")
+        full.update(env, HYTREC_LOG_LEVEL="warning")
+        if pythonpath is not None:
+            full["PYTHONPATH"] = str(pythonpath)
         argv = [sys.executable, "-m", "hytrec.cli", "consume", "--id", name] + (["--until-idle"] if until_idle else [])
         with open(self.out, "wb") as out, open(self.log, "wb") as err:
             self.proc = subprocess.Popen(argv, cwd=pythonpath or logs, env=full, stdout=out, stderr=err)
