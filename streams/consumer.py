@@ -90,9 +90,37 @@ local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
 if #last > 0 then return {0, {}, {}, last[1][1]} end
 return {0, {}, {}, '0-0'}
 """
+# The group's dead consumers: every consumer of the partition's group other than the lease holder that has no
+# pending entry and has been idle longer than a bound is deleted (XGROUP DELCONSUMER), so the group does not grow
+# by one consumer per process ever started. Only the lease holder runs it, atomically with the lease check: no
+# other consumer can gain a pending entry of this partition meanwhile (FETCH delivers to the holder only), and
+# one with pending entries is never deleted (that would drop them from the group's pending list).
+# KEYS: lease, stream. ARGV: token, group, min idle ms. Returns the names deleted.
+PRUNE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {} end
+local me = string.match(ARGV[1], '^(.*) [0-9]+$')
+local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', KEYS[2], ARGV[2])
+if not ok then return {} end
+local gone = {}
+for _, c in ipairs(consumers) do
+  local f = {}
+  for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
+  if f['name'] ~= me and tonumber(f['pending']) == 0 and tonumber(f['idle']) > tonumber(ARGV[3]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[2], ARGV[2], f['name'])
+    gone[#gone + 1] = f['name']
+  end
+end
+return gone
+"""
 _SCRIPTS = {
     name: (text, hashlib.sha1(text.encode()).hexdigest())
-    for name, text in (("acquire", ACQUIRE), ("renew", RENEW), ("release", RELEASE), ("fetch", FETCH))
+    for name, text in (
+        ("acquire", ACQUIRE),
+        ("renew", RENEW),
+        ("release", RELEASE),
+        ("fetch", FETCH),
+        ("prune", PRUNE),
+    )
 }
 MAX_FETCH = 4000  # Lua's unpack() limit is about 8000 values
 
@@ -154,6 +182,49 @@ class Totals:
             "first_batch_unix": self.first_batch_unix,
             "last_ack_unix": self.last_ack_unix,
         }
+
+
+@dataclass(frozen=True)
+class PartitionStatus:
+    """Where a partition's group stands against its stream (the lag and retention metrics)."""
+
+    lag_s: float  # newest entry's time minus the newest delivered entry's time
+    lag_entries: int | None  # entries not yet delivered (Redis >= 7)
+    pending: int
+    retention_s: float | None  # newest minus oldest entry held: how far back the stream still reaches
+    margin_s: float | None  # newest delivered minus oldest entry held (< 0: unread entries may be trimmed)
+    behind: bool | None  # an entry newer than the last delivered one was trimmed (Redis >= 7 knows; else None)
+
+
+async def partition_status(client: Any, stream: str, group: str) -> PartitionStatus | None:
+    """The status of ``group`` on ``stream``; None when the stream or the group does not exist."""
+    try:
+        groups = await client.xinfo_groups(stream)
+        info = await client.xinfo_stream(stream)
+    except rex.ResponseError:
+        return None
+    g = next((x for x in groups if _s(x.get("name")) == group), None)
+    if g is None:
+        return None
+    delivered = entry_key(_s(g.get("last-delivered-id", "0-0")))
+    newest = entry_key(_s(info.get("last-generated-id", "0-0")))
+    first, last = info.get("first-entry"), info.get("last-entry")
+    retention = margin = None
+    if first and last:
+        oldest = entry_key(_s(first[0]))[0]
+        retention = (entry_key(_s(last[0]))[0] - oldest) / 1000
+        if delivered != (0, 0):
+            margin = (delivered[0] - oldest) / 1000
+    deleted = info.get("max-deleted-entry-id")
+    lag = g.get("lag")
+    return PartitionStatus(
+        lag_s=max(0.0, (newest[0] - delivered[0]) / 1000),
+        lag_entries=None if lag is None else int(lag),
+        pending=int(g.get("pending", 0)),
+        retention_s=retention,
+        margin_s=margin,
+        behind=None if deleted is None else entry_key(_s(deleted)) > delivered,
+    )
 
 
 class Consumer:
@@ -332,6 +403,7 @@ class Consumer:
                 metrics.LAG_ENTRIES,
                 metrics.PENDING,
                 metrics.RETENTION_SECONDS,
+                metrics.RETENTION_MARGIN,
                 metrics.BEHIND_RETENTION,
             ):
                 with contextlib.suppress(KeyError):
@@ -476,29 +548,27 @@ class Consumer:
     # ------------------------------------------------------------ lag
     async def _lag_round(self) -> None:
         for p, lease in list(self.leases.items()):
-            stream = lease.part.stream
             try:
-                groups = await self.client.xinfo_groups(stream)
-                info = await self.client.xinfo_stream(stream)
+                st = await partition_status(self.client, lease.part.stream, self.s.stream_group)
+                if lease.alive():
+                    keys = [lease.part.lease, lease.part.stream]
+                    gone = await self._script("prune", keys, [lease.token, self.s.stream_group, self._ttl * 2])
+                    if gone:
+                        metrics.CONSUMERS_DELETED.inc(len(gone))
+                        log.info("partition %d: deleted idle consumers %s", p, [_s(g) for g in gone])
             except (rex.RedisError, OSError):
                 continue
-            group = next((g for g in groups if _s(g.get("name")) == self.s.stream_group), None)
-            if group is None:
+            if st is None:
                 continue
-            delivered = entry_key(_s(group.get("last-delivered-id", "0-0")))
-            newest = entry_key(_s(info.get("last-generated-id", "0-0")))
             label = str(p)
-            metrics.LAG_SECONDS.labels(label).set(max(0.0, (newest[0] - delivered[0]) / 1000))
-            lag = group.get("lag")
-            metrics.LAG_ENTRIES.labels(label).set(-1 if lag is None else int(lag))
-            metrics.PENDING.labels(label).set(int(group.get("pending", 0)))
-            first, last = info.get("first-entry"), info.get("last-entry")
-            if first and last:
-                span = (entry_key(_s(last[0]))[0] - entry_key(_s(first[0]))[0]) / 1000
-                metrics.RETENTION_SECONDS.labels(label).set(span)
-            deleted = info.get("max-deleted-entry-id")
-            behind = -1 if deleted is None else int(entry_key(_s(deleted)) > delivered)
-            metrics.BEHIND_RETENTION.labels(label).set(behind)
+            metrics.LAG_SECONDS.labels(label).set(st.lag_s)
+            metrics.LAG_ENTRIES.labels(label).set(-1 if st.lag_entries is None else st.lag_entries)
+            metrics.PENDING.labels(label).set(st.pending)
+            if st.retention_s is not None:
+                metrics.RETENTION_SECONDS.labels(label).set(st.retention_s)
+            if st.margin_s is not None:
+                metrics.RETENTION_MARGIN.labels(label).set(st.margin_s)
+            metrics.BEHIND_RETENTION.labels(label).set(-1 if st.behind is None else int(st.behind))
 
     async def _lag_loop(self) -> None:
         while not self.stopping.is_set():
@@ -530,4 +600,4 @@ class Consumer:
         self.stopping.set()
 
 
-__all__ = ["Consumer", "LeaseLost", "Totals", "default_consumer_id"]
+__all__ = ["Consumer", "LeaseLost", "PartitionStatus", "Totals", "default_consumer_id", "partition_status"]

@@ -422,3 +422,91 @@ def test_partitioned_stream_on_a_cluster(service_checkpoint: Checkpoint, redis_c
         totals = asyncio.run(_consume(s, lambda: _drained(client, layout, s.stream_group)))
     assert totals["applied"] == len(events) and totals["partitions"] == [0, 1, 2]
     assert _counts(redis_cluster_url, prefix, service_checkpoint.version, users) == users
+
+
+# ---------------------------------------------------------------- dead consumers and retention
+def test_prune_deletes_idle_consumers_without_pending_entries_only(redis_standalone_url: str) -> None:
+    from hytrec.streams.consumer import PRUNE
+
+    layout = StreamLayout(f"t{uuid.uuid4().hex[:8]}", "events", 1)
+    part = layout.partitions[0]
+    c = redis.Redis.from_url(redis_standalone_url)
+    try:
+        c.xgroup_create(part.stream, "g", id="0", mkstream=True)
+        for i in range(3):
+            c.xadd(part.stream, {"n": str(i)})
+        c.xreadgroup("g", "ghost-pending", {part.stream: ">"}, count=1)  # holds one pending entry
+        (_, [(eid, _)]), *_ = c.xreadgroup("g", "ghost-idle", {part.stream: ">"}, count=1)
+        c.xack(part.stream, "g", eid)  # nothing pending
+        c.xreadgroup("g", "me", {part.stream: ">"}, count=1)
+        c.xack(part.stream, "g", *[e for e, _ in c.xrange(part.stream)][2:])
+        c.set(part.lease, "me 7")
+
+        def names() -> set[str]:
+            return {x["name"].decode() for x in c.xinfo_consumers(part.stream, "g")}
+
+        prune = c.register_script(PRUNE)
+        assert prune(keys=[part.lease, part.stream], args=["other 7", "g", 0]) == []  # not the lease holder
+        assert prune(keys=[part.lease, part.stream], args=["me 7", "g", 60_000]) == []  # none idle long enough
+        time.sleep(0.3)
+        assert prune(keys=[part.lease, part.stream], args=["me 7", "g", 200]) == [b"ghost-idle"]
+        assert names() == {"me", "ghost-pending"}  # the holder itself and a consumer with a pending entry stay
+        assert c.xpending(part.stream, "g")["pending"] == 1
+    finally:
+        c.close()
+
+
+def test_consumer_deletes_dead_consumers_from_the_group(
+    service_checkpoint: Checkpoint, redis_standalone_url: str
+) -> None:
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    s = _settings(service_checkpoint, redis_standalone_url, prefix)  # lease 1.5 s: idle bound 3 s
+    layout = StreamLayout(prefix, s.stream_name, 1)
+    stream = layout.partitions[0].stream
+    events = _events({"a": 5, "b": 5}, seed=6)
+    with StreamProducer.from_settings(s) as producer:
+        producer.add(events)
+        client = producer.client
+        client.xgroup_create(stream, s.stream_group, id="0")
+        # consumers of earlier processes: one with nothing pending, one that left a pending entry behind
+        client.xgroup_createconsumer(stream, s.stream_group, "dead-1")
+        client.xreadgroup(s.stream_group, "dead-2", {stream: ">"}, count=1)
+
+        def only_self() -> bool:
+            consumers = client.xinfo_consumers(stream, s.stream_group)
+            return len(consumers) == 1 and not consumers[0]["name"].startswith(b"dead-")
+
+        totals = asyncio.run(_consume(s, lambda: _drained(client, layout, s.stream_group) and only_self()))
+    assert totals["applied"] == len(events)  # the dead one's pending entry was claimed, then it was deleted
+    assert _counts(redis_standalone_url, prefix, service_checkpoint.version, ["a", "b"]) == {"a": 5, "b": 5}
+
+
+def test_partition_status_reports_retention_margin_and_lag(redis_standalone_url: str) -> None:
+    from hytrec.streams.consumer import partition_status
+
+    stream = f"t{uuid.uuid4().hex[:8]}:stream"
+    c = redis.Redis.from_url(redis_standalone_url)
+
+    async def status():
+        ac = redis.asyncio.Redis.from_url(redis_standalone_url)
+        try:
+            return await partition_status(ac, stream, "g")
+        finally:
+            await ac.aclose()
+
+    try:
+        assert asyncio.run(status()) is None  # no stream yet
+        for k in range(1, 11):
+            c.xadd(stream, {"n": str(k)}, id=f"{k * 1000}-0")
+        c.xgroup_create(stream, "g", id="0")
+        st = asyncio.run(status())
+        assert st.margin_s is None and st.lag_s == 10.0 and st.retention_s == 9.0  # nothing delivered yet
+        c.xreadgroup("g", "me", {stream: ">"}, count=3)  # delivered up to 3000-0, all pending
+        st = asyncio.run(status())
+        assert (st.margin_s, st.lag_s, st.pending) == (2.0, 7.0, 3)
+        c.xtrim(stream, minid="6000-0", approximate=False)  # entries 4000..5000 trimmed before the group read them
+        st = asyncio.run(status())
+        assert st.margin_s == -3.0 and st.retention_s == 4.0
+        assert st.behind in (None, True)  # Redis >= 7 knows for sure (max-deleted-entry-id); 6.2 says None
+    finally:
+        c.close()
