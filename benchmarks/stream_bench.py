@@ -135,6 +135,16 @@ class ConsumerProc:
             self.proc.wait(10)
 
 
+def cpu_s(pid: int | None) -> float | None:
+    """User + system CPU seconds a live process has used so far (/proc/<pid>/stat), None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError, TypeError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def make_events(s: Settings, n: int, items: list[str], tag: str, seed: int) -> list[dict[str, Any]]:
     """``n`` events of ``s.users`` users drawn uniformly, per-user timestamps increasing, unique event ids."""
     rng = random.Random(seed)
@@ -254,11 +264,14 @@ def throughput_run(
         while not any(_owner(lab.client.get(p.lease)) for p in layout.partitions):
             time.sleep(0.005)
         started = time.time()
+        pids = [p.pid for p in procs] + [lab.embedded.pid]
+        cpu0 = [cpu_s(pid) for pid in pids]
         while not lab.drained(layout):
             if time.time() - started > 600:
                 raise RuntimeError("not drained after 600 s")
             time.sleep(0.05)
         drained = time.time()
+        cpu1 = [cpu_s(pid) for pid in pids]
         totals = [p.wait(120) for p in procs]
         if recorder is not None:
             recorder.join(120)
@@ -281,6 +294,10 @@ def throughput_run(
         "events_per_s": round(len(events) / wall, 1),
         "consumers_totals": totals,
     }
+    if all(x is not None for x in (*cpu0, *cpu1)):  # CPU seconds used between the gate and the drain
+        used = [b - a for a, b in zip(cpu0, cpu1, strict=True)]
+        row["consumer_cpu_s"] = round(sum(used[:-1]), 3)
+        row["redis_cpu_s"] = round(used[-1], 3)
     spans = [(t["first_batch_unix"], t["last_ack_unix"]) for t in totals if t.get("first_batch_unix")]
     if len(spans) == len(totals):  # the consumers' own clock: first batch read to last acknowledgement
         span = max(b for _, b in spans) - min(a for a, _ in spans)

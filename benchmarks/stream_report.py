@@ -27,7 +27,9 @@ def method(res: dict[str, Any]) -> list[str]:
         f"{st['events'] // max(1, st['users'])} per user, each with an event id) are XADDed first; a gate key holds "
         "every partition's lease while the consumers load the model and register; then the gate opens. *events/s* "
         "= events / (time from the first lease taken to every partition drained: all delivered, none pending, "
-        "polled every 50 ms). *busy events/s*: the consumers' own clocks, first batch read to last XACK. Every run "
+        "polled every 50 ms). *busy events/s*: the consumers' own clocks, first batch read to last XACK. *CPU "
+        "µs/event*: user + system CPU time of the consumer processes (and of redis-server) between those two moments "
+        "(/proc/<pid>/stat) per event; on a shared machine it is steadier than the wall-clock rates. Every run "
         "checks that the users' stored event counts add up to the events produced and that the consumers applied "
         "exactly that many.",
         f"**Lag.** One consumer, one partition; a producer thread XADDs at a fixed rate (fractions "
@@ -60,13 +62,17 @@ def throughput_lines(sec: dict[str, Any]) -> list[str]:
         split = " / ".join(
             "+".join(f"{t['applied']:,}" for t in r["consumers_totals"]) for r in runs
         )  # who applied what, per run
+        cpu = [1000 * r["consumer_cpu_s"] / r["events"] for r in runs if "consumer_cpu_s" in r]
+        rcpu = [1000 * r["redis_cpu_s"] / r["events"] for r in runs if "redis_cpu_s" in r]
         rows.append([
             code, c, p, b, len(runs), f"{_median(per):,.0f}", ", ".join(f"{x:,.0f}" for x in per),
-            f"{_median(busy):,.0f}" if busy else "-", split, "yes" if all(r["exact"] for r in runs) else "**no**",
+            f"{_median(busy):,.0f}" if busy else "-", f"{_median(cpu) * 1000:,.0f}" if cpu else "-",
+            f"{_median(rcpu) * 1000:,.0f}" if rcpu else "-", split,
+            "yes" if all(r["exact"] for r in runs) else "**no**",
         ])  # fmt: skip
     header = ["code", "consumers", "partitions", "batch", "runs", "events/s (median)", "each run", "busy events/s",
-              "applied per consumer", "counts exact"]  # fmt: skip
-    lines = markdown_table(header, rows, "lrrrrrrrll")
+              "consumer CPU µs/event", "Redis CPU µs/event", "applied per consumer", "counts exact"]  # fmt: skip
+    lines = markdown_table(header, rows, "lrrrrrrrrrll")
     after = [r for r in sec["runs"] if r["code"] == "after" and r["consumers"] == 1]
     best = max((_median([x["events_per_s"] for x in rs]) for k, rs in groups.items() if k[0] == "after" and k[1] == 1),
                default=None)  # fmt: skip
@@ -79,11 +85,17 @@ def throughput_lines(sec: dict[str, Any]) -> list[str]:
         for (code, c, p, n), runs in groups.items():
             if code != "after" or (("before", c, p, n) not in groups):
                 continue
+            old = groups[("before", c, p, n)]
             a = _median([r["events_per_s"] for r in runs])
-            b = _median([r["events_per_s"] for r in groups[("before", c, p, n)]])
-            ratio_rows.append([c, p, n, f"{b:,.0f}", f"{a:,.0f}", f"{a / b:.2f}x"])
-        lines += markdown_table(["consumers", "partitions", "batch", "before events/s", "after events/s", "ratio"],
-                                ratio_rows, "rrrrrr")  # fmt: skip
+            b = _median([r["events_per_s"] for r in old])
+            cpu = "-"
+            if all("consumer_cpu_s" in r for r in (*runs, *old)):
+                ca, cb = (_median([r["consumer_cpu_s"] / r["events"] for r in rs]) for rs in (runs, old))
+                cpu = f"{cb / ca:.2f}x"
+            ratio_rows.append([c, p, n, f"{b:,.0f}", f"{a:,.0f}", f"{a / b:.2f}x", cpu])
+        header = ["consumers", "partitions", "batch", "before events/s", "after events/s", "events/s ratio",
+                  "consumer CPU per event, before / after"]  # fmt: skip
+        lines += markdown_table(header, ratio_rows, "rrrrrrr")
     return lines
 
 
