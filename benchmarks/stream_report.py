@@ -124,7 +124,11 @@ def top_functions(raw: str, n: int = 15) -> dict[str, Any]:
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
             continue
-        frames = [frame_name(f) for f in stack.split(";") if not f.startswith(("process ", "thread "))]
+        # py-spy names a file by its package path: "model/x.py" installed, "hytrec/model/x.py" from a package tree
+        frames = [
+            (fn, path.removeprefix("hytrec/"))
+            for fn, path in (frame_name(f) for f in stack.split(";") if not f.startswith(("process ", "thread ")))
+        ]
         if not frames:
             continue
         c = int(count)
