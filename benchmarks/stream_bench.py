@@ -44,7 +44,6 @@ from hytrec.benchmarks.harness import REPO, BenchPage, echo_result, read_json, w
 
 SCHEMA = "hytrec-bench-streams/1"
 PROFILE_SVG = "streams_profile.svg"
-PROFILE_RAW = "streams_profile.txt"
 GATE = "bench-gate 0"  # a lease value no consumer holds: the partitions stay closed while it is set
 
 
@@ -478,7 +477,7 @@ def sec_profile(lab: Lab, artifacts: Path, progress) -> dict[str, Any]:
     why = profile_bench.check_pyspy(exe)
     if why:
         raise RuntimeError(f"py-spy cannot read processes here: {why}")
-    raw = artifacts / PROFILE_RAW  # kept beside the flame graph, so the page's tables can be re-rendered
+    raw = lab.tmp / "profile.txt"  # 1 MB of collapsed stacks: the JSON keeps their tables
     out: dict[str, Any] = {}
     for fmt, path in (("raw", raw), ("flamegraph", artifacts / PROFILE_SVG)):
         spec = {"exe": exe, "format": fmt, "output": path, "rate": lab.s.profile_rate}
@@ -488,7 +487,7 @@ def sec_profile(lab: Lab, artifacts: Path, progress) -> dict[str, Any]:
             raise RuntimeError(f"py-spy exited {spy.rc}: {spy.stderr}")
         out[fmt] = {"command": spec["command"], "events_per_s_under_profiler": row["events_per_s"]}
         progress(f"  profiled ({fmt}): {row['events_per_s']} events/s under py-spy")
-    out["svg"], out["raw"]["file"] = PROFILE_SVG, PROFILE_RAW
+    out["svg"] = PROFILE_SVG
     out["top"] = stream_report.top_functions(raw.read_text())
     return out
 
