@@ -147,6 +147,9 @@ class Settings(StoreSettings):
         1_000_000, ge=0, description="Producer's approximate MAXLEN per partition (0: no trimming): the retention."
     )
     stream_dead_maxlen: int = Field(100_000, ge=0, description="Approximate MAXLEN of the dead-letter stream.")
+    stream_read_ahead: bool = Field(
+        True, description="Read a partition's next batch while the current one applies (`hytrec consume`)."
+    )
     stream_retry_cap_ms: float = Field(
         5000.0, gt=0, description="Cap of the backoff before a consumer retries a batch that failed (not acknowledged)."
     )

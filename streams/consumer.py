@@ -70,14 +70,15 @@ return 0
 """
 # The fenced read: only the lease holder gets entries, atomically with the lease check, so a consumer that lost
 # its lease can never read (and apply) entries its successor reads too. Pending entries, oldest first, before
-# any new one.
-# KEYS: lease, stream. ARGV: token, group, consumer, count.
+# any new one. ARGV[5] is where the pending ones not yet in this consumer's hands start: '-' (all of them), or
+# '(<id>' past the last entry it already holds, so it can read the next batch while the current one applies.
+# KEYS: lease, stream. ARGV: token, group, consumer, count, pending start.
 # Returns {-1} (lease not held) | {1, pending ids, claimed entries} | {0, {}, new entries} |
 #         {0, {}, {}, id of the newest entry or '0-0'} when there is nothing to read.
 FETCH = """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {-1} end
 local n = tonumber(ARGV[4])
-local pend = redis.call('XPENDING', KEYS[2], ARGV[2], '-', '+', n)
+local pend = redis.call('XPENDING', KEYS[2], ARGV[2], ARGV[5], '+', n)
 if #pend > 0 then
   local ids = {}
   for i, p in ipairs(pend) do ids[i] = p[1] end
@@ -89,9 +90,37 @@ local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
 if #last > 0 then return {0, {}, {}, last[1][1]} end
 return {0, {}, {}, '0-0'}
 """
+# The group's dead consumers: every consumer of the partition's group other than the lease holder that has no
+# pending entry and has been idle longer than a bound is deleted (XGROUP DELCONSUMER), so the group does not grow
+# by one consumer per process ever started. Only the lease holder runs it, atomically with the lease check: no
+# other consumer can gain a pending entry of this partition meanwhile (FETCH delivers to the holder only), and
+# one with pending entries is never deleted (that would drop them from the group's pending list).
+# KEYS: lease, stream. ARGV: token, group, min idle ms. Returns the names deleted.
+PRUNE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return {} end
+local me = string.match(ARGV[1], '^(.*) [0-9]+$')
+local ok, consumers = pcall(redis.call, 'XINFO', 'CONSUMERS', KEYS[2], ARGV[2])
+if not ok then return {} end
+local gone = {}
+for _, c in ipairs(consumers) do
+  local f = {}
+  for i = 1, #c, 2 do f[c[i]] = c[i + 1] end
+  if f['name'] ~= me and tonumber(f['pending']) == 0 and tonumber(f['idle']) > tonumber(ARGV[3]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[2], ARGV[2], f['name'])
+    gone[#gone + 1] = f['name']
+  end
+end
+return gone
+"""
 _SCRIPTS = {
     name: (text, hashlib.sha1(text.encode()).hexdigest())
-    for name, text in (("acquire", ACQUIRE), ("renew", RENEW), ("release", RELEASE), ("fetch", FETCH))
+    for name, text in (
+        ("acquire", ACQUIRE),
+        ("renew", RENEW),
+        ("release", RELEASE),
+        ("fetch", FETCH),
+        ("prune", PRUNE),
+    )
 }
 MAX_FETCH = 4000  # Lua's unpack() limit is about 8000 values
 
@@ -133,8 +162,10 @@ class Totals:
     dead_letter: int = 0
     trimmed: int = 0
     batches: int = 0
-    first_batch: float | None = None  # time.monotonic() of the first non-empty batch read
+    first_batch: float | None = None  # time.monotonic() when the read of the first non-empty batch began
     last_ack: float | None = None
+    first_batch_unix: float | None = None  # the same two as Unix times (comparable across consumers)
+    last_ack_unix: float | None = None
     partitions: set[int] = field(default_factory=set)
 
     def as_dict(self) -> dict[str, Any]:
@@ -148,7 +179,52 @@ class Totals:
             "busy_seconds": round(span, 3),
             "events_per_s": round((self.applied + self.duplicates) / span, 1) if span > 0 else None,
             "partitions": sorted(self.partitions),
+            "first_batch_unix": self.first_batch_unix,
+            "last_ack_unix": self.last_ack_unix,
         }
+
+
+@dataclass(frozen=True)
+class PartitionStatus:
+    """Where a partition's group stands against its stream (the lag and retention metrics)."""
+
+    lag_s: float  # newest entry's time minus the newest delivered entry's time
+    lag_entries: int | None  # entries not yet delivered (Redis >= 7)
+    pending: int
+    retention_s: float | None  # newest minus oldest entry held: how far back the stream still reaches
+    margin_s: float | None  # newest delivered minus oldest entry held (< 0: unread entries may be trimmed)
+    behind: bool | None  # an entry newer than the last delivered one was trimmed (Redis >= 7 knows; else None)
+
+
+async def partition_status(client: Any, stream: str, group: str) -> PartitionStatus | None:
+    """The status of ``group`` on ``stream``; None when the stream or the group does not exist."""
+    try:
+        groups = await client.xinfo_groups(stream)
+        info = await client.xinfo_stream(stream)
+    except rex.ResponseError:
+        return None
+    g = next((x for x in groups if _s(x.get("name")) == group), None)
+    if g is None:
+        return None
+    delivered = entry_key(_s(g.get("last-delivered-id", "0-0")))
+    newest = entry_key(_s(info.get("last-generated-id", "0-0")))
+    first, last = info.get("first-entry"), info.get("last-entry")
+    retention = margin = None
+    if first and last:
+        oldest = entry_key(_s(first[0]))[0]
+        retention = (entry_key(_s(last[0]))[0] - oldest) / 1000
+        if delivered != (0, 0):
+            margin = (delivered[0] - oldest) / 1000
+    deleted = info.get("max-deleted-entry-id")
+    lag = g.get("lag")
+    return PartitionStatus(
+        lag_s=max(0.0, (newest[0] - delivered[0]) / 1000),
+        lag_entries=None if lag is None else int(lag),
+        pending=int(g.get("pending", 0)),
+        retention_s=retention,
+        margin_s=margin,
+        behind=None if deleted is None else entry_key(_s(deleted)) > delivered,
+    )
 
 
 class Consumer:
@@ -271,13 +347,25 @@ class Consumer:
 
     # ------------------------------------------------------------ one partition
     async def _work(self, lease: _Lease) -> None:
+        """Read, apply, acknowledge, in stream order; the next batch is read while the current one applies.
+
+        Reading ahead is safe because batches still apply one after another: the next one only once the current
+        one is committed and acknowledged (a failed batch is retried first, and a lost lease drops both). Its
+        entries were delivered to this consumer, so on a stop they stay pending for the next owner to claim.
+        """
         part = lease.part
+        after = "-"  # pending entries past this id are not in hand yet (see FETCH)
+        ahead: asyncio.Task | None = None
         try:
             while not self.stopping.is_set() and not lease.release:
                 if not lease.alive():
                     raise LeaseLost
-                res = await self._fetch(lease)
-                claimed, entries = res
+                began = time.monotonic()
+                if ahead is None:
+                    claimed, entries = await self._fetch(lease, after)
+                else:
+                    claimed, entries = await ahead
+                    ahead = None
                 if not claimed and not entries:
                     self.idle.add(part.index)
                     if self.until_idle and self.idle >= set(self.leases):
@@ -286,6 +374,12 @@ class Consumer:
                     await self._wait_new(part, lease.last)
                     continue
                 self.idle.discard(part.index)
+                if self.totals.first_batch is None:
+                    self.totals.first_batch = began
+                    self.totals.first_batch_unix = time.time() - (time.monotonic() - began)
+                after = "(" + max([*claimed[-1:], *(e for e, _ in entries[-1:])], key=entry_key)
+                if self.s.stream_read_ahead:
+                    ahead = asyncio.create_task(self._fetch(lease, after))
                 await self._handle(lease, claimed, entries)
         except LeaseLost:
             if not lease.lost:
@@ -297,6 +391,10 @@ class Consumer:
         except Exception:  # noqa: BLE001 - the lease loop re-acquires the partition later
             log.exception("partition %d worker failed", part.index)
         finally:
+            if ahead is not None:  # what it read stays pending: the next owner (or this one again) claims it
+                ahead.cancel()
+                with contextlib.suppress(BaseException):
+                    await ahead
             self.leases.pop(part.index, None)
             self.workers.pop(part.index, None)
             metrics.LEASES_HELD.set(len(self.leases))
@@ -305,6 +403,7 @@ class Consumer:
                 metrics.LAG_ENTRIES,
                 metrics.PENDING,
                 metrics.RETENTION_SECONDS,
+                metrics.RETENTION_MARGIN,
                 metrics.BEHIND_RETENTION,
             ):
                 with contextlib.suppress(KeyError):
@@ -316,11 +415,11 @@ class Consumer:
                 except (rex.RedisError, OSError) as exc:  # it expires by itself
                     log.warning("release of partition %d failed: %s", part.index, exc)
 
-    async def _fetch(self, lease: _Lease) -> tuple[list[str], list[tuple[str, dict]]]:
+    async def _fetch(self, lease: _Lease, after: str = "-") -> tuple[list[str], list[tuple[str, dict]]]:
         """The fenced read: (pending ids claimed, entries); ``LeaseLost`` when the lease is not ours."""
         part = lease.part
         n = min(self.s.stream_batch_size, MAX_FETCH)
-        args = [lease.token, self.s.stream_group, self.id, n]
+        args = [lease.token, self.s.stream_group, self.id, n, after]
         while True:
             try:
                 res = await self._script("fetch", [part.lease, part.stream], args)
@@ -383,8 +482,6 @@ class Consumer:
         """Apply one batch, dead-letter its bad entries, then acknowledge; retried until done or the lease goes."""
         part = lease.part
         start = time.monotonic()
-        if self.totals.first_batch is None:
-            self.totals.first_batch = start
         metrics.BATCH_SIZE.observe(len(entries))
         good, ids, dead = self._validate(part, entries)
         present = {eid for eid, _ in entries}
@@ -437,7 +534,7 @@ class Consumer:
         t.dead_letter += len(dead)
         t.trimmed += len(trimmed)
         t.batches += 1
-        t.last_ack = time.monotonic()
+        t.last_ack, t.last_ack_unix = time.monotonic(), time.time()
         for outcome, n in (
             ("applied", applied),
             ("duplicate", dups),
@@ -451,29 +548,27 @@ class Consumer:
     # ------------------------------------------------------------ lag
     async def _lag_round(self) -> None:
         for p, lease in list(self.leases.items()):
-            stream = lease.part.stream
             try:
-                groups = await self.client.xinfo_groups(stream)
-                info = await self.client.xinfo_stream(stream)
+                st = await partition_status(self.client, lease.part.stream, self.s.stream_group)
+                if lease.alive():
+                    keys = [lease.part.lease, lease.part.stream]
+                    gone = await self._script("prune", keys, [lease.token, self.s.stream_group, self._ttl * 2])
+                    if gone:
+                        metrics.CONSUMERS_DELETED.inc(len(gone))
+                        log.info("partition %d: deleted idle consumers %s", p, [_s(g) for g in gone])
             except (rex.RedisError, OSError):
                 continue
-            group = next((g for g in groups if _s(g.get("name")) == self.s.stream_group), None)
-            if group is None:
+            if st is None:
                 continue
-            delivered = entry_key(_s(group.get("last-delivered-id", "0-0")))
-            newest = entry_key(_s(info.get("last-generated-id", "0-0")))
             label = str(p)
-            metrics.LAG_SECONDS.labels(label).set(max(0.0, (newest[0] - delivered[0]) / 1000))
-            lag = group.get("lag")
-            metrics.LAG_ENTRIES.labels(label).set(-1 if lag is None else int(lag))
-            metrics.PENDING.labels(label).set(int(group.get("pending", 0)))
-            first, last = info.get("first-entry"), info.get("last-entry")
-            if first and last:
-                span = (entry_key(_s(last[0]))[0] - entry_key(_s(first[0]))[0]) / 1000
-                metrics.RETENTION_SECONDS.labels(label).set(span)
-            deleted = info.get("max-deleted-entry-id")
-            behind = -1 if deleted is None else int(entry_key(_s(deleted)) > delivered)
-            metrics.BEHIND_RETENTION.labels(label).set(behind)
+            metrics.LAG_SECONDS.labels(label).set(st.lag_s)
+            metrics.LAG_ENTRIES.labels(label).set(-1 if st.lag_entries is None else st.lag_entries)
+            metrics.PENDING.labels(label).set(st.pending)
+            if st.retention_s is not None:
+                metrics.RETENTION_SECONDS.labels(label).set(st.retention_s)
+            if st.margin_s is not None:
+                metrics.RETENTION_MARGIN.labels(label).set(st.margin_s)
+            metrics.BEHIND_RETENTION.labels(label).set(-1 if st.behind is None else int(st.behind))
 
     async def _lag_loop(self) -> None:
         while not self.stopping.is_set():
@@ -505,4 +600,4 @@ class Consumer:
         self.stopping.set()
 
 
-__all__ = ["Consumer", "LeaseLost", "Totals", "default_consumer_id"]
+__all__ = ["Consumer", "LeaseLost", "PartitionStatus", "Totals", "default_consumer_id", "partition_status"]

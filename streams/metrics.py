@@ -54,6 +54,18 @@ RETENTION_SECONDS = Gauge(
     "Per owned partition: time span the stream still holds (newest minus oldest entry); lag beyond it is lost.",
     ["partition"],
 )
+RETENTION_MARGIN = Gauge(
+    "hytrec_stream_retention_margin_seconds",
+    "Per owned partition: time of the newest entry delivered to the group minus that of the oldest entry still "
+    "held; below 0 the stream no longer holds what follows the group's position, so unread entries may have been "
+    "trimmed (any Redis; hytrec_stream_behind_retention says for sure on Redis >= 7).",
+    ["partition"],
+)
+CONSUMERS_DELETED = Counter(
+    "hytrec_stream_consumers_deleted",
+    "Consumers deleted from a partition's group (XGROUP DELCONSUMER) by its lease holder: idle for two leases, "
+    "no pending entry.",
+)
 BEHIND_RETENTION = Gauge(
     "hytrec_stream_behind_retention",
     "Per owned partition: 1 when the oldest entry still held is newer than the last one delivered, so entries "
