@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,6 +19,7 @@ from hytrec.service import routes
 from hytrec.service.auth import ApiKeyAuth
 from hytrec.service.errors import install
 from hytrec.service.guard import Guard
+from hytrec.service.logs import request_id_middleware
 from hytrec.service.runtime import Lifecycle
 from hytrec.service.settings import Settings
 
@@ -75,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         retry_after=s.retry_after_s,
         shed=lifecycle.shed,
     )
+    app.add_middleware(request_id_middleware)  # outermost: the id is set before the guard may answer
     for router in (routes.events, routes.users, routes.items, routes.model, routes.operations):
         app.include_router(router)
     app.openapi = openapi_with_limits(app, s)  # type: ignore[method-assign]
@@ -102,5 +103,8 @@ def _exit_with_supervisor() -> None:
 def app_factory() -> FastAPI:
     """Uvicorn factory: the app configured from the environment."""
     _exit_with_supervisor()
-    logging.basicConfig(level=Settings().log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    return create_app()
+    from hytrec.service import logs
+
+    s = Settings()
+    logs.configure(s)
+    return create_app(s)
