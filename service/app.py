@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from hytrec import __version__
-from hytrec.service import routes
+from hytrec.service import routes, tracing
 from hytrec.service.auth import ApiKeyAuth
 from hytrec.service.errors import install
 from hytrec.service.guard import Guard
@@ -79,6 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (routes.events, routes.users, routes.items, routes.model, routes.operations):
         app.include_router(router)
     app.openapi = openapi_with_limits(app, s)  # type: ignore[method-assign]
+    tracing.setup(app, s)  # nothing at all unless an OTLP endpoint is configured
     return app
 
 

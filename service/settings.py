@@ -80,6 +80,11 @@ class Settings(StoreSettings):
     access_log_sample: float = Field(
         1.0, gt=0, le=1, description="Fraction of access-log lines kept when the access log is on (warnings: all)."
     )
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP collector base URL (e.g. http://collector:4318): traces FastAPI, Redis and each torch "
+        "batch (needs the otel extra). Unset: tracing off, unless OTEL_EXPORTER_OTLP_ENDPOINT is set.",
+    )
     log_format: Literal["json", "text"] = Field(
         "json", description="Log lines as JSON objects (with the request id) or as plain text (development)."
     )

@@ -100,6 +100,22 @@ def test_dockerignore_keeps_the_venv_out_of_the_context() -> None:
     assert not {".venv", "var", "tests", "docs"} & allowed
 
 
+def test_the_image_gets_every_package_folder() -> None:
+    """`pip install .` in the image builds every package of pyproject's package-dir: each folder is in the context
+    and copied (the stream consumer's folder was missing once)."""
+    import tomllib
+
+    folders = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
+    tops = {f.split("/")[0] for f in folders}
+    rules = (REPO / ".dockerignore").read_text().splitlines()
+    allowed = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
+    copied = {ln.split()[1] for ln in (REPO / "Dockerfile").read_text().splitlines() if ln.startswith("COPY ")}
+    for top in tops:
+        assert top in allowed or any(a.startswith(top + "/") for a in allowed), f"{top} not in .dockerignore's list"
+    for folder in folders:
+        assert any(folder == c or folder.startswith(c + "/") for c in copied), f"{folder} is not copied"
+
+
 # ---------------------------------------------------------------------------------------------- YAML
 def test_yamllint_passes() -> None:
     yamllint = require_tool("yamllint")
