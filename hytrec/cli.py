@@ -35,6 +35,7 @@ _COMMANDS: list[tuple[str, str, typer.Typer, str]] = [
     ("hytrec.streams.commands", "consume", app, "consume"),
     ("hytrec.loadtest.commands", "loadtest", app, "loadtest"),
     ("hytrec.ops", "render", ops, "render"),
+    ("hytrec.ops", "access_log_cost", ops, "access-log-cost"),
 ]
 
 

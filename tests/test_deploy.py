@@ -126,7 +126,7 @@ def test_yamllint_passes() -> None:
 def test_compose_binds_loopback_and_runs_the_stack() -> None:
     compose = yaml.safe_load((REPO / "deploy/docker-compose.yml").read_text())
     services = compose["services"]
-    assert {"redis", "hytrec", "prometheus"} <= set(services)
+    assert {"redis", "hytrec", "consumer", "prometheus"} <= set(services)
     for name, svc in services.items():
         for port in svc.get("ports", []):
             assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond the loopback interface"
@@ -134,6 +134,13 @@ def test_compose_binds_loopback_and_runs_the_stack() -> None:
     assert services["hytrec"]["deploy"]["replicas"] == 2
     assert ":?" in services["hytrec"]["environment"]["HYTREC_API_KEYS"], "compose refuses to start without keys"
     assert "./prometheus:/etc/prometheus:ro" in services["prometheus"]["volumes"]
+    consumer = services["consumer"]
+    assert consumer["command"] == ["hytrec", "consume"] and consumer["read_only"] is True
+    port = consumer["environment"]["HYTREC_CONSUME_METRICS_PORT"]
+    scrape = yaml.safe_load((REPO / "deploy/prometheus/prometheus.yml").read_text())["scrape_configs"]
+    jobs = {c["job_name"]: c["dns_sd_configs"][0] for c in scrape}
+    assert jobs[ops.CONSUMER_JOB] == {**jobs[ops.CONSUMER_JOB], "names": ["consumer"], "port": int(port)}
+    assert jobs[ops.JOB]["names"] == ["hytrec"]
 
 
 # ---------------------------------------------------------------------------------------- Kubernetes
@@ -264,3 +271,20 @@ def test_the_workload_is_hardened_and_wired(manifests: dict[str, list[dict[str, 
         wanted = monitor["spec"]["selector"]["matchLabels"]
         assert any(wanted.items() <= s["metadata"]["labels"].items() for s in services.values())
         assert ops.JOB in services, "the rules' job label is the Service name"
+        # the consumer: its own metrics port, in a Service the ServiceMonitor selects, with an endpoint for it
+        (consumer,) = (d for d in _by_kind(docs, "Deployment") if d["metadata"]["name"] == "hytrec-consumer")
+        container = consumer["spec"]["template"]["spec"]["containers"][0]
+        assert "consume" in container["command"] and {"startupProbe", "livenessProbe"} <= set(container)
+        (metrics_port,) = container["ports"]
+        consumer_svc = services[ops.CONSUMER_JOB]
+        assert consumer_svc["spec"]["ports"][0]["name"] == metrics_port["name"]
+        assert consumer_svc["spec"]["selector"].items() <= consumer["spec"]["template"]["metadata"]["labels"].items()
+        assert wanted.items() <= consumer_svc["metadata"]["labels"].items()
+        (expr,) = monitor["spec"]["selector"]["matchExpressions"]
+        assert {"api", "consumer"} <= set(expr["values"]) and expr["operator"] == "In"
+        ports = {e["port"] for e in monitor["spec"]["endpoints"]}
+        assert {"http", metrics_port["name"]} <= ports
+        # Redis admits the consumer
+        (redis_policy,) = (d for d in _by_kind(docs, "NetworkPolicy") if d["metadata"]["name"] == "hytrec-redis")
+        sources = [f["podSelector"]["matchLabels"] for r in redis_policy["spec"]["ingress"] for f in r["from"]]
+        assert {"app.kubernetes.io/name": "hytrec", "app.kubernetes.io/component": "consumer"} in sources
