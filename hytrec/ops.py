@@ -14,6 +14,7 @@ command is given another value. A rendering with short ``for:`` holds (``hold``)
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
@@ -213,6 +214,43 @@ def dump_yaml(data: Any) -> str:
 
 
 # ------------------------------------------------------------------------------------------- dashboard
+_NAME = re.compile(r"(?<![\w:])([A-Za-z_][\w:]*)(\{)?")  # an identifier, perhaps followed by its matchers
+
+
+def filtered(expr: str) -> str:
+    """``expr`` with every series selector narrowed to the dashboard's ``$job`` and ``$instance`` variables
+    (recorded series, ``job...:...``, are aggregated by job and have no instance: only ``$job`` applies)."""
+
+    def sub(m: re.Match[str]) -> str:
+        name, brace = m[1], m[2]
+        if name.startswith("hytrec_"):
+            matchers = 'job=~"$job", instance=~"$instance"'
+        elif ":" in name and name.startswith("job"):
+            matchers = 'job=~"$job"'
+        else:
+            return m[0]
+        return f"{name}{{{matchers}, " if brace else f"{name}{{{matchers}}}"
+
+    return _NAME.sub(sub, expr)
+
+
+def variable(name: str, label: str, query: str) -> Any:
+    """A multi-value query variable of the dashboard, "All" by default (``.*``)."""
+    from grafana_foundation_sdk.builders import dashboard as gd
+    from grafana_foundation_sdk.models.dashboard import DataSourceRef, VariableRefresh
+
+    return (
+        gd.QueryVariable(name)
+        .label(label)
+        .datasource(DataSourceRef(type_val="prometheus", uid="${datasource}"))
+        .query(query)
+        .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED)
+        .include_all(True)
+        .all_value(".*")
+        .multi(True)
+    )
+
+
 def dashboard() -> dict[str, Any]:
     """The dashboard as Grafana's JSON model, built with grafana-foundation-sdk."""
     from grafana_foundation_sdk.builders import dashboard as gd
@@ -226,7 +264,7 @@ def dashboard() -> dict[str, Any]:
     ids = iter(range(1, 1000))
 
     def q(expr: str, legend: str) -> prometheus.Dataquery:
-        return prometheus.Dataquery().expr(expr).legend_format(legend)
+        return prometheus.Dataquery().expr(filtered(expr)).legend_format(legend)
 
     def ts(title: str, unit: str, desc: str, *queries: prometheus.Dataquery) -> timeseries.Panel:
         panel = timeseries.Panel().id(next(ids)).title(title).description(desc).unit(unit).datasource(ds)
@@ -376,6 +414,8 @@ def dashboard() -> dict[str, Any]:
         .refresh("30s")
         .time("now-1h", "now")
         .with_variable(gd.DatasourceVariable("datasource").label("Prometheus").type("prometheus"))
+        .with_variable(variable("job", "Job", f'label_values(up{{job=~"{JOB}|{CONSUMER_JOB}"}}, job)'))
+        .with_variable(variable("instance", "Instance", 'label_values(up{job=~"$job"}, instance)'))
     )
     for title, panels in (
         ("Requests", requests),
@@ -436,6 +476,29 @@ def _cpu_seconds(pid: int) -> float:
 
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _one_access_line_us(path: Path, n: int = 20_000) -> float:
+    """Microseconds to format (service/logs.py, with a request id and two secrets to redact) and write one access
+    line to a file: best of 5 loops of ``n``."""
+    import logging
+    import timeit
+
+    from asgi_correlation_id import correlation_id
+
+    from hytrec.service import logs
+
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logs.formatter("json", ["some-api-key-1", "other-key-2"]))
+    log = logging.Logger("uvicorn.access", logging.INFO)
+    log.addHandler(handler)
+    correlation_id.set("0af7651916cd43dd8448eb211c80319c")
+    args = ("127.0.0.1:50000", "GET", "/v1/users/load-12/recommendations?k=10", "1.1", 200)
+    try:
+        best = min(timeit.repeat(lambda: log.info('%s - "%s %s HTTP/%s" %d', *args), number=n, repeat=5))
+    finally:
+        handler.close()
+    return 1e6 * best / n
 
 
 def access_log_cost(
@@ -535,6 +598,7 @@ def access_log_cost(
     }
     ratios = {key: round(v["on"] / v["off"], 3) for key, v in summary.items()}
     report = {
+        "one_line_us": round(_one_access_line_us(work / "one-line.log"), 1),
         "rate": rate,
         "duration_s": duration,
         "rounds": rounds,

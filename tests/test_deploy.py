@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import importlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -65,6 +66,27 @@ def test_render_writes_what_check_reports(tmp_path: Path) -> None:
     assert sorted(ops.update(root=tmp_path)) == sorted(ops.render_all())
     assert ops.update(check=True, root=tmp_path) == []
     assert ops.update(check=True, slo_p99_ms=75, root=tmp_path) == [ops.RULES, ops.PROMETHEUS_RULE]
+
+
+def test_the_dashboard_filters_every_query_by_job_and_instance() -> None:
+    require_module("grafana_foundation_sdk")
+    from tests.test_prometheus import dashboard_queries
+
+    board = ops.dashboard()
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert {"datasource", "job", "instance"} <= set(variables)
+    assert variables["job"]["includeAll"] and variables["job"]["allValue"] == ".*"
+    assert "$job" in variables["instance"]["query"]
+    queries = dashboard_queries(board)
+    for expr in queries:
+        names = re.findall(r"(?<![\w:])(hytrec_[\w]+|job[a-z_]*:[\w:]+)(\{[^}]*\})?", expr)
+        assert names, expr
+        for name, matchers in names:
+            assert 'job=~"$job"' in matchers, f"{name} in {expr}"
+            if name.startswith("hytrec_"):
+                assert 'instance=~"$instance"' in matchers, f"{name} in {expr}"
+    titles = {p.get("title") for p in board["panels"]}
+    assert {"Model version", "Consumer lag by partition", "Dead letters"} <= titles
 
 
 def test_every_alert_has_a_runbook() -> None:

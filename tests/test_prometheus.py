@@ -59,7 +59,10 @@ def committed_queries() -> dict[str, str]:
     which holds or not by design; the threshold's logic is what the promtool unit tests cover)."""
     queries = {}
     for i, expr in enumerate(dashboard_queries(json.loads(DASHBOARD.read_text()))):
-        queries[f"dashboard[{i}]"] = expr.replace("$__rate_interval", "1m")
+        # as Grafana sends it with the job and instance variables at "All" (their all value, .*)
+        for var, value in (("$__rate_interval", "1m"), ("$job", ".*"), ("$instance", ".*")):
+            expr = expr.replace(var, value)
+        queries[f"dashboard[{i}]"] = expr
     groups = yaml.safe_load(RULES.read_text())
     for group in groups["groups"]:
         for rule in group["rules"]:
