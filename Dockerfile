@@ -10,10 +10,11 @@ RUN python -m venv /opt/venv
 WORKDIR /src
 # CPU-only torch first, from PyTorch's own index (the default index would pull the CUDA build).
 RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
-# The serving dependencies (pyproject's base list, no training or dev extras), pinned by the lock file.
+# The serving dependencies (pyproject's base list and the otel extra, used only when an OTLP endpoint is set; no
+# training or dev extras), pinned by the lock file.
 COPY pyproject.toml requirements.lock ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > /tmp/requirements.txt \
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['otel']))" > /tmp/requirements.txt \
     && pip install --no-cache-dir -c requirements.lock -r /tmp/requirements.txt
 # Then the code (the demo checkpoint ships inside the package as hytrec.demo).
 COPY README.md ./
@@ -21,6 +22,7 @@ COPY hytrec ./hytrec
 COPY model ./model
 COPY state_store ./state_store
 COPY service ./service
+COPY streams ./streams
 COPY training ./training
 COPY benchmarks ./benchmarks
 COPY loadtest ./loadtest

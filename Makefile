@@ -10,11 +10,11 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml requirements.lock
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -c requirements.lock -e '.[train,dev]'
+	$(BIN)/pip install -q -c requirements.lock -e '.[train,dev,otel]'
 	touch $(STAMP)
 
 lock: $(STAMP)
-	$(BIN)/pip-compile -q --extra train --extra dev --strip-extras --no-emit-find-links --no-emit-index-url \
+	$(BIN)/pip-compile -q --extra train --extra dev --extra otel --strip-extras --no-emit-find-links --no-emit-index-url \
 		--no-emit-trusted-host -o requirements.lock pyproject.toml
 
 docs: $(STAMP)

@@ -37,6 +37,7 @@ _COMMANDS: list[tuple[str, str, typer.Typer, str]] = [
     ("hytrec.loadtest.commands", "loadtest", app, "loadtest"),
     ("hytrec.loadtest.soak", "soak", app, "soak"),
     ("hytrec.ops", "render", ops, "render"),
+    ("hytrec.ops", "access_log_cost", ops, "access-log-cost"),
 ]
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -16,9 +15,10 @@ from typing import Any
 from fastapi import FastAPI
 
 from hytrec import __version__
-from hytrec.service import routes
+from hytrec.service import routes, tracing
 from hytrec.service.errors import install
 from hytrec.service.guard import Guard
+from hytrec.service.logs import request_id_middleware
 from hytrec.service.openapi import describe_errors
 from hytrec.service.ratelimit import RateLimiter
 from hytrec.service.runtime import Lifecycle
@@ -90,9 +90,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         shed=lifecycle.shed,
         limiter=rate_limiter(lifecycle, s),
     )
+    app.add_middleware(request_id_middleware)  # outermost: the id is set before the guard may answer
     for router in (routes.events, routes.users, routes.items, routes.model, routes.operations):
         app.include_router(router)
     app.openapi = openapi_with_limits(app, s)  # type: ignore[method-assign]
+    tracing.setup(app, s)  # nothing at all unless an OTLP endpoint is configured
     return app
 
 
@@ -117,5 +119,8 @@ def _exit_with_supervisor() -> None:
 def app_factory() -> FastAPI:
     """Uvicorn factory: the app configured from the environment."""
     _exit_with_supervisor()
-    logging.basicConfig(level=Settings().log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    return create_app()
+    from hytrec.service import logs
+
+    s = Settings()
+    logs.configure(s)
+    return create_app(s)

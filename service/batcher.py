@@ -15,6 +15,7 @@ from hytrec.model.serving import Recommendation, ServingModel
 from hytrec.model.state import StateBatch
 from hytrec.service.microbatch import MicroBatcher
 from hytrec.service.states import decode_snapshot
+from hytrec.service.tracing import span
 from hytrec.state_store import Runner, Snapshot, StateStore
 
 
@@ -56,7 +57,8 @@ class RecommendBatcher(MicroBatcher[RecommendRequest, "Scored | None"]):
 
     async def process(self, requests: Sequence[RecommendRequest]) -> Sequence[Scored | None | BaseException]:
         snaps = await self.store.get_many([r.user_id for r in requests])
-        return await self.run(lambda: self._compute(requests, snaps))
+        with span("hytrec.batch", path=self.name, requests=len(requests)):
+            return await self.run(lambda: self._compute(requests, snaps))
 
     def _compute(
         self, requests: Sequence[RecommendRequest], snaps: dict[str, Snapshot | None]

@@ -36,6 +36,7 @@ def serve(
     import uvicorn
 
     from hytrec.model.checkpoint import CONFIG, CheckpointError, validate_checkpoint
+    from hytrec.service.logs import log_config
     from hytrec.service.settings import Settings
 
     for name, value in (("host", host), ("port", port), ("workers", workers), ("model", model)):
@@ -75,6 +76,7 @@ def serve(
             port=settings.port,
             workers=settings.workers,
             log_level=settings.log_level.lower(),
+            log_config=log_config(settings),
             access_log=settings.access_log,
             timeout_graceful_shutdown=settings.shutdown_timeout_s,
         )

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
+from hytrec.service.logs import HEADER, request_id
 from hytrec.service.microbatch import Overloaded
 from hytrec.state_store import ConflictError, CorruptStateError, StoreError, StoreUnavailable
 
@@ -70,6 +71,8 @@ def problem_response(request: Request | None, p: Problem) -> JSONResponse:
     if request is not None:
         body["instance"] = request.url.path
     body.update(p.extra)
+    if (rid := request_id()) is not None:
+        body["request_id"] = rid  # the X-Request-ID of the answer, the request_id of its log lines
     return JSONResponse(body, status_code=p.status, headers=p.headers, media_type=PROBLEM_JSON)
 
 
@@ -181,4 +184,7 @@ def install(app: FastAPI, retry_after: int) -> None:
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
-        return problem_response(request, Problem(500, "internal", "Internal server error", "internal error"))
+        # answered by Starlette's outermost middleware, past the one that adds X-Request-ID: add it here
+        headers = {HEADER: rid} if (rid := request_id()) is not None else None
+        p = Problem(500, "internal", "Internal server error", "internal error", headers=headers)
+        return problem_response(request, p)

@@ -30,6 +30,7 @@ from hytrec.service.errors import field_problem
 from hytrec.service.microbatch import MicroBatcher
 from hytrec.service.schemas import Event, IngestResult
 from hytrec.service.states import decode_snapshot
+from hytrec.service.tracing import span
 from hytrec.state_store import ConflictError, CorruptStateError, Mark, Snapshot, StateStore, Write, entry_key
 
 # One event of a post, ready for the model: (item row, timestamp, event id or None).
@@ -135,7 +136,8 @@ class EventBatcher(MicroBatcher[Post, IngestResult]):
 
         def compute(snaps: dict[str, Snapshot]) -> Mapping[str, Write]:
             computed[0] += 1
-            return self._compute(snaps, merged, counts)
+            with span("hytrec.batch", path=self.name, requests=len(posts), users=len(snaps)):
+                return self._compute(snaps, merged, counts)
 
         asked = {u: ids for u, m in merged.items() if (ids := [r[2] for _, r, _ in m.events if r[2] is not None])}
         commits = await self.store.update_many(list(merged), compute, event_ids=asked, marks=marks)

@@ -117,6 +117,17 @@ class Settings(StoreSettings):
         "the worker exits (each is also bounded by HYTREC_REQUEST_TIMEOUT_MS).",
     )
     access_log: bool = Field(False, description="Uvicorn's access log line per request (off: the metrics count them).")
+    access_log_sample: float = Field(
+        1.0, gt=0, le=1, description="Fraction of access-log lines kept when the access log is on (warnings: all)."
+    )
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP collector base URL (e.g. http://collector:4318): traces FastAPI, Redis and each torch "
+        "batch (needs the otel extra). Unset: tracing off, unless OTEL_EXPORTER_OTLP_ENDPOINT is set.",
+    )
+    log_format: Literal["json", "text"] = Field(
+        "json", description="Log lines as JSON objects (with the request id) or as plain text (development)."
+    )
     torch_threads: int = Field(1, ge=1, description="Intra-op threads of the single torch worker thread.")
     state_dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
         None, description="Storage dtype of new states (default: the checkpoint's)."

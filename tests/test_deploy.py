@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import importlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -67,6 +68,27 @@ def test_render_writes_what_check_reports(tmp_path: Path) -> None:
     assert ops.update(check=True, slo_p99_ms=75, root=tmp_path) == [ops.RULES, ops.PROMETHEUS_RULE]
 
 
+def test_the_dashboard_filters_every_query_by_job_and_instance() -> None:
+    require_module("grafana_foundation_sdk")
+    from tests.test_prometheus import dashboard_queries
+
+    board = ops.dashboard()
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert {"datasource", "job", "instance"} <= set(variables)
+    assert variables["job"]["includeAll"] and variables["job"]["allValue"] == ".*"
+    assert "$job" in variables["instance"]["query"]
+    queries = dashboard_queries(board)
+    for expr in queries:
+        names = re.findall(r"(?<![\w:])(hytrec_[\w]+|job[a-z_]*:[\w:]+)(\{[^}]*\})?", expr)
+        assert names, expr
+        for name, matchers in names:
+            assert 'job=~"$job"' in matchers, f"{name} in {expr}"
+            if name.startswith("hytrec_"):
+                assert 'instance=~"$instance"' in matchers, f"{name} in {expr}"
+    titles = {p.get("title") for p in board["panels"]}
+    assert {"Model version", "Consumer lag by partition", "Dead letters"} <= titles
+
+
 def test_every_alert_has_a_runbook() -> None:
     runbooks = (REPO / "docs/operations.md").read_text()
     for alert in ops.alerts(ops.default_slo_p99_ms()):
@@ -100,6 +122,22 @@ def test_dockerignore_keeps_the_venv_out_of_the_context() -> None:
     assert not {".venv", "var", "tests", "docs"} & allowed
 
 
+def test_the_image_gets_every_package_folder() -> None:
+    """`pip install .` in the image builds every package of pyproject's package-dir: each folder is in the context
+    and copied (the stream consumer's folder was missing once)."""
+    import tomllib
+
+    folders = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"].values())
+    tops = {f.split("/")[0] for f in folders}
+    rules = (REPO / ".dockerignore").read_text().splitlines()
+    allowed = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
+    copied = {ln.split()[1] for ln in (REPO / "Dockerfile").read_text().splitlines() if ln.startswith("COPY ")}
+    for top in tops:
+        assert top in allowed or any(a.startswith(top + "/") for a in allowed), f"{top} not in .dockerignore's list"
+    for folder in folders:
+        assert any(folder == c or folder.startswith(c + "/") for c in copied), f"{folder} is not copied"
+
+
 # ---------------------------------------------------------------------------------------------- YAML
 def test_yamllint_passes() -> None:
     yamllint = require_tool("yamllint")
@@ -110,7 +148,7 @@ def test_yamllint_passes() -> None:
 def test_compose_binds_loopback_and_runs_the_stack() -> None:
     compose = yaml.safe_load((REPO / "deploy/docker-compose.yml").read_text())
     services = compose["services"]
-    assert {"redis", "hytrec", "prometheus"} <= set(services)
+    assert {"redis", "hytrec", "consumer", "prometheus"} <= set(services)
     for name, svc in services.items():
         for port in svc.get("ports", []):
             assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} beyond the loopback interface"
@@ -118,6 +156,13 @@ def test_compose_binds_loopback_and_runs_the_stack() -> None:
     assert services["hytrec"]["deploy"]["replicas"] == 2
     assert ":?" in services["hytrec"]["environment"]["HYTREC_API_KEYS"], "compose refuses to start without keys"
     assert "./prometheus:/etc/prometheus:ro" in services["prometheus"]["volumes"]
+    consumer = services["consumer"]
+    assert consumer["command"] == ["hytrec", "consume"] and consumer["read_only"] is True
+    port = consumer["environment"]["HYTREC_CONSUME_METRICS_PORT"]
+    scrape = yaml.safe_load((REPO / "deploy/prometheus/prometheus.yml").read_text())["scrape_configs"]
+    jobs = {c["job_name"]: c["dns_sd_configs"][0] for c in scrape}
+    assert jobs[ops.CONSUMER_JOB] == {**jobs[ops.CONSUMER_JOB], "names": ["consumer"], "port": int(port)}
+    assert jobs[ops.JOB]["names"] == ["hytrec"]
 
 
 # ---------------------------------------------------------------------------------------- Kubernetes
@@ -248,3 +293,20 @@ def test_the_workload_is_hardened_and_wired(manifests: dict[str, list[dict[str, 
         wanted = monitor["spec"]["selector"]["matchLabels"]
         assert any(wanted.items() <= s["metadata"]["labels"].items() for s in services.values())
         assert ops.JOB in services, "the rules' job label is the Service name"
+        # the consumer: its own metrics port, in a Service the ServiceMonitor selects, with an endpoint for it
+        (consumer,) = (d for d in _by_kind(docs, "Deployment") if d["metadata"]["name"] == "hytrec-consumer")
+        container = consumer["spec"]["template"]["spec"]["containers"][0]
+        assert "consume" in container["command"] and {"startupProbe", "livenessProbe"} <= set(container)
+        (metrics_port,) = container["ports"]
+        consumer_svc = services[ops.CONSUMER_JOB]
+        assert consumer_svc["spec"]["ports"][0]["name"] == metrics_port["name"]
+        assert consumer_svc["spec"]["selector"].items() <= consumer["spec"]["template"]["metadata"]["labels"].items()
+        assert wanted.items() <= consumer_svc["metadata"]["labels"].items()
+        (expr,) = monitor["spec"]["selector"]["matchExpressions"]
+        assert {"api", "consumer"} <= set(expr["values"]) and expr["operator"] == "In"
+        ports = {e["port"] for e in monitor["spec"]["endpoints"]}
+        assert {"http", metrics_port["name"]} <= ports
+        # Redis admits the consumer
+        (redis_policy,) = (d for d in _by_kind(docs, "NetworkPolicy") if d["metadata"]["name"] == "hytrec-redis")
+        sources = [f["podSelector"]["matchLabels"] for r in redis_policy["spec"]["ingress"] for f in r["from"]]
+        assert {"app.kubernetes.io/name": "hytrec", "app.kubernetes.io/component": "consumer"} in sources
