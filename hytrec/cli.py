@@ -32,6 +32,8 @@ _COMMANDS: list[tuple[str, str, typer.Typer, str]] = [
     ("hytrec.service.commands", "serve", app, "serve"),
     ("hytrec.service.commands", "replay", app, "replay"),
     ("hytrec.service.commands", "backfill", app, "backfill"),
+    ("hytrec.service.commands", "archive", app, "archive"),
+    ("hytrec.service.commands", "export", app, "export"),
     ("hytrec.streams.commands", "consume", app, "consume"),
     ("hytrec.loadtest.commands", "loadtest", app, "loadtest"),
     ("hytrec.ops", "render", ops, "render"),

@@ -33,6 +33,7 @@ from hytrec.service.schemas import (
     UserSummary,
 )
 from hytrec.state_store import StoreUnavailable
+from hytrec.streams.erasure import stream_layout, write_tombstone
 
 
 # Dependencies are ``async def`` on purpose: FastAPI runs a plain ``def`` dependency in its thread pool, a
@@ -133,8 +134,10 @@ async def get_user(user_id: UserId, rt: Ready) -> UserSummary:
 
 @users.delete("/{user_id}", response_model=Deleted, operation_id="delete_user", summary="Erase a user")
 async def delete_user(user_id: UserId, rt: Ready) -> Deleted:
-    """Removes every key held for the user, under every model version."""
+    """Removes every key held for the user, under every model version, after writing the user's erasure tombstone
+    (the stream consumer, archive, export and backfill skip the user's earlier events: docs/lifecycle.md)."""
     async with deadline(rt, "users"):
+        await write_tombstone(rt.store.client, stream_layout(rt.settings), user_id)
         return Deleted(user_id=user_id, deleted=await rt.store.delete_user(user_id))
 
 
