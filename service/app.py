@@ -16,11 +16,12 @@ from typing import Any
 from fastapi import FastAPI
 
 from hytrec import __version__
-from hytrec.service import routes
+from hytrec.service import admin, routes
 from hytrec.service.errors import install
 from hytrec.service.guard import Guard
 from hytrec.service.runtime import Lifecycle
 from hytrec.service.settings import Settings
+from hytrec.service.swap import WorkerHeader
 
 
 def openapi_with_limits(app: FastAPI, s: Settings) -> Callable[[], dict[str, Any]]:
@@ -74,8 +75,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         retry_after=s.retry_after_s,
         shed=lifecycle.shed,
     )
-    for router in (routes.events, routes.users, routes.items, routes.model, routes.operations):
+    for router in (routes.events, routes.users, routes.items, routes.model, routes.operations, admin.router):
         app.include_router(router)
+    app.add_middleware(WorkerHeader)  # X-HyTRec-Worker: which worker (and so which version swap) answered
     app.openapi = openapi_with_limits(app, s)  # type: ignore[method-assign]
     return app
 

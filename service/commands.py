@@ -265,3 +265,117 @@ def export(
     finally:
         producer.close()
     typer.echo(json.dumps({"events": n, "out": str(out), "erased_users": len(stones)}))
+
+
+def _admin_client(run):  # noqa: ANN001, ANN202 - run(body(client, settings)) over a store's async client
+    import asyncio
+
+    from hytrec.service.settings import Settings
+    from hytrec.state_store import open_store
+
+    async def main():  # noqa: ANN202
+        s = Settings()
+        store = await open_store(s, "cli")
+        try:
+            return await run(store.client, s)
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
+
+
+def versions_add(checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory (`hytrec train`).")]) -> None:
+    """Copy a checkpoint into HYTREC_MODEL_ROOT/<version>, where workers and consumers load it; print the version."""
+    from hytrec.model.checkpoint import CheckpointError
+    from hytrec.service.settings import Settings
+    from hytrec.service.versions import add_version
+
+    s = Settings()
+    if s.model_root is None:
+        typer.echo("error: set HYTREC_MODEL_ROOT", err=True)
+        raise typer.Exit(2)
+    try:
+        typer.echo(add_version(s.model_root, checkpoint))
+    except CheckpointError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def versions_set(
+    live: Annotated[str | None, typer.Option("--live", help="Version every worker serves.")] = None,
+    candidate: Annotated[str | None, typer.Option("--candidate", help="Canary / shadow version ('' clears).")] = None,
+    canary: Annotated[float | None, typer.Option("--canary", min=0.0, max=1.0, help="Share of users.")] = None,
+    shadow: Annotated[bool | None, typer.Option("--shadow/--no-shadow", help="Score the candidate alongside.")] = None,
+    write: Annotated[
+        str | None, typer.Option("--write", help="Comma-separated versions dual-written ('' for none).")
+    ] = None,
+) -> None:
+    """Change the desired versions (kept in Redis, announced): every worker loads, probes and swaps, no restart."""
+    import json
+
+    from hytrec.service.swap import set_desired
+    from hytrec.service.versions import VersionError, resolve_version
+
+    fields: dict = {}
+    if live is not None:
+        fields["live"] = live
+    if candidate is not None:
+        fields["candidate"] = candidate or None
+    if canary is not None:
+        fields["canary"] = canary
+    if shadow is not None:
+        fields["shadow"] = shadow
+    if write is not None:
+        fields["write"] = [v.strip() for v in write.split(",") if v.strip()]
+
+    async def body(client, s):  # noqa: ANN001, ANN202
+        for v in [fields.get("live"), fields.get("candidate"), *fields.get("write", [])]:
+            if v:
+                resolve_version(s, v)
+        return await set_desired(client, s.key_prefix, **fields)
+
+    try:
+        desired = _admin_client(body)
+    except (VersionError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(desired.as_dict()))
+
+
+def versions_show() -> None:
+    """The desired versions, and what each worker and consumer reported serving and writing."""
+    import json
+
+    from hytrec.service.swap import read_desired, writers_key
+
+    async def body(client, s):  # noqa: ANN001, ANN202
+        desired = await read_desired(client, s.key_prefix)
+        raw = await client.hgetall(writers_key(s.key_prefix))
+        return {"desired": desired.as_dict(), "writers": {k.decode(): v.decode() for k, v in raw.items()}}
+
+    typer.echo(json.dumps(_admin_client(body)))
+
+
+def versions_drop(version: Annotated[str, typer.Argument(help="The model version whose keys are removed.")]) -> None:
+    """Remove a retired version's keys (SCAN in batches) and report what was removed; refuses a version in use."""
+    import json
+    import time
+
+    from hytrec.service.swap import read_desired, writers_key
+    from hytrec.service.versions import drop_version
+
+    async def body(client, s):  # noqa: ANN001, ANN202
+        desired = await read_desired(client, s.key_prefix)
+        if version in (desired.live, desired.candidate) or version in desired.write:
+            return {"refused": f"{version} is the desired live, candidate or a write version"}
+        fresh = (time.time() - 10 * s.versions_poll_s) * 1000
+        for who, raw in (await client.hgetall(writers_key(s.key_prefix))).items():
+            served, written, ms = raw.decode().split(" ")
+            if int(ms) >= fresh and version in [served, *written.split(",")]:
+                return {"refused": f"{who.decode()} still serves or writes {version}"}
+        return {"model_version": version, **(await drop_version(client, s.key_prefix, version))}
+
+    out = _admin_client(body)
+    typer.echo(json.dumps(out))
+    if "refused" in out:
+        raise typer.Exit(1)

@@ -32,6 +32,7 @@ from hytrec.service.schemas import (
     Recommendations,
     UserSummary,
 )
+from hytrec.service.swap import recommend_routed
 from hytrec.state_store import StoreUnavailable
 from hytrec.streams.erasure import stream_layout, write_tombstone
 
@@ -114,7 +115,7 @@ async def get_recommendations(
         raise too_large("k", "query", f"Input should be less than or equal to {rt.settings.max_k}", "less_than_equal")
     now = time.time() if at is None else at
     async with deadline(rt, "recommend") as when:
-        return await rt.recommender.recommend(user_id, k, exclude_seen, now, when)
+        return await recommend_routed(rt, user_id, k, exclude_seen, now, when)  # canary / shadow: swap.py
 
 
 @users.get(

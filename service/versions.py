@@ -7,15 +7,17 @@ channel; every worker follows it (``VersionWatcher`` in service/swap.py). The ru
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from hytrec.model.checkpoint import CONFIG
 from hytrec.model.serving import ServingModel
 from hytrec.service.events import EventBatcher, EventIngestor
 from hytrec.service.settings import Settings
 from hytrec.state_store import Runner, StateStore, open_store
-from hytrec.state_store.keys import check_name
+from hytrec.state_store.keys import KeySpace, check_name
 
 
 class VersionError(ValueError):
@@ -104,3 +106,95 @@ def add_version(root: Path, checkpoint: Path) -> str:
         shutil.copytree(checkpoint, tmp)
         tmp.rename(dest)
     return version
+
+
+async def drop_version(client: Any, prefix: str, version: str, batch: int = 500) -> dict[str, int]:
+    """Remove every key of ``version`` (``<prefix>:<version>:{u:*``), found with SCAN and unlinked in pipelined
+    batches, and take the version out of each user's version set. The caller refuses a version in use."""
+    check_name(version, "model version")
+    space = KeySpace(prefix, version)
+    removed = states = 0
+    keys: list[Any] = []
+
+    async def flush() -> None:
+        nonlocal removed, states
+        pipe = client.pipeline(transaction=False)
+        for key in keys:
+            pipe.unlink(key)
+            user = space.user_of(key)
+            if user is not None:
+                pipe.srem(space.versions(user), version)
+        results = await pipe.execute()
+        k = 0
+        for key in keys:
+            removed += int(results[k])
+            k += 1
+            if space.user_of(key) is not None:
+                states += 1
+                k += 1
+        keys.clear()
+
+    async for key in client.scan_iter(match=f"{prefix}:{version}:{{u:*", count=batch):
+        keys.append(key)
+        if len(keys) >= batch:
+            await flush()
+    if keys:
+        await flush()
+    return {"keys_removed": removed, "users": states}
+
+
+class MirrorSet:
+    """The dual-written versions of a ``hytrec consume`` process, following the desired ``write`` versions.
+
+    Every ``HYTREC_VERSIONS_POLL_S`` it re-reads them (with HYTREC_WRITE_VERSIONS), opens the mirrors it lacks,
+    closes those no longer wanted, updates the ingestor's list in place (a batch uses the list it started
+    with) and reports what this process writes in the writers hash, as the service's workers do.
+    """
+
+    def __init__(self, settings: Settings, primary: EventIngestor, client: Any, run: Runner, name: str) -> None:
+        self.s = settings
+        self.primary = primary
+        self.client = client
+        self.run = run
+        self.name = name
+        self.mirrors: dict[str, Mirror] = {}
+
+    async def refresh(self) -> None:
+        import time
+
+        from hytrec.service.swap import read_desired, writers_key
+
+        desired = await read_desired(self.client, self.s.key_prefix)
+        version = self.primary.model.version
+        want = [v for v in dict.fromkeys([*self.s.write_version_list(), *desired.write]) if v != version]
+        for v in want:
+            if v not in self.mirrors:
+                self.mirrors[v] = await open_mirror(self.s, v, self.run)
+        gone = [v for v in self.mirrors if v not in want]
+        self.primary.mirrors = [self.mirrors[v].ingestor for v in want]
+        for v in gone:
+            await self.mirrors.pop(v).close()
+        written = ",".join([version, *want])
+        value = f"{version} {written} {int(time.time() * 1000)}"
+        await self.client.hset(writers_key(self.s.key_prefix), f"consumer-{self.name}", value)
+
+    async def follow(self) -> None:
+        import asyncio
+        import logging
+
+        while True:
+            await asyncio.sleep(self.s.versions_poll_s)
+            try:
+                await self.refresh()
+            except Exception as exc:  # noqa: BLE001 - keep consuming with the mirrors it has
+                logging.getLogger("hytrec.streams").warning("write versions not refreshed: %s", exc)
+
+    async def close(self) -> None:
+        from hytrec.service.swap import writers_key
+
+        self.primary.mirrors = []
+        for m in self.mirrors.values():
+            await m.close()
+        self.mirrors.clear()
+        with contextlib.suppress(Exception):  # shutting down; the entry goes stale
+            await self.client.hdel(writers_key(self.s.key_prefix), f"consumer-{self.name}")

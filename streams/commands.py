@@ -36,7 +36,7 @@ def consume(
     from hytrec.service.commands import _set_env
     from hytrec.service.events import EventBatcher, EventIngestor
     from hytrec.service.settings import Settings
-    from hytrec.service.versions import open_mirrors
+    from hytrec.service.versions import MirrorSet
     from hytrec.state_store import open_store
     from hytrec.streams.consumer import Consumer
 
@@ -64,20 +64,22 @@ def consume(
         store = await open_store(s, serving.version, runner=run)
         batcher = EventBatcher(serving, store, s.events_batch_max_size, s.events_batch_max_wait_ms, s.max_queue)
         batcher.start()
-        mirrors = await open_mirrors(s, serving.version, run)  # HYTREC_WRITE_VERSIONS: dual write
-        ingestor = EventIngestor(serving, batcher, s.strict_items, [m.ingestor for m in mirrors])
+        ingestor = EventIngestor(serving, batcher, s.strict_items)
         consumer = Consumer(s, store, ingestor, consumer_id, until_idle=until_idle)
+        mirrors = MirrorSet(s, ingestor, store.client, run, consumer.id)  # the dual write (docs/lifecycle.md)
+        await mirrors.refresh()
+        follow = asyncio.create_task(mirrors.follow())
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, consumer.stop)
         try:
             totals = await consumer.run()
         finally:
-            for m in mirrors:
-                await m.close()
+            follow.cancel()
+            written = [serving.version, *mirrors.mirrors]
+            await mirrors.close()
             await batcher.stop()
             await store.close()
             executor.shutdown(wait=False, cancel_futures=True)
-        written = [serving.version, *(m.model.version for m in mirrors)]
         return {"consumer": consumer.id, "model_version": serving.version, "write_versions": written} | totals.as_dict()
 
     typer.echo(json.dumps(asyncio.run(main())))
