@@ -158,7 +158,7 @@ class Backfill:
                     if e.user_id in behind and not erased(tombstones, e.user_id, e.entry_id):
                         histories.setdefault(e.user_id, History()).add(e)
             pos = heads
-            behind = await self._catch_up(list(behind), histories, layout, pos, report)
+            behind = await self._catch_up(list(behind), histories, layout, pos, report, client, tombstones)
         report.pending = len(behind)
         report.seconds = time.perf_counter() - start
         return report
@@ -198,12 +198,23 @@ class Backfill:
         users: list[str],
         histories: dict[str, History],
         layout: StreamLayout,
-        pos: Mapping[int, str],
+        pos: dict[int, str],
         report: Report,
+        client: Any = None,
+        tombstones: Mapping[str, Tombstone] | None = None,
     ) -> dict[str, str]:
+        """Rebuild ``users`` from the log up to their stored mark; a mark past what was read (``pos``) is read up
+        to first, inside the compute (so a writer moving on between two rounds cannot starve a user)."""
         fields = {u: layout.partitions[histories[u].partition or 0].mark_field for u in users}
         parts = {u: histories[u].partition or 0 for u in users}
+        wanted = set(users)
         behind: dict[str, str] = {}
+
+        def read_to(p: int, entry_id: str) -> None:
+            for e in stream_entries(client, layout.partitions[p], pos[p], entry_id):
+                if e.user_id in wanted and not erased(tombstones or {}, e.user_id, e.entry_id):
+                    histories.setdefault(e.user_id, History()).add(e)
+            pos[p] = entry_id
 
         def compute(snaps: dict[str, Snapshot]) -> dict[str, Write]:
             writes, todo = {}, {}
@@ -212,9 +223,11 @@ class Backfill:
                 if stored is None:  # erased meanwhile, or never written: nothing to catch up
                     behind.pop(u, None)
                     continue
-                if stored.key > entry_key(pos[parts[u]]):  # the writer is ahead of what was read: next round
-                    behind[u] = stored.entry_id
-                    continue
+                if stored.key > entry_key(pos[parts[u]]):
+                    if client is None:  # the writer is ahead of what was read: next round
+                        behind[u] = stored.entry_id
+                        continue
+                    read_to(parts[u], stored.entry_id)
                 behind.pop(u, None)
                 todo[u] = (histories[u].upto(stored.entry_id), stored)
             if todo:

@@ -146,7 +146,8 @@ async def drop_version(client: Any, prefix: str, version: str, batch: int = 500)
 class MirrorSet:
     """The dual-written versions of a ``hytrec consume`` process, following the desired ``write`` versions.
 
-    Every ``HYTREC_VERSIONS_POLL_S`` it re-reads them (with HYTREC_WRITE_VERSIONS), opens the mirrors it lacks,
+    Every ``HYTREC_VERSIONS_POLL_S`` it re-reads them (with HYTREC_WRITE_VERSIONS and the desired live version,
+    which is always written), opens the mirrors it lacks,
     closes those no longer wanted, updates the ingestor's list in place (a batch uses the list it started
     with) and reports what this process writes in the writers hash, as the service's workers do.
     """
@@ -166,7 +167,8 @@ class MirrorSet:
 
         desired = await read_desired(self.client, self.s.key_prefix)
         version = self.primary.model.version
-        want = [v for v in dict.fromkeys([*self.s.write_version_list(), *desired.write]) if v != version]
+        wanted = [*self.s.write_version_list(), *desired.write, *([desired.live] if desired.live else [])]
+        want = [v for v in dict.fromkeys(wanted) if v != version]  # the live version is always written
         for v in want:
             if v not in self.mirrors:
                 self.mirrors[v] = await open_mirror(self.s, v, self.run)
