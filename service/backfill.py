@@ -113,6 +113,7 @@ class Backfill:
         self.model = model
         self.store = store
         self.run = run  # the runner of torch work (the store's own, or a thread)
+        self.base: dict[str, tuple[bytes, int]] = {}  # users to catch up: the state built, of how many events
 
     async def overwrite(self, histories: Mapping[str, History]) -> Report:
         """``--history FILE``: replace every user's state, count and latest timestamp (no marks)."""
@@ -144,7 +145,9 @@ class Backfill:
         behind: dict[str, str] = {}  # user -> the stored mark the dual write already reached
         for users in groups(histories):
             blobs = await self.run(lambda users=users: build_blobs(self.model, users, histories))
-            behind.update(await self._write(users, histories, blobs, layout, report))
+            lost = await self._write(users, histories, blobs, layout, report)
+            behind.update(lost)
+            self.base.update({u: (blobs[u], len(histories[u].items)) for u in lost})
         # Catch-up: the users whose stored mark is past what the backfill read are rebuilt from the log up to
         # their stored mark, read from the stream after ``through``. The compare-and-set's version check makes a
         # race with a further dual write retry the user (update_many recomputes it).
@@ -162,6 +165,20 @@ class Backfill:
         report.pending = len(behind)
         report.seconds = time.perf_counter() - start
         return report
+
+    def _extend_base(self, users: list[str], histories: Mapping[str, History]) -> dict[str, bytes]:
+        """Encoded states of ``users``: the state the main pass built for the user advanced by the rest of
+        ``histories[u]`` (a catch-up costs the new events only, so it keeps up with a busy dual write)."""
+        states, events = [], []
+        for u in users:
+            blob, n = self.base.get(u, (None, 0))
+            h = histories[u]
+            states.append(self.model.decode(blob) if blob is not None else None)
+            events.append([(self.model.row(i), t) for i, t in zip(h.items[n:], h.ts[n:], strict=True)])
+        if not any(events):
+            return {u: self.model.encode(s) for u, s in zip(users, states, strict=True)}
+        out = self.model.advance(states, events)
+        return {u: self.model.encode(out.user(k)) for k, u in enumerate(users)}
 
     async def _write(
         self,
@@ -231,7 +248,7 @@ class Backfill:
                 behind.pop(u, None)
                 todo[u] = (histories[u].upto(stored.entry_id), stored)
             if todo:
-                built = build_blobs(self.model, list(todo), {u: h for u, (h, _) in todo.items()})
+                built = self._extend_base(list(todo), {u: h for u, (h, _) in todo.items()})
                 for u, (h, stored) in todo.items():
                     writes[u] = Write(
                         built[u], (), len(h.items), max(h.ts), replace_count=True, marks={fields[u]: stored}

@@ -190,8 +190,8 @@ class Lifecycle:
     async def close(self) -> None:
         if self._watch is not None:
             self._watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._watch
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # bounded: shutdown must not wait on it
+                await asyncio.wait_for(self._watch, 2.0)
         if self.watcher is not None:
             await self.watcher.close()
         rt = self.runtime

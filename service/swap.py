@@ -261,7 +261,7 @@ class VersionWatcher:
         finally:
             if pubsub is not None:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()
+                    await asyncio.wait_for(pubsub.aclose(), 1.0)
 
     async def check(self) -> None:
         rt = self.lc.runtime
@@ -339,7 +339,7 @@ class VersionWatcher:
         rt = self.lc.runtime
         if rt is not None:  # this worker no longer serves or writes anything
             with contextlib.suppress(Exception):
-                await rt.store.client.hdel(writers_key(self.s.key_prefix), f"worker-{os.getpid()}")
+                await asyncio.wait_for(rt.store.client.hdel(writers_key(self.s.key_prefix), f"worker-{os.getpid()}"), 2)
 
 
 def set_model_info(old: str | None, new: ServingModel) -> None:
