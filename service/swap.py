@@ -235,33 +235,32 @@ class VersionWatcher:
         self._retiring: set[asyncio.Task] = set()
 
     async def run(self) -> None:
-        """Until cancelled: apply the desired versions at start, on every announcement, and every poll period."""
+        """Until cancelled: apply the desired versions at start, on every announcement, and every poll period.
+
+        The channel is read without blocking every 50 ms, so a cancel (shutdown) always lands in a sleep and
+        never inside a read of the subscription (which redis-py does not always give up cleanly).
+        """
         rt = self.lc.runtime
         if rt is None:
             return
-        client = rt.store.client
         pubsub = None
         with contextlib.suppress(Exception):  # a cluster client has no pub/sub here: polling alone
-            pubsub = client.pubsub()
+            pubsub = rt.store.client.pubsub()
             await pubsub.subscribe(announce_channel(self.s.key_prefix))
-        try:
-            while True:
+        loop = asyncio.get_running_loop()
+        due = 0.0
+        while True:
+            announced = False
+            if pubsub is not None:
+                try:
+                    announced = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.0) is not None
+                except Exception:  # noqa: BLE001 - the poll still follows the desired versions
+                    pubsub = None
+            if announced or loop.time() >= due:
                 with contextlib.suppress(Exception):
                     await self.check()
-                if pubsub is not None:
-                    try:
-                        await asyncio.wait_for(
-                            pubsub.get_message(ignore_subscribe_messages=True, timeout=self.s.versions_poll_s),
-                            self.s.versions_poll_s + 1,
-                        )
-                    except (TimeoutError, Exception):  # noqa: BLE001 - fall back to the poll period
-                        await asyncio.sleep(self.s.versions_poll_s)
-                else:
-                    await asyncio.sleep(self.s.versions_poll_s)
-        finally:
-            if pubsub is not None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(pubsub.aclose(), 1.0)
+                due = loop.time() + self.s.versions_poll_s
+            await asyncio.sleep(0.05)
 
     async def check(self) -> None:
         rt = self.lc.runtime
