@@ -16,6 +16,10 @@ bench = typer.Typer(help="Benchmarks, measured on this machine in one run.", no_
 app.add_typer(bench, name="bench")
 ops = typer.Typer(help="Operations files of deploy/: dashboard and alert rules.", no_args_is_help=True)
 app.add_typer(ops, name="ops")
+versions = typer.Typer(
+    help="Model versions of a running service: add, set (swap, canary), show, drop.", no_args_is_help=True
+)
+app.add_typer(versions, name="versions")
 
 # (module, attribute, target app, command name).
 _COMMANDS: list[tuple[str, str, typer.Typer, str]] = [
@@ -33,6 +37,12 @@ _COMMANDS: list[tuple[str, str, typer.Typer, str]] = [
     ("hytrec.service.commands", "serve", app, "serve"),
     ("hytrec.service.commands", "replay", app, "replay"),
     ("hytrec.service.commands", "backfill", app, "backfill"),
+    ("hytrec.service.commands", "archive", app, "archive"),
+    ("hytrec.service.commands", "export", app, "export"),
+    ("hytrec.service.commands", "versions_add", versions, "add"),
+    ("hytrec.service.commands", "versions_set", versions, "set"),
+    ("hytrec.service.commands", "versions_show", versions, "show"),
+    ("hytrec.service.commands", "versions_drop", versions, "drop"),
     ("hytrec.streams.commands", "consume", app, "consume"),
     ("hytrec.loadtest.commands", "loadtest", app, "loadtest"),
     ("hytrec.loadtest.soak", "soak", app, "soak"),

@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from hytrec import __version__
-from hytrec.service import routes, tracing
+from hytrec.service import admin, routes, tracing
 from hytrec.service.errors import install
 from hytrec.service.guard import Guard
 from hytrec.service.logs import request_id_middleware
@@ -23,6 +23,7 @@ from hytrec.service.openapi import describe_errors
 from hytrec.service.ratelimit import RateLimiter
 from hytrec.service.runtime import Lifecycle
 from hytrec.service.settings import Settings
+from hytrec.service.swap import WorkerHeader
 
 
 def openapi_with_limits(app: FastAPI, s: Settings) -> Callable[[], dict[str, Any]]:
@@ -90,8 +91,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         shed=lifecycle.shed,
         limiter=rate_limiter(lifecycle, s),
     )
+    app.add_middleware(WorkerHeader)  # X-HyTRec-Worker: which worker (and so which version swap) answered
     app.add_middleware(request_id_middleware)  # outermost: the id is set before the guard may answer
-    for router in (routes.events, routes.users, routes.items, routes.model, routes.operations):
+    for router in (routes.events, routes.users, routes.items, routes.model, routes.operations, admin.router):
         app.include_router(router)
     app.openapi = openapi_with_limits(app, s)  # type: ignore[method-assign]
     tracing.setup(app, s)  # nothing at all unless an OTLP endpoint is configured

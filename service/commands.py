@@ -136,53 +136,249 @@ def replay(
 
 
 def backfill(
-    history: Annotated[Path, typer.Option("--history", help="Interactions file holding the users' full histories.")],
+    history: Annotated[
+        Path | None, typer.Option("--history", help="Interactions file holding the users' full histories.")
+    ] = None,
+    from_stream: Annotated[
+        bool, typer.Option("--from-stream", help="Build from the event log (archive + stream), with stream marks.")
+    ] = False,
+    archive_dir: Annotated[
+        Path | None, typer.Option("--archive", help="With --from-stream: the archive written by `hytrec archive`.")
+    ] = None,
     model: Annotated[Path | None, typer.Option("--model", help="Checkpoint directory (env HYTREC_MODEL).")] = None,
     user: Annotated[list[str] | None, typer.Option("--user", help="Only these users (repeatable).")] = None,
 ) -> None:
-    """Rebuild the states of a model version from a history file (parallel form), overwriting that version's.
+    """Build the states of a model version in batched parallel passes (one pass per user's history).
 
-    States of other model versions are never read: they live under other keys and expire or are dropped.
+    --history FILE overwrites that version's states. --from-stream builds from the event log up to its newest
+    entries, writing each state's stream mark, and never goes below a mark the dual write already reached
+    (docs/lifecycle.md). States of other model versions are never read.
     """
     import asyncio
     import json
-    import time
-
-    import numpy as np
 
     from hytrec.eventlog import read_events
     from hytrec.model.serving import ServingModel
+    from hytrec.service.backfill import Backfill, History
     from hytrec.service.settings import Settings
     from hytrec.state_store import open_store
 
+    if (history is None) == (not from_stream):
+        typer.echo("error: give exactly one of --history FILE and --from-stream", err=True)
+        raise typer.Exit(2)
     _set_env("model", model)
     settings = Settings()
     serving = ServingModel.load(settings.model, settings.state_dtype)
-    users, items, times = read_events(history)
-    order = np.lexsort((np.arange(len(times)), times, users))  # by user, then time, ties in file order
-    users, items, times = users[order], items[order], times[order]
-    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
-    bounds = list(zip(starts.tolist(), [*starts[1:].tolist(), len(users)], strict=True))
     wanted = set(user or ())
 
-    async def main() -> dict[str, float]:
+    async def main() -> dict:
         store = await open_store(settings, serving.version)
-        done = events = 0
-        start = time.perf_counter()
+        job = Backfill(serving, store, asyncio.to_thread)
         try:
-            for lo, hi in bounds:
-                uid = str(users[lo])
-                if wanted and uid not in wanted:
-                    continue
-                rows = [serving.row(str(i)) for i in items[lo:hi]]
-                stamps = times[lo:hi].tolist()
-                blob = serving.encode(serving.build(rows, stamps))
-                await store.put(uid, blob, n_events=len(rows), last_ts=max(stamps))  # replaces count and ts
-                done += 1
-                events += len(rows)
+            if history is not None:
+                from hytrec.streams.erasure import load_tombstones
+
+                users, items, times = read_events(history)
+                _, producer = _log_tools()
+                try:  # erased users are left out of a history file too (a tombstone at any position)
+                    stones = load_tombstones(producer.client, settings.key_prefix)
+                finally:
+                    producer.close()
+                histories: dict[str, History] = {}
+                for u, i, t in zip(users.tolist(), items.tolist(), times.tolist(), strict=True):
+                    if (not wanted or u in wanted) and u not in stones:
+                        histories.setdefault(u, History()).items.append(i)
+                        histories[u].ts.append(t)
+                for h in histories.values():  # by time, ties in file order
+                    order = sorted(range(len(h.ts)), key=h.ts.__getitem__)
+                    h.items, h.ts = [h.items[k] for k in order], [h.ts[k] for k in order]
+                report = await job.overwrite(histories)
+            else:
+                from hytrec.streams.archive import Archive
+                from hytrec.streams.erasure import load_tombstones
+
+                _, producer = _log_tools()
+                try:
+                    arch = Archive(archive_dir, producer.layout) if archive_dir is not None else None
+                    stones = load_tombstones(producer.client, settings.key_prefix)
+                    report = await job.from_stream(producer.client, producer.layout, arch, stones)
+                finally:
+                    producer.close()
         finally:
             await store.close()
-        return {"users": done, "events": events, "seconds": round(time.perf_counter() - start, 3)}
+        return report.as_dict()
 
     result = asyncio.run(main())
     typer.echo(json.dumps({"model_version": serving.version, **result}))
+
+
+def _log_tools():  # noqa: ANN202 - (settings, producer) with the sync client the log tools read through
+    from hytrec.service.settings import Settings
+    from hytrec.streams import StreamProducer
+
+    s = Settings()
+    return s, StreamProducer.from_settings(s)
+
+
+def archive(
+    directory: Annotated[Path, typer.Option("--dir", help="Archive directory (one folder per partition).")],
+    older_than_s: Annotated[
+        float, typer.Option("--older-than-s", min=0, help="Only archive entries older than this (0: up to the newest).")
+    ] = 0.0,
+) -> None:
+    """Append the stream entries not archived yet to compressed files in the dataset format, then purge the
+    entries of users erased since the last run. Idempotent: how far each partition is archived is in its files."""
+    import json
+    import time
+
+    from hytrec.streams.archive import Archive
+    from hytrec.streams.erasure import load_tombstones
+
+    s, producer = _log_tools()
+    try:
+        upto = None
+        if older_than_s:
+            cut = int((time.time() - older_than_s) * 1000) - 1
+            upto = {p.index: f"{cut}-18446744073709551615" for p in producer.layout.partitions}
+        report = Archive(directory, producer.layout).append(
+            producer.client, load_tombstones(producer.client, s.key_prefix), upto
+        )
+    finally:
+        producer.close()
+    typer.echo(json.dumps(report))
+
+
+def export(
+    out: Annotated[Path, typer.Option("--out", help="Training file to write (user_id item_id timestamp; .gz ok).")],
+    archive_dir: Annotated[
+        Path | None, typer.Option("--archive", help="Archive directory written by `hytrec archive`.")
+    ] = None,
+) -> None:
+    """Write a training file from the archive plus the stream after it, without the entries of erased users."""
+    import json
+
+    from hytrec.streams.archive import Archive, iter_log, write_training_file
+    from hytrec.streams.erasure import load_tombstones
+
+    s, producer = _log_tools()
+    try:
+        arch = Archive(archive_dir, producer.layout) if archive_dir is not None else None
+        stones = load_tombstones(producer.client, s.key_prefix)
+        n = write_training_file(iter_log(producer.client, producer.layout, arch, stones), out)
+    finally:
+        producer.close()
+    typer.echo(json.dumps({"events": n, "out": str(out), "erased_users": len(stones)}))
+
+
+def _admin_client(run):  # noqa: ANN001, ANN202 - run(body(client, settings)) over a store's async client
+    import asyncio
+
+    from hytrec.service.settings import Settings
+    from hytrec.state_store import open_store
+
+    async def main():  # noqa: ANN202
+        s = Settings()
+        store = await open_store(s, "cli")
+        try:
+            return await run(store.client, s)
+        finally:
+            await store.close()
+
+    return asyncio.run(main())
+
+
+def versions_add(checkpoint: Annotated[Path, typer.Argument(help="Checkpoint directory (`hytrec train`).")]) -> None:
+    """Copy a checkpoint into HYTREC_MODEL_ROOT/<version>, where workers and consumers load it; print the version."""
+    from hytrec.model.checkpoint import CheckpointError
+    from hytrec.service.settings import Settings
+    from hytrec.service.versions import add_version
+
+    s = Settings()
+    if s.model_root is None:
+        typer.echo("error: set HYTREC_MODEL_ROOT", err=True)
+        raise typer.Exit(2)
+    try:
+        typer.echo(add_version(s.model_root, checkpoint))
+    except CheckpointError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def versions_set(
+    live: Annotated[str | None, typer.Option("--live", help="Version every worker serves.")] = None,
+    candidate: Annotated[str | None, typer.Option("--candidate", help="Canary / shadow version ('' clears).")] = None,
+    canary: Annotated[float | None, typer.Option("--canary", min=0.0, max=1.0, help="Share of users.")] = None,
+    shadow: Annotated[bool | None, typer.Option("--shadow/--no-shadow", help="Score the candidate alongside.")] = None,
+    write: Annotated[
+        str | None, typer.Option("--write", help="Comma-separated versions dual-written ('' for none).")
+    ] = None,
+) -> None:
+    """Change the desired versions (kept in Redis, announced): every worker loads, probes and swaps, no restart."""
+    import json
+
+    from hytrec.service.swap import set_desired
+    from hytrec.service.versions import VersionError, resolve_version
+
+    fields: dict = {}
+    if live is not None:
+        fields["live"] = live
+    if candidate is not None:
+        fields["candidate"] = candidate or None
+    if canary is not None:
+        fields["canary"] = canary
+    if shadow is not None:
+        fields["shadow"] = shadow
+    if write is not None:
+        fields["write"] = [v.strip() for v in write.split(",") if v.strip()]
+
+    async def body(client, s):  # noqa: ANN001, ANN202
+        for v in [fields.get("live"), fields.get("candidate"), *fields.get("write", [])]:
+            if v:
+                resolve_version(s, v)
+        return await set_desired(client, s.key_prefix, **fields)
+
+    try:
+        desired = _admin_client(body)
+    except (VersionError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(json.dumps(desired.as_dict()))
+
+
+def versions_show() -> None:
+    """The desired versions, and what each worker and consumer reported serving and writing."""
+    import json
+
+    from hytrec.service.swap import read_desired, writers_key
+
+    async def body(client, s):  # noqa: ANN001, ANN202
+        desired = await read_desired(client, s.key_prefix)
+        raw = await client.hgetall(writers_key(s.key_prefix))
+        return {"desired": desired.as_dict(), "writers": {k.decode(): v.decode() for k, v in raw.items()}}
+
+    typer.echo(json.dumps(_admin_client(body)))
+
+
+def versions_drop(version: Annotated[str, typer.Argument(help="The model version whose keys are removed.")]) -> None:
+    """Remove a retired version's keys (SCAN in batches) and report what was removed; refuses a version in use."""
+    import json
+    import time
+
+    from hytrec.service.swap import read_desired, writers_key
+    from hytrec.service.versions import drop_version
+
+    async def body(client, s):  # noqa: ANN001, ANN202
+        desired = await read_desired(client, s.key_prefix)
+        if version in (desired.live, desired.candidate) or version in desired.write:
+            return {"refused": f"{version} is the desired live, candidate or a write version"}
+        fresh = (time.time() - 10 * s.versions_poll_s) * 1000
+        for who, raw in (await client.hgetall(writers_key(s.key_prefix))).items():
+            served, written, ms = raw.decode().split(" ")
+            if int(ms) >= fresh and version in [served, *written.split(",")]:
+                return {"refused": f"{who.decode()} still serves or writes {version}"}
+        return {"model_version": version, **(await drop_version(client, s.key_prefix, version))}
+
+    out = _admin_client(body)
+    typer.echo(json.dumps(out))
+    if "refused" in out:
+        raise typer.Exit(1)

@@ -17,10 +17,11 @@ mark forward in the user's compare-and-set (docs/streams.md).
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from hytrec.model.serving import ServingModel
@@ -216,10 +217,31 @@ def _result(post: Post, per_user: dict[str, _Counts]) -> IngestResult:
 class EventIngestor:
     """Validates and groups a post, then hands it to the events batcher; see the module docstring."""
 
-    def __init__(self, model: ServingModel, batcher: EventBatcher, strict_items: bool = False) -> None:
+    def __init__(
+        self,
+        model: ServingModel,
+        batcher: EventBatcher,
+        strict_items: bool = False,
+        mirrors: Sequence[EventIngestor] = (),
+        counted: bool = True,
+    ) -> None:
         self.model = model
         self.batcher = batcher
         self.strict_items = strict_items
+        # Dual write (HYTREC_WRITE_VERSIONS): the ingestors of other model versions, each over its own model and
+        # store, that get every post too; a post succeeds when every version committed it (docs/lifecycle.md).
+        self.mirrors = list(mirrors)
+        self.counted = counted  # False for a mirror: the metrics count each event once
+
+    async def _with_mirrors(self, primary: Awaitable[IngestResult], others: list[Awaitable[IngestResult]]):
+        """The primary's result once every version committed; the first failure otherwise."""
+        if not others:
+            return await primary
+        results = await asyncio.gather(primary, *others, return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return results[0]
 
     def _check_items(self, events: Sequence[Event]) -> None:
         unknown = [(i, e.item_id) for i, e in enumerate(events) if not self.model.knows(e.item_id)]
@@ -246,7 +268,10 @@ class EventIngestor:
         for e, entry in zip(events, entry_ids, strict=True):
             users.setdefault(e.user_id, []).append((self.model.row(e.item_id), e.ts, e.event_id))
             entries.setdefault(e.user_id, []).append(entry)
-        result = await self.batcher.submit(Post(users, 0, StreamSource(mark_field, epoch, entries)), deadline)
+        result = await self._with_mirrors(
+            self.batcher.submit(Post(users, 0, StreamSource(mark_field, epoch, entries)), deadline),
+            [m.ingest_entries(events, entry_ids, mark_field, epoch, deadline) for m in self.mirrors],
+        )
         self._count(result, start)
         return result
 
@@ -269,12 +294,15 @@ class EventIngestor:
         start = time.perf_counter()
         if self.strict_items:
             self._check_items(events)
-        result = await self.batcher.submit(self.group(events), deadline)
+        result = await self._with_mirrors(
+            self.batcher.submit(self.group(events), deadline), [m.ingest(events, deadline) for m in self.mirrors]
+        )
         self._count(result, start)
         return result
 
-    @staticmethod
-    def _count(result: IngestResult, start: float) -> None:
+    def _count(self, result: IngestResult, start: float) -> None:
+        if not self.counted:
+            return
         for name, n in (
             ("applied", result.applied),
             ("duplicate", result.duplicates),

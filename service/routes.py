@@ -32,7 +32,9 @@ from hytrec.service.schemas import (
     Recommendations,
     UserSummary,
 )
+from hytrec.service.swap import recommend_routed
 from hytrec.state_store import StoreUnavailable
+from hytrec.streams.erasure import stream_layout, write_tombstone
 
 
 # Dependencies are ``async def`` on purpose: FastAPI runs a plain ``def`` dependency in its thread pool, a
@@ -113,7 +115,7 @@ async def get_recommendations(
         raise too_large("k", "query", f"Input should be less than or equal to {rt.settings.max_k}", "less_than_equal")
     now = time.time() if at is None else at
     async with deadline(rt, "recommend") as when:
-        return await rt.recommender.recommend(user_id, k, exclude_seen, now, when)
+        return await recommend_routed(rt, user_id, k, exclude_seen, now, when)  # canary / shadow: swap.py
 
 
 @users.get(
@@ -133,8 +135,10 @@ async def get_user(user_id: UserId, rt: Ready) -> UserSummary:
 
 @users.delete("/{user_id}", response_model=Deleted, operation_id="delete_user", summary="Erase a user")
 async def delete_user(user_id: UserId, rt: Ready) -> Deleted:
-    """Removes every key held for the user, under every model version."""
+    """Removes every key held for the user, under every model version, after writing the user's erasure tombstone
+    (the stream consumer, archive, export and backfill skip the user's earlier events: docs/lifecycle.md)."""
     async with deadline(rt, "users"):
+        await write_tombstone(rt.store.client, stream_layout(rt.settings), user_id)
         return Deleted(user_id=user_id, deleted=await rt.store.delete_user(user_id))
 
 

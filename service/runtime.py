@@ -8,6 +8,7 @@ thread (``Lifecycle.run``), never on the event loop; the store gets that runner 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -15,13 +16,14 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from hytrec.model.serving import ServingModel
-from hytrec.service import metrics
 from hytrec.service.batcher import RecommendBatcher
 from hytrec.service.catalogue import Catalogue
 from hytrec.service.events import EventBatcher, EventIngestor
 from hytrec.service.microbatch import MicroBatcher, Overloaded
 from hytrec.service.recommend import Recommender
 from hytrec.service.settings import Settings
+from hytrec.service.swap import VersionWatcher, probe, set_model_info
+from hytrec.service.versions import Mirror, load_version, open_mirror
 from hytrec.state_store import StateStore, StoreAuthError, StoreUnavailable, open_store
 
 T = TypeVar("T")
@@ -30,7 +32,11 @@ log = logging.getLogger("hytrec.service")
 
 @dataclass(frozen=True)
 class Runtime:
-    """Everything a request needs once the worker is ready; built once, never partially."""
+    """Everything a request needs once the worker is ready; built once, never partially.
+
+    A version swap (service/swap.py) installs another ``Runtime``; requests in flight keep the one they hold.
+    ``candidate``: the runtime of the canary / shadow version, with the share of users it serves.
+    """
 
     settings: Settings
     model: ServingModel
@@ -40,6 +46,18 @@ class Runtime:
     ingestor: EventIngestor
     recommender: Recommender
     catalogue: Catalogue
+    mirrors: tuple[Mirror, ...] = ()
+    candidate: Runtime | None = None
+    canary: float = 0.0
+    shadow: bool = False
+
+    async def close(self) -> None:
+        """Stop this version's batchers and close its connections (and its mirrors')."""
+        for m in self.mirrors:
+            await m.close()
+        await self.batcher.stop()
+        await self.events_batcher.stop()
+        await self.store.close()
 
 
 class Lifecycle:
@@ -52,6 +70,9 @@ class Lifecycle:
         self.model_version: str | None = None
         self.error: str | None = None
         self.phase = "starting"
+        self.started_version: str | None = None
+        self.watcher: VersionWatcher | None = None
+        self._watch: asyncio.Task | None = None
 
     def shed(self, method: str, path: str) -> Overloaded | None:
         """Why a request for ``path`` would be shed by its batcher right now (counted), or None to admit it.
@@ -83,39 +104,84 @@ class Lifecycle:
             await self.run(lambda: torch.set_num_threads(s.torch_threads))
             self.phase = "loading model"
             model = await self.run(lambda: ServingModel.load(s.model, s.state_dtype))
-            popular = await self.run(lambda: model.popular(s.max_k))
         except Exception as exc:  # noqa: BLE001 - reported by /healthz and /readyz
             self.error = f"cannot load the model from {s.model}: {exc}"
             self.phase = "failed"
             log.error("%s", self.error)
             return
-        self.model_version = model.version
-        metrics.MODEL_INFO.labels(model.version, model.model_type, str(model.n_items)).set(1)
         log.info("model %s loaded (%d items) from %s", model.version, model.n_items, s.model)
+        self.started_version = model.version
         self.phase = "connecting to redis"
         try:
-            store = await self._open_store(model.version)
+            self.install(await self.build_runtime(model.version, tuple(s.write_version_list()), model))
         except StoreAuthError as exc:  # wrong credentials: say so at once instead of retrying forever
             self.error = str(exc)
             self.phase = "failed"
             log.error("%s", self.error)
             return
+        self.phase = "ready"
+        self.watcher = VersionWatcher(self, self.build_runtime)
+        self._watch = asyncio.create_task(self.watcher.run(), name="hytrec-versions")
+
+    def install(self, rt: Runtime) -> None:
+        """Make ``rt`` the runtime of every request from now on (one assignment: requests see old or new)."""
+        old = self.model_version
+        self.runtime = rt
+        self.model_version = rt.model.version
+        set_model_info(old, rt.model)
+
+    async def build_runtime(self, version: str, write: tuple[str, ...], model: ServingModel | None = None) -> Runtime:
+        """A started runtime of ``version`` (loaded from HYTREC_MODEL_ROOT unless given), probed before use, with
+        the dual-write mirrors of the other versions in ``write``."""
+        s = self.settings
+        # A swap loads and probes in a thread of its own: the torch thread keeps serving the current version.
+        side = self.run if self.runtime is None else asyncio.to_thread
+        if model is None:
+            if version == self.started_version:  # back to the checkpoint the worker started with
+                model = await side(lambda: ServingModel.load(s.model, s.state_dtype))
+            else:
+                model = await side(lambda: load_version(s, version))
+        popular = await side(lambda: model.popular(s.max_k))
+        store = await self._open_store(model.version)
+        blobs: list[bytes] = []
+        if self.runtime is not None:  # a swap: probe stored states of a few users too
+            async for user in store.scan_users(count=100):
+                snap = await store.get(user)
+                if snap is not None and snap.blob is not None:
+                    blobs.append(snap.blob)
+                if len(blobs) >= 5:
+                    break
+        try:
+            await side(lambda: probe(model, blobs))
+        except Exception:
+            await store.close()
+            raise
+        mirrors = []
+        try:
+            for v in write:
+                if v != model.version:
+                    mirrors.append(await open_mirror(s, v, self.run))
+        except BaseException:
+            for m in mirrors:
+                await m.close()
+            await store.close()
+            raise
         limits = s.max_queue, s.max_queue_delay_ms
         batcher = RecommendBatcher(model, store, self.run, s.microbatch_max_size, s.microbatch_max_wait_ms, *limits)
         events = EventBatcher(model, store, s.events_batch_max_size, s.events_batch_max_wait_ms, *limits)
         batcher.start()
         events.start()
-        self.runtime = Runtime(
+        return Runtime(
             settings=s,
             model=model,
             store=store,
             batcher=batcher,
             events_batcher=events,
-            ingestor=EventIngestor(model, events, s.strict_items),
+            ingestor=EventIngestor(model, events, s.strict_items, [m.ingestor for m in mirrors]),
             recommender=Recommender(model, store, batcher, popular, self.run),
             catalogue=Catalogue(model.vocab),
+            mirrors=tuple(mirrors),
         )
-        self.phase = "ready"
 
     async def _open_store(self, model_version: str) -> StateStore:
         backoff = 0.1
@@ -130,8 +196,15 @@ class Lifecycle:
                 backoff = min(backoff * 2, 5.0)
 
     async def close(self) -> None:
-        if self.runtime is not None:
-            await self.runtime.batcher.stop()
-            await self.runtime.events_batcher.stop()
-            await self.runtime.store.close()
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):  # bounded: shutdown must not wait on it
+                await asyncio.wait_for(self._watch, 2.0)
+        if self.watcher is not None:
+            await self.watcher.close()
+        rt = self.runtime
+        if rt is not None:
+            if rt.candidate is not None:
+                await rt.candidate.close()
+            await rt.close()
         self.executor.shutdown(wait=False, cancel_futures=True)

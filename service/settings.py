@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from hytrec.service.auth import AccessControl, parse_keys
+from hytrec.state_store.keys import check_name
 from hytrec.state_store.settings import StoreSettings
 
 
@@ -37,9 +38,11 @@ class Settings(StoreSettings):
     )
     model_root: Path | None = Field(
         None,
-        description="The only directory tree an admin route may load a model from (a path resolving outside it, "
-        "symlinks and '..' followed, is refused with 422); unset: no model is loaded by path over HTTP.",
-        json_schema_extra={"shown_default": "none (loading by path off)"},
+        description="Directory of the checkpoints a running service may switch to or dual-write (version V is "
+        "loaded from `<root>/V`; `hytrec versions add` copies a checkpoint there; docs/lifecycle.md), and the only "
+        "tree a model is ever loaded from at run time (a path resolving outside it, symlinks and '..' followed, is "
+        "refused); unset: no version switch and no loading by path.",
+        json_schema_extra={"shown_default": "none (no version switch)"},
     )
     host: str = Field("127.0.0.1", description="Interface `hytrec serve` binds.")
     port: int = Field(8000, ge=0, le=65535, description="Port `hytrec serve` binds.")
@@ -167,6 +170,27 @@ class Settings(StoreSettings):
     consume_metrics_port: int = Field(
         9464, ge=0, le=65535, description="Port of `hytrec consume`'s own /metrics (0: not exposed)."
     )
+    write_versions: str = Field(
+        "",
+        description="Comma-separated model versions that `POST /v1/events` and `hytrec consume` write besides the "
+        "one they serve or consume with (dual write while a new version is prepared), each loaded from "
+        "HYTREC_MODEL_ROOT.",
+    )
+    versions_poll_s: float = Field(
+        2.0, gt=0, description="How often a worker re-reads the desired versions, besides their pub/sub announcement."
+    )
+
+    @field_validator("write_versions")
+    @classmethod
+    def _versions_named(cls, v: str) -> str:
+        for name in (x.strip() for x in v.split(",")):
+            if name:
+                check_name(name, "write version")
+        return v
+
+    def write_version_list(self) -> list[str]:
+        """HYTREC_WRITE_VERSIONS as a list, in order, without repeats."""
+        return list(dict.fromkeys(x.strip() for x in self.write_versions.split(",") if x.strip()))
 
     @field_validator("api_keys")
     @classmethod

@@ -14,7 +14,8 @@ import hashlib
 #   1 committed at version | 2 this token already committed (a re-sent write) | 0 version moved on
 #  -1 an event id is already applied | -2 the stored version is not an integer
 #  -3 fenced: a consumer holding a newer lease of the partition already wrote the user's mark
-#  -4 the write would not move a stream mark forward (a caller bug: nothing is written).
+#  -4 the write would not move a stream mark forward (a caller bug: nothing is written); a replacing write
+#     ('=N', a backfill) may rewrite the state at the stored mark, never below it.
 CAS = """
 local cur = redis.call('HMGET', KEYS[1], 'ver', 'tok', 'n', 'lts')
 local ver = 0
@@ -25,6 +26,7 @@ end
 if cur[2] == ARGV[8] then return {2, ver} end
 if ver ~= tonumber(ARGV[1]) then return {0, ver} end
 local nm = tonumber(ARGV[10])
+local replace = string.sub(ARGV[6], 1, 1) == '='
 local e0 = 11 + 3 * nm
 local function entry(id)
   local dash = string.find(id, '-', 1, true)
@@ -37,7 +39,7 @@ for i = 11, e0 - 1, 3 do
     if tonumber(string.sub(old, sp + 1)) > tonumber(ARGV[i + 2]) then return {-3, ver} end
     local oms, oseq = entry(string.sub(old, 1, sp - 1))
     local nms, nseq = entry(ARGV[i + 1])
-    if nms < oms or (nms == oms and nseq <= oseq) then return {-4, ver} end
+    if nms < oms or (nms == oms and (nseq < oseq or (nseq == oseq and not replace))) then return {-4, ver} end
   end
 end
 local window = tonumber(ARGV[5])

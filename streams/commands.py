@@ -37,6 +37,7 @@ def consume(
     from hytrec.service.commands import _set_env
     from hytrec.service.events import EventBatcher, EventIngestor
     from hytrec.service.settings import Settings
+    from hytrec.service.versions import MirrorSet
     from hytrec.state_store import open_store
     from hytrec.streams.consumer import Consumer
 
@@ -69,18 +70,23 @@ def consume(
         store = await open_store(s, serving.version, runner=run)
         batcher = EventBatcher(serving, store, s.events_batch_max_size, s.events_batch_max_wait_ms, s.max_queue)
         batcher.start()
-        consumer = Consumer(
-            s, store, EventIngestor(serving, batcher, s.strict_items), consumer_id, until_idle=until_idle
-        )
+        ingestor = EventIngestor(serving, batcher, s.strict_items)
+        consumer = Consumer(s, store, ingestor, consumer_id, until_idle=until_idle)
+        mirrors = MirrorSet(s, ingestor, store.client, run, consumer.id)  # the dual write (docs/lifecycle.md)
+        await mirrors.refresh()
+        follow = asyncio.create_task(mirrors.follow())
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, consumer.stop)
         try:
             totals = await consumer.run()
         finally:
+            follow.cancel()
+            written = [serving.version, *mirrors.mirrors]
+            await mirrors.close()
             await batcher.stop()
             await store.close()
             executor.shutdown(wait=False, cancel_futures=True)
-        return {"consumer": consumer.id, "model_version": serving.version, **totals.as_dict()}
+        return {"consumer": consumer.id, "model_version": serving.version, "write_versions": written} | totals.as_dict()
 
     try:  # cheaper per Redis round trip than the default loop
         import uvloop

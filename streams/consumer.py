@@ -31,6 +31,7 @@ from hytrec.service.schemas import Event
 from hytrec.service.settings import Settings
 from hytrec.state_store import FencedError, StateStore, entry_key
 from hytrec.streams import metrics, wire
+from hytrec.streams.erasure import read_tombstones, split_erased
 from hytrec.streams.partition import Partition, StreamLayout, partition_of
 
 log = logging.getLogger("hytrec.streams")
@@ -478,15 +479,26 @@ class Consumer:
             ids.append(eid)
         return good, ids, dead
 
+    async def _drop_erased(self, good: list[Event], ids: list[str]) -> tuple[list[Event], list[str], list[str]]:
+        """Leave out the entries at or below their user's erasure tombstone (acknowledged, never applied)."""
+        if not good:
+            return good, ids, []
+        stones = await read_tombstones(self.client, self.layout.prefix, sorted({e.user_id for e in good}))
+        if not stones:
+            return good, ids, []
+        keep, drop = split_erased(stones, ((e.user_id, eid) for e, eid in zip(good, ids, strict=True)))
+        return [good[i] for i in keep], [ids[i] for i in keep], [ids[i] for i in drop]
+
     async def _handle(self, lease: _Lease, claimed: list[str], entries: list[tuple[str, dict]]) -> None:
         """Apply one batch, dead-letter its bad entries, then acknowledge; retried until done or the lease goes."""
         part = lease.part
         start = time.monotonic()
         metrics.BATCH_SIZE.observe(len(entries))
         good, ids, dead = self._validate(part, entries)
+        good, ids, gone = await self._drop_erased(good, ids)
         present = {eid for eid, _ in entries}
         trimmed = [i for i in claimed if i not in present]
-        ack = [*ids, *(d[0] for d in dead), *trimmed]
+        ack = [*ids, *gone, *(d[0] for d in dead), *trimmed]
         attempt = 0
         while True:
             if not lease.alive():
@@ -536,6 +548,7 @@ class Consumer:
         t.batches += 1
         t.last_ack, t.last_ack_unix = time.monotonic(), time.time()
         for outcome, n in (
+            ("erased", len(gone)),
             ("applied", applied),
             ("duplicate", dups),
             ("dead_letter", len(dead)),

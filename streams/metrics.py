@@ -12,7 +12,8 @@ from prometheus_client import Counter, Gauge, Histogram
 ENTRIES = Counter(
     "hytrec_stream_entries",
     "Stream entries handled, by outcome: applied, duplicate (at or below the user's mark, or a repeated "
-    "event id), dead_letter, trimmed (pending, but trimmed off the stream before it could be read).",
+    "event id), dead_letter, trimmed (pending, but trimmed off the stream before it could be read), erased (at or "
+    "below the user's erasure tombstone).",
     ["outcome"],
 )
 BATCH_SIZE = Histogram(

@@ -88,6 +88,8 @@ def test_limits_come_from_the_settings_in_validation_and_openapi(
                 "list_items": ["items"],
                 "healthz": ["operations"],
                 "readyz": ["operations"],
+                "get_versions": ["admin"],
+                "set_versions": ["admin"],
             }
             too_many = await client.post("/v1/events", json={"events": events("lim", 6)})
             assert too_many.status_code == 422 and too_many.json()["errors"][0]["field"] == "events"

@@ -1,0 +1,296 @@
+"""Model lifecycle, part 1 and 2: erasure tombstones, the archive and export, backfill to the live position
+and the dual write (docs/lifecycle.md). Real Redis, real consumers in process, real app for DELETE."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import redis
+import torch
+
+from hytrec.eventlog import read_events
+from hytrec.model.checkpoint import save_checkpoint
+from hytrec.model.serving import ServingModel
+from hytrec.service.backfill import Backfill
+from hytrec.service.events import EventBatcher, EventIngestor
+from hytrec.service.settings import Settings
+from hytrec.service.versions import add_version, open_mirrors
+from hytrec.state_store import open_store
+from hytrec.streams import StreamProducer
+from hytrec.streams.archive import Archive, iter_log, write_training_file
+from hytrec.streams.consumer import Consumer
+from hytrec.streams.erasure import load_tombstones
+from tests.helpers_model import make_model
+from tests.service_fixtures import N_ITEMS, Checkpoint
+from tests.test_app import running
+
+
+@pytest.fixture(scope="module")
+def model_root(tmp_path_factory: pytest.TempPathFactory, service_checkpoint: Checkpoint) -> tuple[Path, str, str]:
+    """A model root holding the service checkpoint (v1) and a second, differently initialised one (v2)."""
+    root = tmp_path_factory.mktemp("model-root")
+    other = tmp_path_factory.mktemp("ckpt-v2")
+    rng = random.Random(1)
+    ids = [str(i) for i in range(1, N_ITEMS + 1)]
+    save_checkpoint(other, make_model(n_items=N_ITEMS, seed=1), ids, [rng.randint(0, 100) for _ in ids])
+    v1 = add_version(root, service_checkpoint.path)
+    v2 = add_version(root, other)
+    assert v1 == service_checkpoint.version and v2 != v1
+    return root, v1, v2
+
+
+def _settings(root: Path, v1: str, url: str, **extra: object) -> Settings:
+    base = {
+        "model": root / v1,
+        "model_root": root,
+        "redis_url": url,
+        "key_prefix": f"l{uuid.uuid4().hex[:10]}",
+        "consume_metrics_port": 0,
+        "stream_lease_ms": 1500,
+        "stream_partitions": 2,
+        "cas_max_retries": 200,
+    }
+    return Settings(**{**base, **extra})
+
+
+def _events(users: dict[str, int], seed: int, tag: str, t0: float = 1.7e9) -> list[dict]:
+    rng = random.Random(seed)
+    todo = [u for u, n in users.items() for _ in range(n)]
+    rng.shuffle(todo)
+    seen: Counter = Counter()
+    out = []
+    for u in todo:
+        seen[u] += 1
+        out.append({"user_id": u, "item_id": str(rng.randint(1, N_ITEMS)), "ts": t0 + seen[u], "event_id": tag})
+        out[-1]["event_id"] = f"{tag}{seen[u]}"
+    return out
+
+
+def _counts(url: str, prefix: str, version: str, users) -> dict[str, int]:
+    c = redis.Redis.from_url(url)
+    try:
+        return {u: int(c.hget(f"{prefix}:{version}:{{u:{u}}}:s", "n") or 0) for u in users}
+    finally:
+        c.close()
+
+
+class Running:
+    """An in-process ``hytrec consume`` (with the dual write of ``settings.write_versions``)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.s = settings
+
+    async def __aenter__(self) -> Running:
+        s = self.s
+        self.model = ServingModel.load(s.model)
+        self.store = await open_store(s, self.model.version)
+        self.batcher = EventBatcher(self.model, self.store, 64, 0.0, 512)
+        self.batcher.start()
+        self.mirrors = await open_mirrors(s, self.model.version, asyncio.to_thread)
+        ingestor = EventIngestor(self.model, self.batcher, False, [m.ingestor for m in self.mirrors])
+        self.consumer = Consumer(s, self.store, ingestor)
+        self.task = asyncio.create_task(self.consumer.run())
+        return self
+
+    async def wait(self, check, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not await asyncio.to_thread(check):
+            assert time.monotonic() < deadline, "consumer did not get there in time"
+            assert not self.task.done(), self.task
+            await asyncio.sleep(0.05)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.consumer.stop()
+        await asyncio.wait_for(self.task, 30)
+        for m in self.mirrors:
+            await m.close()
+        await self.batcher.stop()
+        await self.store.close()
+
+
+def test_deleted_user_does_not_come_back_through_consumer_archive_export_or_backfill(
+    model_root: tuple[Path, str, str], redis_standalone_url: str, tmp_path: Path
+) -> None:
+    root, v1, v2 = model_root
+    s = _settings(root, v1, redis_standalone_url)
+    url, prefix = redis_standalone_url, s.key_prefix
+    users = [f"u{i}" for i in range(6)]
+    sync = redis.Redis.from_url(url)
+    producer = StreamProducer.from_settings(s)
+    arch_dir = tmp_path / "archive"
+
+    async def body() -> None:
+        producer.add(_events(dict.fromkeys(users, 10), 0, "a"))
+        async with Running(s) as c:
+            await c.wait(lambda: all(n == 10 for n in _counts(url, prefix, v1, users).values()))
+        first = Archive(arch_dir, producer.layout).append(sync, {})
+        assert sum(p["archived"] for p in first["partitions"].values()) == 60
+        again = Archive(arch_dir, producer.layout).append(sync, {})  # idempotent: nothing new to archive
+        assert sum(p["archived"] for p in again["partitions"].values()) == 0
+        n_files = sum(len(Archive(arch_dir, producer.layout).files(p)) for p in range(2))
+        for part in producer.layout.partitions:  # the retention drops what was archived
+            sync.xtrim(part.stream, maxlen=0)
+
+        # u3's events are produced but not consumed yet when u3 and u1 are erased through the API
+        producer.add(_events({"u3": 4}, 1, "b"))
+        async with running(s) as (client, _):
+            for u in ("u1", "u3"):
+                assert (await client.delete(f"/v1/users/{u}")).status_code == 200
+        stones = load_tombstones(sync, prefix)
+        assert set(stones) == {"u1", "u3"}
+        producer.add(_events({"u1": 5, "u2": 5}, 2, "c", t0=1.8e9))  # u1 comes back with a new history
+        async with Running(s) as c:
+            await c.wait(lambda: _counts(url, prefix, v1, ["u1", "u2"]) == {"u1": 5, "u2": 15})
+            await asyncio.sleep(0.3)
+            assert c.consumer.totals.applied == 10 and c.consumer.totals.as_dict()["applied"] == 10
+        assert _counts(url, prefix, v1, ["u3"]) == {"u3": 0}  # u3's 4 earlier entries were acknowledged, unapplied
+        assert sync.exists(f"{prefix}:{v1}:{{u:u3}}:s") == 0
+
+        second = Archive(arch_dir, producer.layout).append(sync, stones)
+        assert second["purge"]["erasures"] == 2 and second["purge"]["entries_removed"] == 20  # u1 and u3: 10 each
+        assert sum(p["erased"] for p in second["partitions"].values()) == 4  # u3's, never archived
+        assert sum(p["archived"] for p in second["partitions"].values()) == 10
+        arch = Archive(arch_dir, producer.layout)
+        assert sum(len(arch.files(p)) for p in range(2)) >= n_files
+        archived = Counter(e.user_id for p in range(2) for e in arch.entries(p))
+        assert archived == {"u0": 10, "u1": 5, "u2": 15, "u4": 10, "u5": 10}
+        assert Archive(arch_dir, producer.layout).purge(stones)["erasures"] == 0  # purged once
+
+        out = tmp_path / "train.tsv.gz"
+        n = write_training_file(iter_log(sync, producer.layout, arch, stones), out)
+        u, _, _ = read_events(out)
+        assert n == 50 and Counter(u.tolist()) == archived
+
+        # a rebuild of a new version from the log: u1 has only its new history, u3 nothing
+        s2 = _settings(root, v2, url, key_prefix=prefix)
+        m2 = ServingModel.load(root / v2)
+        store = await open_store(s2, v2)
+        try:
+            report = await Backfill(m2, store, asyncio.to_thread).from_stream(sync, producer.layout, arch, stones)
+        finally:
+            await store.close()
+        assert report.users == 5 and report.events == 50
+        assert _counts(url, prefix, v2, users) == {"u0": 10, "u1": 5, "u2": 15, "u3": 0, "u4": 10, "u5": 10}
+
+    try:
+        asyncio.run(body())
+    finally:
+        producer.close()
+        sync.close()
+
+
+def test_backfill_from_a_stream_range_equals_streaming_the_same_events(
+    model_root: tuple[Path, str, str], redis_standalone_url: str
+) -> None:
+    root, v1, _ = model_root
+    s = _settings(root, v1, redis_standalone_url, stream_batch_size=37)  # many small increments when streaming
+    url, prefix = redis_standalone_url, s.key_prefix
+    lengths = {f"p{i}": n for i, n in enumerate([1, 3, 17, 63, 64, 65, 130, 200, 7, 90, 400, 2])}
+    producer = StreamProducer.from_settings(s)
+    sync = redis.Redis.from_url(url)
+    model = ServingModel.load(root / v1)
+
+    async def body() -> None:
+        producer.add(_events(lengths, 5, "e"))
+        async with Running(s) as c:
+            await c.wait(lambda: _counts(url, prefix, v1, lengths) == lengths)
+        copy = await open_store(s, "backfill-copy")  # same model, another key namespace
+        try:
+            report = await Backfill(model, copy, asyncio.to_thread).from_stream(sync, producer.layout, None, {})
+        finally:
+            await copy.close()
+        assert report.users == len(lengths) and report.events == sum(lengths.values())
+        assert _counts(url, prefix, "backfill-copy", lengths) == lengths
+        for u in lengths:
+            streamed = model.decode(sync.hget(f"{prefix}:{v1}:{{u:{u}}}:s", "blob"))
+            built = model.decode(sync.hget(f"{prefix}:backfill-copy:{{u:{u}}}:s", "blob"))
+            for name in ("tadn", "summary", "last_ts", "count", "ring_items", "ring_ts", "hidden"):
+                a, b = getattr(streamed, name), getattr(built, name)
+                if a.is_floating_point():
+                    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+                else:
+                    assert torch.equal(a, b), u
+            now = [1.7e9 + 1000]
+            top_a = model.recommend(streamed, now, 10, [True])[0].item_ids
+            top_b = model.recommend(built, now, 10, [True])[0].item_ids
+            assert top_a == top_b, u
+            # the mark is the user's last entry: the stream's marks field is the same on both
+            part = producer.layout.of_user(u)
+            assert (
+                sync.hget(f"{prefix}:backfill-copy:{{u:{u}}}:s", part.mark_field).split()[0]
+                == sync.hget(f"{prefix}:{v1}:{{u:{u}}}:s", part.mark_field).split()[0]
+            )
+
+    try:
+        asyncio.run(body())
+    finally:
+        producer.close()
+        sync.close()
+
+
+def test_backfill_racing_a_live_consumers_dual_write_gives_exact_history_lengths(
+    model_root: tuple[Path, str, str], redis_standalone_url: str
+) -> None:
+    root, v1, v2 = model_root
+    url = redis_standalone_url
+    s = _settings(root, v1, url, stream_batch_size=50)
+    dual = _settings(root, v1, url, key_prefix=s.key_prefix, stream_batch_size=50, write_versions=v2)
+    prefix = s.key_prefix
+    users = [f"r{i}" for i in range(40)]
+    producer = StreamProducer.from_settings(s)
+    sync = redis.Redis.from_url(url)
+    m2 = ServingModel.load(root / v2)
+    sent: Counter = Counter()
+    rng = random.Random(7)
+
+    def produce(n: int, t0: float) -> None:
+        batch = []
+        for _ in range(n):
+            u = rng.choice(users)
+            sent[u] += 1
+            batch.append({"user_id": u, "item_id": str(rng.randint(1, N_ITEMS)), "ts": t0 + sent[u]})
+        producer.add(batch)
+
+    async def body() -> None:
+        produce(3000, 1.7e9)  # the history, consumed by the live version only
+        async with Running(s) as c:
+            await c.wait(lambda: _counts(url, prefix, v1, users) == {u: sent[u] for u in users})
+        stop = threading.Event()
+
+        def keep_producing() -> None:
+            while not stop.is_set():
+                produce(20, 1.7e9)
+                time.sleep(0.05)
+
+        async with Running(dual) as c:  # dual write on first, then the backfill races it
+            thread = threading.Thread(target=keep_producing)
+            thread.start()
+            await asyncio.sleep(0.3)
+            store = await open_store(dual, v2)
+            try:
+                report = await Backfill(m2, store, asyncio.to_thread).from_stream(sync, producer.layout, None, {})
+            finally:
+                await asyncio.sleep(0.3)
+                stop.set()
+                await asyncio.to_thread(thread.join)
+                await store.close()
+            want = {u: sent[u] for u in users}
+            await c.wait(lambda: _counts(url, prefix, v1, users) == want and _counts(url, prefix, v2, users) == want)
+        assert report.pending == 0
+        print("race report", report.as_dict(), "events", sum(sent.values()))
+        for u in users:  # the count inside the state agrees with the hash's
+            state = m2.decode(sync.hget(f"{prefix}:{v2}:{{u:{u}}}:s", "blob"))
+            assert int(state.count[0]) == sent[u]
+
+    try:
+        asyncio.run(body())
+    finally:
+        producer.close()
+        sync.close()
