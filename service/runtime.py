@@ -20,6 +20,7 @@ from hytrec.service.batcher import RecommendBatcher
 from hytrec.service.catalogue import Catalogue
 from hytrec.service.events import EventBatcher, EventIngestor
 from hytrec.service.microbatch import MicroBatcher, Overloaded
+from hytrec.service.online_eval import Attribution, ImpressionLog, init_metrics
 from hytrec.service.recommend import Recommender
 from hytrec.service.settings import Settings
 from hytrec.state_store import StateStore, StoreUnavailable, open_store
@@ -40,6 +41,7 @@ class Runtime:
     ingestor: EventIngestor
     recommender: Recommender
     catalogue: Catalogue
+    impressions: ImpressionLog
 
 
 class Lifecycle:
@@ -97,6 +99,22 @@ class Lifecycle:
         limits = s.max_queue, s.max_queue_delay_ms
         batcher = RecommendBatcher(model, store, self.run, s.microbatch_max_size, s.microbatch_max_wait_ms, *limits)
         events = EventBatcher(model, store, s.events_batch_max_size, s.events_batch_max_wait_ms, *limits)
+        impressions = ImpressionLog(
+            store.client,
+            s.key_prefix,
+            sample=s.impression_sample,
+            max_k=s.impression_k,
+            window_s=s.attribution_window_s,
+            log_max=s.impression_log_max,
+            flush_max=s.impression_flush_max,
+            buffer=s.impression_buffer,
+            cluster=store.cluster,
+        )
+        init_metrics(model.version)
+        events.on_applied = Attribution(impressions, model.item_id).observe
+        recommender = Recommender(model, store, batcher, popular, self.run)
+        recommender.impressions = impressions
+        impressions.start()
         batcher.start()
         events.start()
         self.runtime = Runtime(
@@ -106,8 +124,9 @@ class Lifecycle:
             batcher=batcher,
             events_batcher=events,
             ingestor=EventIngestor(model, events, s.strict_items),
-            recommender=Recommender(model, store, batcher, popular, self.run),
+            recommender=recommender,
             catalogue=Catalogue(model.vocab),
+            impressions=impressions,
         )
         self.phase = "ready"
 
@@ -125,5 +144,6 @@ class Lifecycle:
         if self.runtime is not None:
             await self.runtime.batcher.stop()
             await self.runtime.events_batcher.stop()
+            await self.runtime.impressions.close()
             await self.runtime.store.close()
         self.executor.shutdown(wait=False, cancel_futures=True)
