@@ -16,6 +16,8 @@ bench = typer.Typer(help="Benchmarks, measured on this machine in one run.", no_
 app.add_typer(bench, name="bench")
 ops = typer.Typer(help="Operations files of deploy/: dashboard and alert rules.", no_args_is_help=True)
 app.add_typer(ops, name="ops")
+impressions = typer.Typer(help="The impression log of online evaluation: export, compare.", no_args_is_help=True)
+app.add_typer(impressions, name="impressions")
 
 # (module, attribute, target app, command name).
 _COMMANDS: list[tuple[str, str, typer.Typer, str]] = [
@@ -35,6 +37,8 @@ _COMMANDS: list[tuple[str, str, typer.Typer, str]] = [
     ("hytrec.streams.commands", "consume", app, "consume"),
     ("hytrec.loadtest.commands", "loadtest", app, "loadtest"),
     ("hytrec.ops", "render", ops, "render"),
+    ("hytrec.service.impressions", "export", impressions, "export"),
+    ("hytrec.service.impressions", "compare", impressions, "compare"),
 ]
 
 
