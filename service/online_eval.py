@@ -5,19 +5,20 @@
 sampled user's answers and events are all seen (and the stream partitioning, crc32, is not correlated with it).
 
 **Impressions** (``ImpressionLog``). ``record`` runs on the request path and only appends the answer to an
-in-process queue; a background writer drains the queue in one pipeline per write of at most
-``HYTREC_IMPRESSION_FLUSH_MAX`` impressions: per impression one ``SET <prefix>:{u:<user>}:i ... PX window``
-(the user's latest impression, in the user's hash slot), and per write one ``XADD`` of all of them as one
-entry of the export stream ``<prefix>:impressions`` (exact ``MAXLEN``) and one ``PFADD`` + ``EXPIRE`` per
-(model version, source, hour) into the coverage HyperLogLogs. So a sampled request costs one pipelined
-command and no round trip of its own; an unsampled one costs the hash.
+in-process queue; a background writer drains the queue every ``HYTREC_IMPRESSION_FLUSH_MS`` in one pipeline
+per write of at most ``HYTREC_IMPRESSION_FLUSH_MAX`` impressions: per impression one
+``SET <prefix>:{u:<user>}:i ... PX window`` (the user's latest impression, in the user's hash slot), and per
+write one ``XADD`` of all of them as one entry of the export stream ``<prefix>:impressions`` (exact
+``MAXLEN``) and one ``PFADD`` + ``EXPIRE`` per (model version, source, hour) into the coverage HyperLogLogs.
+So a sampled request costs one pipelined command and no round trip of its own; an unsampled one, the hash.
 
 **Attribution** (``Attribution``). After an events batch committed (REST posts and stream entries alike),
-the events it applied for sampled users are compared with each user's latest impression, read in one
-pipelined ``GET`` per batch (the writer's queued and in-flight impressions are consulted first, so a worker
-sees its own answers at once): an event at most ``HYTREC_ATTRIBUTION_WINDOW_S`` after the impression's
-request time is attributed, and a hit at rank r when its item is the r-th id served. Duplicates (event ids
-or stream marks already applied) are not applied, so never counted twice.
+the events it applied for sampled users are compared with each user's latest impression: the one this
+worker's writer still holds (so a worker sees its own answers at once), else the stored one, read in one
+pipelined ``GET`` per batch by a task of its own (the events batch does not wait for it). An event at most
+``HYTREC_ATTRIBUTION_WINDOW_S`` after the impression's request time is attributed, and a hit at rank r when
+its item is the r-th id served. Duplicates (event ids or stream marks already applied) are not applied, so
+never counted twice.
 
 The one rule both paths (and ``hytrec impressions compare``, offline) apply is :func:`attribute`.
 See docs/online_eval.md.
@@ -173,6 +174,7 @@ class ImpressionLog:
         log_max: int,
         flush_max: int,
         buffer: int,
+        flush_ms: float = 0.0,
         cluster: bool = False,
     ) -> None:
         self.client = client
@@ -182,6 +184,7 @@ class ImpressionLog:
         self.window_s = window_s
         self.ttl_ms = max(1, math.ceil(window_s * 1000))
         self.flush_max = flush_max
+        self.flush_s = flush_ms / 1000
         self.buffer = buffer
         # Exact MAXLEN in entries: an entry holds at most flush_max impressions, so at most log_max are kept.
         self.log_entries = log_max // flush_max if log_max else 0
@@ -192,6 +195,7 @@ class ImpressionLog:
         self._idle = asyncio.Event()
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self._newest_hour: dict[tuple[str, str], int] = {}
         self._next_refresh = 0.0
 
@@ -222,10 +226,13 @@ class ImpressionLog:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="hytrec-impressions")
 
     async def _run(self) -> None:
-        while True:
+        while not self._closing:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), COVERAGE_REFRESH_S)
+                async with asyncio.timeout(COVERAGE_REFRESH_S):  # not wait_for: it can swallow a cancel (3.11)
+                    await self._wake.wait()
             self._wake.clear()
+            if self.flush_s and len(self._queue) < self.flush_max:
+                await asyncio.sleep(self.flush_s)  # let answers gather: one pipeline carries them all
             try:
                 while self._queue:
                     await self._write(self._take())
@@ -307,12 +314,16 @@ class ImpressionLog:
             await asyncio.wait_for(self.flush(), 2.0)
         except TimeoutError:
             log.warning("%d impressions not written at shutdown", len(self._queue))
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task}, timeout=2.0)
 
     # ------------------------------------------------------------------------------------------ reads
+    def pending(self, user_id: str) -> Impression | None:
+        """The user's newest impression queued or being written by this worker, if any."""
+        return self._pending.get(user_id)
+
     async def latest(self, user_ids: Sequence[str]) -> dict[str, Impression | None]:
         """Each user's latest impression: this worker's queued one, else the stored one (one pipeline)."""
         out: dict[str, Impression | None] = {u: self._pending.get(u) for u in user_ids}
@@ -336,21 +347,38 @@ class Attribution:
     def __init__(self, impressions: ImpressionLog, item_id: Callable[[int], str | None]) -> None:
         self.impressions = impressions
         self.item_id = item_id
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def observe(self, applied: Mapping[str, Iterable[AppliedRow]]) -> None:
-        """Attribute the events an events batch applied (per user, in order). Never raises: states are
-        already committed, and a lost count is only a lost count (logged)."""
+        """Attribute the events an events batch applied (per user, in order), without holding the batch: the
+        impressions this worker holds are taken now; the stored ones are read by a task of its own. Never
+        raises: states are already committed, and a lost count is only a lost count (logged)."""
         rows = {u: list(r) for u, r in applied.items() if sampled(u, self.impressions.sample)}
-        users = [u for u, r in rows.items() if r]
-        if not users:
+        rows = {u: r for u, r in rows.items() if r}
+        if not rows:
             return
+        known = {u: imp for u in rows if (imp := self.impressions.pending(u)) is not None}
+        for u, imp in known.items():
+            self._count(imp, rows.pop(u))
+        if rows:
+            task = asyncio.get_running_loop().create_task(self._read_and_count(rows))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _read_and_count(self, rows: dict[str, list[AppliedRow]]) -> None:
         try:
-            latest = await self.impressions.latest(users)
+            latest = await self.impressions.latest(list(rows))
         except (rex.RedisError, OSError, ValueError) as exc:
-            log.warning("could not read the impressions of %d users: %s", len(users), exc)
+            log.warning("could not read the impressions of %d users: %s", len(rows), exc)
             return
-        window = self.impressions.window_s
-        for u in users:
-            imp = latest[u]
-            for row, ts, _ in rows[u]:
-                count(imp, attribute(imp, self.item_id(row), ts, window))
+        for u, r in rows.items():
+            self._count(latest[u], r)
+
+    def _count(self, imp: Impression | None, rows: list[AppliedRow]) -> None:
+        for row, ts, _ in rows:
+            count(imp, attribute(imp, self.item_id(row), ts, self.impressions.window_s))
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Wait for the reads in flight (tests; shutdown, with a ``timeout``)."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)

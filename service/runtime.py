@@ -42,6 +42,7 @@ class Runtime:
     recommender: Recommender
     catalogue: Catalogue
     impressions: ImpressionLog
+    attribution: Attribution
 
 
 class Lifecycle:
@@ -108,10 +109,12 @@ class Lifecycle:
             log_max=s.impression_log_max,
             flush_max=s.impression_flush_max,
             buffer=s.impression_buffer,
+            flush_ms=s.impression_flush_ms,
             cluster=store.cluster,
         )
         init_metrics(model.version)
-        events.on_applied = Attribution(impressions, model.item_id).observe
+        attribution = Attribution(impressions, model.item_id)
+        events.on_applied = attribution.observe
         recommender = Recommender(model, store, batcher, popular, self.run)
         recommender.impressions = impressions
         impressions.start()
@@ -127,6 +130,7 @@ class Lifecycle:
             recommender=recommender,
             catalogue=Catalogue(model.vocab),
             impressions=impressions,
+            attribution=attribution,
         )
         self.phase = "ready"
 
@@ -144,6 +148,7 @@ class Lifecycle:
         if self.runtime is not None:
             await self.runtime.batcher.stop()
             await self.runtime.events_batcher.stop()
+            await self.runtime.attribution.drain(timeout=2.0)
             await self.runtime.impressions.close()
             await self.runtime.store.close()
         self.executor.shutdown(wait=False, cancel_futures=True)

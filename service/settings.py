@@ -151,6 +151,12 @@ class Settings(StoreSettings):
     impression_flush_max: int = Field(
         256, ge=1, description="Most impressions one background write carries (one export-stream entry)."
     )
+    impression_flush_ms: float = Field(
+        100.0,
+        ge=0,
+        description="How long the impression writer lets answers gather before one pipeline writes them (0: at once); "
+        "another worker sees an impression this much later at most.",
+    )
     impression_buffer: int = Field(
         10_000, ge=1, description="Impressions queued for the background writer at most; past it they are dropped."
     )

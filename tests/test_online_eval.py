@@ -67,8 +67,9 @@ def synthetic_log(n_users: int, per_user: int, seed: int) -> list[tuple[str, str
     return [(f"s{log.users[i]}", str(log.items[i]), float(log.timestamps[i])) for i in order]
 
 
-async def replay(client: Any, events: list[tuple[str, str, float]]) -> list[tuple[str, str, Recommendations]]:
-    """Ask for the top-10 at each event's time (exclude_seen=false), then post the event."""
+async def replay(client: Any, app: Any, events: list[tuple[str, str, float]]) -> list[tuple[str, str, Recommendations]]:
+    """Ask for the top-10 at each event's time (exclude_seen=false), then post the event; wait for the
+    attribution reads still in flight."""
     out = []
     for n, (user, item, ts) in enumerate(events):
         res = await client.get(f"/v1/users/{user}/recommendations", params={"k": 10, "exclude_seen": "false", "at": ts})
@@ -77,6 +78,7 @@ async def replay(client: Any, events: list[tuple[str, str, float]]) -> list[tupl
         body = {"events": [{"user_id": user, "item_id": item, "ts": ts, "event_id": f"e{n}"}]}
         posted = await client.post("/v1/events", json=body)
         assert posted.status_code == 200 and posted.json()["applied"] == 1, posted.text
+    await app.state.lifecycle.runtime.attribution.drain()
     return out
 
 
@@ -106,7 +108,7 @@ def test_online_hr_equals_offline_next_item_hr_with_every_user_sampled(redis_sta
         async with running(s) as (client, app):
             rt = app.state.lifecycle.runtime
             before = online(rt.model.version)
-            answers = await replay(client, events)
+            answers = await replay(client, app, events)
             got = delta(online(rt.model.version), before)
             want = offline(answers)
             for key, value in want.items():
@@ -153,7 +155,7 @@ def test_online_hr_of_a_sample_is_the_offline_hr_of_the_sampled_users(redis_stan
         async with running(s) as (client, app):
             version = app.state.lifecycle.runtime.model.version
             before = online(version)
-            answers = await replay(client, events)
+            answers = await replay(client, app, events)
             got = delta(online(version), before)
         mine = offline(answers, chosen)
         for key, value in mine.items():
@@ -221,11 +223,14 @@ def test_events_outside_the_window_or_before_the_impression_count_as_no_impressi
 
             async def ask(user: str, at: float) -> list[str]:
                 res = await client.get(f"/v1/users/{user}/recommendations", params={"at": at, "exclude_seen": False})
+                await rt.impressions.flush()  # attributed from Redis here (the end-to-end cases: from the queue)
+                assert rt.impressions.pending(user) is None
                 return [i["item_id"] for i in res.json()["items"]]
 
             async def post(user: str, item: str, ts: float, eid: str) -> None:
                 ev = {"user_id": user, "item_id": item, "ts": ts, "event_id": eid}
                 assert (await client.post("/v1/events", json={"events": [ev]})).status_code == 200
+                await rt.attribution.drain()
 
             before = online(v)
             top = await ask("w1", t0)
@@ -254,6 +259,7 @@ def test_events_outside_the_window_or_before_the_impression_count_as_no_impressi
             before = online(v)
             await rt.ingestor.ingest_entries(batch, ["5-0", "6-0"], "m0", 1, deadline)
             await rt.ingestor.ingest_entries(batch, ["5-0", "6-0"], "m0", 1, deadline)  # redelivered
+            await rt.attribution.drain()
             d = delta(online(v), before)
             assert d["attributed"] == 2 and d["hits10/popularity"] == (1 + ("499" in top3))
             assert d["rr/popularity"] == pytest.approx(1 / 5 + (1 / (top3.index("499") + 1) if "499" in top3 else 0))
