@@ -4,7 +4,8 @@ Two ``hytrec serve`` (one worker each, each with its own embedded Redis, the ser
 checkpoint) differ only in ``HYTREC_IMPRESSION_SAMPLE`` (1.0 and 0.0). Both get the same pre-warmed users and
 the same open-loop load (the serving benchmark's generator and mix: 80 % recommendations, 20 % event posts),
 in ABBA order so drift on a shared machine falls on both alike. Reported per arm: p50/p99 of each endpoint
-and the server's CPU seconds per request (from /proc), and the ratios sampled / unsampled.
+and the server's CPU seconds per request (from /proc), and the ratios sampled / unsampled; and, in this
+process against an embedded Redis, the CPU microseconds of ``record`` and of the writer per impression.
 """
 
 from __future__ import annotations
@@ -62,11 +63,55 @@ def summarise(arm: Arm) -> dict[str, Any]:
     out["cpu_ms_per_request"] = 1000 * sum(r["cpu_s"] for r in arm.runs) / n
     for name in ("recommend", "events"):
         eps = [r["run"]["endpoints"][name] for r in arm.runs]
+        codes = sorted({c for e in eps for c in e["status"]})
         out[name] = {
             "p50_ms": sum(e["latency_ms"]["p50"] for e in eps) / len(eps),
             "p99_ms": sum(e["latency_ms"]["p99"] for e in eps) / len(eps),
             "answer_rps": sum(e["answer_rps"] for e in eps) / len(eps),
+            "status": {c: sum(e["status"].get(c, 0) for e in eps) for c in codes},
         }
+    return out
+
+
+async def micro_costs(data_dir: Path, n: int = 20_000) -> dict[str, float]:
+    """CPU microseconds per answer of ``record`` (unsampled, sampled) and of the writer per impression (8 and
+    256 per pipeline), in this process against an embedded Redis."""
+    from hytrec.service.online_eval import ImpressionLog
+    from hytrec.service.schemas import Recommendations, ScoredItem
+    from hytrec.state_store import StoreSettings, open_store
+
+    store = await open_store(StoreSettings(data_dir=data_dir))
+    answers = [
+        Recommendations(
+            user_id=f"user{u}",
+            items=[ScoredItem(item_id=f"i{(u + j) % 100_000}", score=1.0) for j in range(10)],
+            model_version="v",
+            history_length=1,
+            fallback=False,
+            request_time=1.7e9,
+        )
+        for u in range(n)
+    ]
+    out: dict[str, float] = {}
+    try:
+        for sample in (0.0, 1.0):
+            log = ImpressionLog(
+                store.client, "m", sample=sample, max_k=10, window_s=600, log_max=100_000, flush_max=256, buffer=n
+            )
+            t = time.process_time()
+            for a in answers:
+                log.record(a)
+            out[f"record_us_sample_{sample:g}"] = (time.process_time() - t) / n * 1e6
+            await log.flush()
+        for per in (8, 256):
+            log.flush_max = per
+            for a in answers:
+                log.record(a)
+            t = time.process_time()
+            await log.flush()
+            out[f"writer_us_per_impression_{per}_per_pipeline"] = (time.process_time() - t) / n * 1e6
+    finally:
+        await store.close()
     return out
 
 
@@ -82,6 +127,10 @@ def bench_online_eval(
     work = Path(tempfile.mkdtemp(prefix="hytrec-bench-online-"))
     ckpt = work / "ckpt"
     sb.make_checkpoint(str(ckpt), s.n_items, s.d_model, s.state_dtype)
+    import asyncio
+
+    micro = asyncio.run(micro_costs(work / "micro"))
+    typer.echo(f"in process: {json.dumps(micro)}", err=True)
     arms = [Arm(ckpt, 1.0, work), Arm(ckpt, 0.0, work)]
     try:
         for arm in arms:
@@ -129,6 +178,7 @@ def bench_online_eval(
             "unsampled": off,
             "ratio_sampled_over_unsampled": ratios,
             "online_counters": counts,
+            "in_process_us": micro,
             "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         text = json.dumps(result, indent=2)

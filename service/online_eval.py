@@ -228,7 +228,8 @@ class ImpressionLog:
     async def _run(self) -> None:
         while not self._closing:
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(COVERAGE_REFRESH_S):  # not wait_for: it can swallow a cancel (3.11)
+                # not wait_for: it can swallow a cancel (3.11); no timer while there is no coverage to refresh
+                async with asyncio.timeout(COVERAGE_REFRESH_S if self._newest_hour else None):
                     await self._wake.wait()
             self._wake.clear()
             if self.flush_s and len(self._queue) < self.flush_max:
@@ -382,3 +383,25 @@ class Attribution:
         """Wait for the reads in flight (tests; shutdown, with a ``timeout``)."""
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout)
+
+
+def attach(settings: Any, store: Any, events: Any, item_id: Callable[[int], str | None]) -> Attribution:
+    """Build the impression log and the attribution of one process from its settings and store, count the
+    model's series from 0, and hook the attribution into the events batcher (``hytrec serve`` and ``hytrec
+    consume`` alike; only the server records impressions, through ``Recommender.impressions``)."""
+    impressions = ImpressionLog(
+        store.client,
+        settings.key_prefix,
+        sample=settings.impression_sample,
+        max_k=settings.impression_k,
+        window_s=settings.attribution_window_s,
+        log_max=settings.impression_log_max,
+        flush_max=settings.impression_flush_max,
+        buffer=settings.impression_buffer,
+        flush_ms=settings.impression_flush_ms,
+        cluster=store.cluster,
+    )
+    init_metrics(store.model_version)
+    attribution = Attribution(impressions, item_id)
+    events.on_applied = attribution.observe
+    return attribution

@@ -20,7 +20,7 @@ from hytrec.service.batcher import RecommendBatcher
 from hytrec.service.catalogue import Catalogue
 from hytrec.service.events import EventBatcher, EventIngestor
 from hytrec.service.microbatch import MicroBatcher, Overloaded
-from hytrec.service.online_eval import Attribution, ImpressionLog, init_metrics
+from hytrec.service.online_eval import Attribution, ImpressionLog, attach
 from hytrec.service.recommend import Recommender
 from hytrec.service.settings import Settings
 from hytrec.state_store import StateStore, StoreUnavailable, open_store
@@ -100,26 +100,13 @@ class Lifecycle:
         limits = s.max_queue, s.max_queue_delay_ms
         batcher = RecommendBatcher(model, store, self.run, s.microbatch_max_size, s.microbatch_max_wait_ms, *limits)
         events = EventBatcher(model, store, s.events_batch_max_size, s.events_batch_max_wait_ms, *limits)
-        impressions = ImpressionLog(
-            store.client,
-            s.key_prefix,
-            sample=s.impression_sample,
-            max_k=s.impression_k,
-            window_s=s.attribution_window_s,
-            log_max=s.impression_log_max,
-            flush_max=s.impression_flush_max,
-            buffer=s.impression_buffer,
-            flush_ms=s.impression_flush_ms,
-            cluster=store.cluster,
-        )
-        init_metrics(model.version)
-        attribution = Attribution(impressions, model.item_id)
-        events.on_applied = attribution.observe
+        attribution = attach(s, store, events, model.item_id)
+        impressions = attribution.impressions
         recommender = Recommender(model, store, batcher, popular, self.run)
         recommender.impressions = impressions
-        impressions.start()
         batcher.start()
         events.start()
+        impressions.start()
         self.runtime = Runtime(
             settings=s,
             model=model,

@@ -35,6 +35,7 @@ def consume(
     from hytrec.model.serving import ServingModel
     from hytrec.service.commands import _set_env
     from hytrec.service.events import EventBatcher, EventIngestor
+    from hytrec.service.online_eval import attach
     from hytrec.service.settings import Settings
     from hytrec.state_store import open_store
     from hytrec.streams.consumer import Consumer
@@ -62,6 +63,7 @@ def consume(
         serving = await run(lambda: ServingModel.load(s.model, s.state_dtype))
         store = await open_store(s, serving.version, runner=run)
         batcher = EventBatcher(serving, store, s.events_batch_max_size, s.events_batch_max_wait_ms, s.max_queue)
+        attribution = attach(s, store, batcher, serving.item_id)  # online evaluation of the streamed events
         batcher.start()
         consumer = Consumer(
             s, store, EventIngestor(serving, batcher, s.strict_items), consumer_id, until_idle=until_idle
@@ -72,6 +74,7 @@ def consume(
             totals = await consumer.run()
         finally:
             await batcher.stop()
+            await attribution.drain(timeout=2.0)
             await store.close()
             executor.shutdown(wait=False, cancel_futures=True)
         return {"consumer": consumer.id, "model_version": serving.version, **totals.as_dict()}

@@ -324,3 +324,76 @@ def test_the_impression_store_stays_under_its_bound_when_traffic_exceeds_it() ->
         run(body)
     finally:
         server.stop()
+
+
+# --------------------------------------------------------------------------------- the stream consumer
+def test_a_hytrec_consume_process_attributes_the_streamed_events(
+    service_checkpoint: Any, redis_standalone_url: str, tmp_path: Any
+) -> None:
+    """Impressions written as a server writes them; the events through the stream to a real consumer process,
+    whose own /metrics (HYTREC_CONSUME_METRICS_PORT) counts the hits."""
+    import httpx
+
+    from hytrec.streams import StreamLayout, StreamProducer
+    from tests.redis_servers import free_port, wait_until
+    from tests.test_streams import ConsumerProcess, _consumer_env, _drained
+
+    prefix = f"k{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    env = _consumer_env(
+        service_checkpoint, redis_standalone_url, prefix, impression_sample=1.0, attribution_window_s=600
+    )
+    env["HYTREC_CONSUME_METRICS_PORT"] = str(port)
+    s = Settings(model=service_checkpoint.path, redis_url=redis_standalone_url, key_prefix=prefix)
+    t0 = 1_700_000_000.0
+
+    async def serve_impressions() -> None:
+        client = aioredis.Redis.from_url(redis_standalone_url)
+        imp_log = ImpressionLog(
+            client, prefix, sample=1.0, max_k=10, window_s=600, log_max=100, flush_max=10, buffer=100
+        )
+        for u in range(4):
+            items = [ScoredItem(item_id=str(10 * u + j), score=1.0) for j in range(1, 11)]
+            imp_log.record(
+                Recommendations(
+                    user_id=f"c{u}",
+                    items=items,
+                    model_version="v-served",
+                    history_length=3,
+                    fallback=False,
+                    request_time=t0,
+                )
+            )
+        await imp_log.flush()
+        await client.aclose()
+
+    asyncio.run(serve_impressions())
+    consumer = ConsumerProcess(env, tmp_path, "online")
+    try:
+        with StreamProducer.from_settings(s) as producer:
+            # c0..c3 next consume their impression's rank-(u+1) item; c4 was never served; one event past the window
+            producer.add([{"user_id": f"c{u}", "item_id": str(10 * u + u + 1), "ts": t0 + 30} for u in range(4)])
+            producer.add([{"user_id": "c4", "item_id": "5", "ts": t0 + 30}])
+            producer.add([{"user_id": "c0", "item_id": "1", "ts": t0 + 900}])
+            layout = StreamLayout(prefix, s.stream_name, s.stream_partitions)
+            wait_until(lambda: _drained(producer.client, layout, s.stream_group), timeout=60, what="stream drained")
+
+        def scraped() -> dict[str, float]:
+            text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            return {
+                ln.rsplit(" ", 1)[0]: float(ln.rsplit(" ", 1)[1])
+                for ln in text.splitlines()
+                if ln.startswith("hytrec_online_") and "v-served" in ln or ln.startswith("hytrec_online_events_total")
+            }
+
+        wait_until(lambda: scraped().get('hytrec_online_events_total{outcome="no_impression"}') == 2, timeout=20)
+        got = scraped()
+    finally:
+        consumer.stop()
+    assert got['hytrec_online_events_total{outcome="attributed"}'] == 4
+    assert got['hytrec_online_attributed_total{source="model",version="v-served"}'] == 4
+    assert got['hytrec_online_hits_total{k="10",source="model",version="v-served"}'] == 4
+    assert got['hytrec_online_hits_total{k="1",source="model",version="v-served"}'] == 1
+    assert got['hytrec_online_reciprocal_rank_total{source="model",version="v-served"}'] == pytest.approx(
+        1 + 1 / 2 + 1 / 3 + 1 / 4
+    )
