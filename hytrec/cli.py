@@ -20,6 +20,8 @@ versions = typer.Typer(
     help="Model versions of a running service: add, set (swap, canary), show, drop.", no_args_is_help=True
 )
 app.add_typer(versions, name="versions")
+impressions = typer.Typer(help="The impression log of online evaluation: export, compare.", no_args_is_help=True)
+app.add_typer(impressions, name="impressions")
 
 # (module, attribute, target app, command name).
 _COMMANDS: list[tuple[str, str, typer.Typer, str]] = [
@@ -29,6 +31,7 @@ _COMMANDS: list[tuple[str, str, typer.Typer, str]] = [
     ("hytrec.benchmarks.state_dtype_bench", "bench_state_dtype", bench, "state-dtype"),
     ("hytrec.benchmarks.serving_bench", "bench_serving", bench, "serving"),
     ("hytrec.benchmarks.stream_bench", "bench_streams", bench, "streams"),
+    ("hytrec.benchmarks.online_eval_bench", "bench_online_eval", bench, "online-eval"),
     ("hytrec.training.commands", "synth", app, "synth"),
     ("hytrec.training.commands", "train", app, "train"),
     ("hytrec.training.commands", "evaluate", app, "eval"),
@@ -48,6 +51,8 @@ _COMMANDS: list[tuple[str, str, typer.Typer, str]] = [
     ("hytrec.loadtest.soak", "soak", app, "soak"),
     ("hytrec.ops", "render", ops, "render"),
     ("hytrec.ops", "access_log_cost", ops, "access-log-cost"),
+    ("hytrec.service.impressions", "export", impressions, "export"),
+    ("hytrec.service.impressions", "compare", impressions, "compare"),
 ]
 
 

@@ -177,11 +177,11 @@ def rule_groups(slo_p99_ms: float | None = None, hold: str | None = None, **kw: 
                 "runbook": f"docs/operations.md#{a.name.lower()}",
             },
         }
-        for a in alerts(slo, **kw)
+        for a in [*alerts(slo, **kw), *online_alerts()]
     ]
     return {
         "groups": [
-            {"name": "hytrec-recording", "rules": recording_rules()},
+            {"name": "hytrec-recording", "rules": recording_rules() + online_recording_rules()},
             {"name": "hytrec-alerts", "rules": alert_rules},
         ]
     }
@@ -211,6 +211,83 @@ _Dumper.add_representer(str, _str)
 
 def dump_yaml(data: Any) -> str:
     return HEADER + yaml.dump(data, Dumper=_Dumper, sort_keys=False, width=1000, default_flow_style=False)
+
+
+# ----------------------------------------------------------------------------------- online evaluation
+# Served quality measured live (service/online_eval.py, docs/online_eval.md); kept apart from the rest so the
+# rules and panels above change independently.
+ONLINE_HR10 = "job_source:hytrec_online_hr10:ratio_rate1h"
+ONLINE_VOLUME = "job_source:hytrec_online_attributed:increase1h"
+
+
+def online_recording_rules() -> list[dict[str, str]]:
+    """Online HR@10 and attributed events per hour, by source over every model version (a new version's drop
+    shows against yesterday's, which another version may have served)."""
+    return [
+        {
+            "record": ONLINE_HR10,
+            "expr": 'sum by (job, source) (rate(hytrec_online_hits_total{k="10"}[1h]))\n'
+            "/ sum by (job, source) (rate(hytrec_online_attributed_total[1h]))",
+        },
+        {"record": ONLINE_VOLUME, "expr": "sum by (job, source) (increase(hytrec_online_attributed_total[1h]))"},
+    ]
+
+
+def online_alerts(drop: float | None = None, min_events: int | None = None) -> list[Alert]:
+    """Online HR@10 ``drop`` (a fraction) below the same hour yesterday, with ``min_events`` attributed events an
+    hour on both days (defaults: the ``online_alert_*`` settings). Where yesterday has no series the drop is
+    read as 0, so the expression always has series (tests/test_prometheus.py runs it live)."""
+    from hytrec.service.settings import Settings
+
+    fields = Settings.model_fields
+    drop = float(fields["online_alert_hr10_drop"].default) if drop is None else drop
+    n = int(fields["online_alert_min_events"].default) if min_events is None else min_events
+    expr = (
+        f"(\n  1 - {ONLINE_HR10}\n  / ({ONLINE_HR10} offset 1d or {ONLINE_HR10})\n)\n"
+        f"* ({ONLINE_VOLUME} >= bool {n})\n"
+        f"* (\n  {ONLINE_VOLUME} offset 1d >= bool {n}\n  or {ONLINE_VOLUME} * 0\n)\n"
+        f"> {drop:g}"
+    )
+    summary = f"online HR@10 of {{{{ $labels.source }}}} answers is over {drop:.0%} below the same hour yesterday"
+    return [Alert("HyTRecOnlineHitRateDrop", expr, "30m", "ticket", summary)]
+
+
+def online_panels(ts: Any, q: Any, w: str) -> list[Any]:
+    """The dashboard's online-evaluation row (``ts`` and ``q`` build panels and queries in ``dashboard``)."""
+    hits = f'sum by (version, source) (rate(hytrec_online_hits_total{{k="10"}}[{w}]))'
+    rr = f"sum by (version, source) (rate(hytrec_online_reciprocal_rank_total[{w}]))"
+    attributed = f"sum by (version, source) (rate(hytrec_online_attributed_total[{w}]))"
+    events = "hytrec_online_events_total"
+    return [
+        ts(
+            "Online HR@10 and MRR@10 by version and source",
+            "percentunit",
+            "Of sampled users' events within HYTREC_ATTRIBUTION_WINDOW_S after an impression: the share whose item "
+            "was in the top 10 served, and the mean reciprocal rank. Compare versions with `hytrec impressions "
+            "compare`, not by eye.",
+            q(f"{hits} / {attributed}", "HR@10 {{version}} {{source}}"),
+            q(f"{rr} / {attributed}", "MRR@10 {{version}} {{source}}"),
+        ),
+        ts(
+            "Events without a preceding impression",
+            "percentunit",
+            "Share of sampled users' applied events with no impression within the window before them.",
+            q(ratio(f'{events}{{outcome="no_impression"}}', events, "job", w), "{{job}}"),
+        ),
+        ts(
+            "Coverage: distinct items served per hour",
+            "short",
+            "PFCOUNT of the hour's HyperLogLog of items served to sampled users (~0.8 % error), by version and "
+            "source; previous = the last complete hour.",
+            q("max by (version, source, hour) (hytrec_online_coverage_items)", "{{version}} {{source}} {{hour}}"),
+        ),
+        ts(
+            "Impressions by outcome",
+            "ops",
+            "written; dropped (the writer's queue was full); failed (Redis error).",
+            q(f"sum by (outcome) (rate(hytrec_online_impressions_total[{w}]))", "{{outcome}}"),
+        ),
+    ]
 
 
 # ------------------------------------------------------------------------------------------- dashboard
@@ -424,6 +501,7 @@ def dashboard() -> dict[str, Any]:
         ("Micro-batching", batching),
         ("Stream consumer", consumer),
         ("Model", [model]),
+        ("Online evaluation", online_panels(ts, q, w)),
     ):
         board = board.with_row(gd.Row(title).id(next(ids)))
         for panel in panels:

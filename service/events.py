@@ -21,7 +21,7 @@ import asyncio
 import math
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from hytrec.model.serving import ServingModel
@@ -69,12 +69,15 @@ class _Merged:
     """One user's events of a batch across posts: (post index, row, (mark field, entry id, epoch) or None)."""
 
     events: list[tuple[int, Row, tuple[str, str, int] | None]] = field(default_factory=list)
+    fresh: list[Row] = field(default_factory=list)  # what the last compute applied (online evaluation)
 
 
 class EventBatcher(MicroBatcher[Post, IngestResult]):
     """Coalesces queued posts into one read-compute-write; see the module docstring."""
 
     name = "events"
+    # Called with the events each committed user had applied (online evaluation, service/online_eval.py).
+    on_applied: Callable[[dict[str, list[Row]]], Awaitable[None]] | None = None
 
     def __init__(
         self,
@@ -144,6 +147,8 @@ class EventBatcher(MicroBatcher[Post, IngestResult]):
         commits = await self.store.update_many(list(merged), compute, event_ids=asked, marks=marks)
         for c in commits.values():
             metrics.CAS_ATTEMPTS.observe(c.attempts)
+        if self.on_applied is not None:
+            await self.on_applied({u: merged[u].fresh for u in commits})
 
     def _compute(
         self, snaps: dict[str, Snapshot], merged: dict[str, _Merged], counts: list[dict[str, _Counts]]
@@ -180,6 +185,7 @@ class EventBatcher(MicroBatcher[Post, IngestResult]):
                 c.unknown += row == UNKNOWN_ROW
                 c.applied += 1
                 fresh.append((row, ts, eid))
+            merged[u].fresh = fresh
             if fresh:
                 users.append(u)
                 states.append(state)

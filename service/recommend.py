@@ -14,6 +14,7 @@ from hytrec.model.serving import Recommendation, ServingModel
 from hytrec.model.vocab import PAD_ROW
 from hytrec.service import metrics
 from hytrec.service.batcher import RecommendBatcher, RecommendRequest
+from hytrec.service.online_eval import ImpressionLog
 from hytrec.service.schemas import RecentEvent, Recommendations, ScoredItem, UserSummary
 from hytrec.service.states import decode_snapshot
 from hytrec.state_store import CorruptStateError, Runner, StateStore
@@ -23,6 +24,8 @@ log = logging.getLogger("hytrec.service")
 
 class Recommender:
     """Top-K answers and user summaries over one model and one store; see the module docstring."""
+
+    impressions: ImpressionLog | None = None  # online evaluation: set by the runtime (service/online_eval.py)
 
     def __init__(
         self, model: ServingModel, store: StateStore, batcher: RecommendBatcher, popular: Recommendation, run: Runner
@@ -54,7 +57,7 @@ class Recommender:
         fallback = rec is None
         if rec is None:
             rec = Recommendation(self.popular.item_ids[:k], self.popular.scores[:k])
-        return Recommendations(
+        answer = Recommendations(
             user_id=user_id,
             items=[ScoredItem(item_id=i, score=v) for i, v in zip(rec.item_ids, rec.scores, strict=True)],
             model_version=self.model.version,
@@ -62,6 +65,9 @@ class Recommender:
             fallback="popularity" if fallback else False,
             request_time=now,
         )
+        if self.impressions is not None:
+            self.impressions.record(answer)  # a sampled user's answer is queued for the impression log, no I/O
+        return answer
 
     async def summary(self, user_id: str) -> UserSummary | None:
         """What the store holds for the user under the served version (None: nothing)."""

@@ -20,6 +20,7 @@ from hytrec.service.batcher import RecommendBatcher
 from hytrec.service.catalogue import Catalogue
 from hytrec.service.events import EventBatcher, EventIngestor
 from hytrec.service.microbatch import MicroBatcher, Overloaded
+from hytrec.service.online_eval import Attribution, ImpressionLog, attach
 from hytrec.service.recommend import Recommender
 from hytrec.service.settings import Settings
 from hytrec.service.swap import VersionWatcher, probe, set_model_info
@@ -46,17 +47,21 @@ class Runtime:
     ingestor: EventIngestor
     recommender: Recommender
     catalogue: Catalogue
+    impressions: ImpressionLog
+    attribution: Attribution
     mirrors: tuple[Mirror, ...] = ()
     candidate: Runtime | None = None
     canary: float = 0.0
     shadow: bool = False
 
     async def close(self) -> None:
-        """Stop this version's batchers and close its connections (and its mirrors')."""
-        for m in self.mirrors:
-            await m.close()
+        """Stop this version's batchers, flush its impression log and close its connections (and its mirrors')."""
         await self.batcher.stop()
         await self.events_batcher.stop()
+        await self.attribution.drain(timeout=2.0)
+        await self.impressions.close()
+        for m in self.mirrors:
+            await m.close()
         await self.store.close()
 
 
@@ -169,8 +174,13 @@ class Lifecycle:
         limits = s.max_queue, s.max_queue_delay_ms
         batcher = RecommendBatcher(model, store, self.run, s.microbatch_max_size, s.microbatch_max_wait_ms, *limits)
         events = EventBatcher(model, store, s.events_batch_max_size, s.events_batch_max_wait_ms, *limits)
+        attribution = attach(s, store, events, model.item_id)
+        impressions = attribution.impressions
+        recommender = Recommender(model, store, batcher, popular, self.run)
+        recommender.impressions = impressions
         batcher.start()
         events.start()
+        impressions.start()
         return Runtime(
             settings=s,
             model=model,
@@ -178,8 +188,10 @@ class Lifecycle:
             batcher=batcher,
             events_batcher=events,
             ingestor=EventIngestor(model, events, s.strict_items, [m.ingestor for m in mirrors]),
-            recommender=Recommender(model, store, batcher, popular, self.run),
+            recommender=recommender,
             catalogue=Catalogue(model.vocab),
+            impressions=impressions,
+            attribution=attribution,
             mirrors=tuple(mirrors),
         )
 

@@ -192,6 +192,52 @@ class Settings(StoreSettings):
         """HYTREC_WRITE_VERSIONS as a list, in order, without repeats."""
         return list(dict.fromkeys(x.strip() for x in self.write_versions.split(",") if x.strip()))
 
+    # Online evaluation (service/online_eval.py, docs/online_eval.md).
+    impression_sample: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="Share of users whose answers are logged as impressions and whose next events are attributed "
+        "(by a hash of the user id, so a user is in or out consistently; 0 turns online evaluation off).",
+    )
+    impression_k: int = Field(10, ge=1, le=100, description="Most top-K ids recorded per impression.")
+    attribution_window_s: float = Field(
+        1800.0,
+        gt=0,
+        description="An event counts for the user's latest impression if it happened at most this long after it "
+        "(event time minus request time); also the TTL of the latest-impression key.",
+    )
+    impression_log_max: int = Field(
+        100_000,
+        ge=0,
+        description="Most impressions the export stream holds (trimmed by whole writes; 0: no export log).",
+    )
+    impression_flush_max: int = Field(
+        256, ge=1, description="Most impressions one background write carries (one export-stream entry)."
+    )
+    impression_flush_ms: float = Field(
+        100.0,
+        ge=0,
+        description="How long the impression writer lets answers gather before one pipeline writes them (0: at once); "
+        "another worker sees an impression this much later at most.",
+    )
+    impression_buffer: int = Field(
+        10_000, ge=1, description="Impressions queued for the background writer at most; past it they are dropped."
+    )
+    online_alert_hr10_drop: float = Field(
+        0.2,
+        gt=0,
+        lt=1,
+        description="HyTRecOnlineHitRateDrop fires when online HR@10 is this fraction below the same hour "
+        "yesterday; `hytrec ops render` writes it into the rules (the service does not read it).",
+    )
+    online_alert_min_events: int = Field(
+        200,
+        ge=1,
+        description="Attributed events an hour, today and yesterday, before HyTRecOnlineHitRateDrop may fire "
+        "(rendered into the rules).",
+    )
+
     @field_validator("api_keys")
     @classmethod
     def _scopes_parse(cls, v: SecretStr) -> SecretStr:

@@ -36,6 +36,7 @@ def consume(
     from hytrec.model.serving import ServingModel
     from hytrec.service.commands import _set_env
     from hytrec.service.events import EventBatcher, EventIngestor
+    from hytrec.service.online_eval import attach
     from hytrec.service.settings import Settings
     from hytrec.service.versions import MirrorSet
     from hytrec.state_store import open_store
@@ -69,6 +70,7 @@ def consume(
         gc.set_threshold(20_000, 50, 50)
         store = await open_store(s, serving.version, runner=run)
         batcher = EventBatcher(serving, store, s.events_batch_max_size, s.events_batch_max_wait_ms, s.max_queue)
+        attribution = attach(s, store, batcher, serving.item_id)  # online evaluation of the streamed events
         batcher.start()
         ingestor = EventIngestor(serving, batcher, s.strict_items)
         consumer = Consumer(s, store, ingestor, consumer_id, until_idle=until_idle)
@@ -84,6 +86,7 @@ def consume(
             written = [serving.version, *mirrors.mirrors]
             await mirrors.close()
             await batcher.stop()
+            await attribution.drain(timeout=2.0)
             await store.close()
             executor.shutdown(wait=False, cancel_futures=True)
         return {"consumer": consumer.id, "model_version": serving.version, "write_versions": written} | totals.as_dict()
