@@ -3,8 +3,9 @@
 Files: ``model.safetensors`` (weights only), ``config.json`` (``model_type`` and its config),
 ``items.json`` (the :class:`~hytrec.model.vocab.Vocab`: external item ids in row order and each item's
 training popularity, for the cold-start fallback). The model version is
-``<model_type>-<sha256 of config + weights>[:12]``, so different weights never share a version (and never
-share serving state); the items file is not part of it. Nothing is unpickled.
+``<model_type>-<sha256 of config + weights + item ids in row order>[:12]``, so different weights or a changed
+vocabulary (ids added, removed or reordered) never share a version, and never read each other's serving state;
+the popularity counts are not part of it. Nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -59,9 +60,11 @@ def model_type_of(model: nn.Module) -> str:
     return "sasrec" if isinstance(model, SASRec) else model.cfg.variant
 
 
-def _version(model_type: str, config_json: str, weights: Path) -> str:
+def _version(model_type: str, config_json: str, weights: Path, vocab: Vocab) -> str:
     digest = hashlib.sha256(config_json.encode())
     digest.update(weights.read_bytes())
+    # Row order matters (a state stores rows, not ids); NUL cannot occur in an id, so the join is unambiguous.
+    digest.update("\0".join(vocab.ids).encode())
     return f"{model_type}-{digest.hexdigest()[:12]}"
 
 
@@ -91,7 +94,7 @@ def save_checkpoint(
     config_json = json.dumps({"model_type": model_type, "config": cfg.to_dict(), "meta": meta or {}}, indent=2)
     (directory / CONFIG).write_text(config_json + "\n")
     vocab.save(directory / ITEMS)
-    return _version(model_type, config_json + "\n", directory / WEIGHTS)
+    return _version(model_type, config_json + "\n", directory / WEIGHTS, vocab)
 
 
 def _read_spec(directory: Path) -> tuple[str, str, dict[str, Any], dict[str, Any]]:
@@ -186,5 +189,5 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise CheckpointError(f"{path}: tensor {name!r} holds NaN or infinite values")
     model.eval()
-    version = _version(model_type, config_json, path)
+    version = _version(model_type, config_json, path, vocab)
     return Checkpoint(model, model_type, cfg, vocab, version, meta)
