@@ -24,6 +24,7 @@ _COMMANDS: list[tuple[str, str, typer.Typer, str]] = [
     ("hytrec.benchmarks.train_bench", "bench_train", bench, "train"),
     ("hytrec.benchmarks.state_dtype_bench", "bench_state_dtype", bench, "state-dtype"),
     ("hytrec.benchmarks.serving_bench", "bench_serving", bench, "serving"),
+    ("hytrec.benchmarks.filter_bench", "bench_filters", bench, "filters"),
     ("hytrec.training.commands", "synth", app, "synth"),
     ("hytrec.training.commands", "train", app, "train"),
     ("hytrec.training.commands", "evaluate", app, "eval"),

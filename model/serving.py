@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -24,6 +25,7 @@ from hytrec.model.vocab import FIRST_ITEM_ROW, PAD_ROW, Vocab
 class Recommendation:
     item_ids: list[str]
     scores: list[float]
+    filtered_out: int = 0  # catalogue items a mask (seen, filters, hidden) removed before the top-k
 
 
 class ServingModel:
@@ -133,24 +135,104 @@ class ServingModel:
     # --------------------------------------------------------------------------- hot path: top-K
     @torch.inference_mode()
     def recommend(
-        self, states: StateBatch, now: Sequence[float], k: int, exclude_seen: Sequence[bool]
+        self,
+        states: StateBatch,
+        now: Sequence[float],
+        k: int,
+        exclude_seen: Sequence[bool],
+        banned: Sequence[torch.Tensor | None] | None = None,
+        offsets: Sequence[int] | None = None,
     ) -> list[Recommendation]:
         """Top-k items for B users at request times ``now``: one catalogue product for the whole batch.
 
-        ``exclude_seen`` removes the items in each user's ring buffer (their last K events).
+        ``exclude_seen`` removes the items in each user's ring buffer (their last K events). ``banned`` (per
+        user, None or a bool (n_items,) mask over item indices) removes more items, as a mask on the scores
+        before the one top-k; ``offsets`` skips that many of the best survivors (paging). Fewer than k items
+        come back when fewer survive: nothing is padded. ``filtered_out`` counts the items the masks removed.
         """
         u = self.model.user_vector(states, torch.tensor(list(now), dtype=torch.float64))
         scores = self.model.item_scores(u)
         drop = torch.tensor(list(exclude_seen))[:, None] & (states.ring_items >= FIRST_ITEM_ROW)
+        removed = [0] * len(exclude_seen)
         if bool(drop.any()):
             users, slots = drop.nonzero(as_tuple=True)
             scores[users, states.ring_items[users, slots] - FIRST_ITEM_ROW] = float("-inf")
-        top = scores.topk(min(k, self.n_items), dim=1)
+            removed = _distinct(torch.where(drop, states.ring_items, -1)).tolist()
+        if banned is not None:
+            for i, mask in enumerate(banned):
+                if mask is not None:
+                    scores[i].masked_fill_(mask, float("-inf"))
+                    removed[i] = int(torch.isneginf(scores[i]).sum())
+        return self._top(scores, k, offsets, removed)
+
+    def _top(
+        self, scores: torch.Tensor, k: int, offsets: Sequence[int] | None, removed: Sequence[int]
+    ) -> list[Recommendation]:
+        """Each row's best ``k`` after its offset, ``-inf`` (masked) items dropped."""
+        skip = list(offsets) if offsets is not None else [0] * scores.shape[0]
+        top = scores.topk(min(k + max(skip, default=0), scores.shape[1]), dim=1)
         out = []
-        for values, indices in zip(top.values.tolist(), top.indices.tolist(), strict=True):
-            keep = [(self.item_ids[i], v) for i, v in zip(indices, values, strict=True) if v != float("-inf")]
-            out.append(Recommendation([i for i, _ in keep], [v for _, v in keep]))
+        for values, indices, off, n in zip(top.values.tolist(), top.indices.tolist(), skip, removed, strict=True):
+            keep = [(self.item_ids[i], v) for i, v in zip(indices[off : off + k], values[off : off + k], strict=True)]
+            keep = [(i, v) for i, v in keep if v != float("-inf")]
+            out.append(Recommendation([i for i, _ in keep], [v for _, v in keep], n))
         return out
+
+    @torch.inference_mode()
+    def rank(self, states: StateBatch, now: Sequence[float], candidates: Sequence[torch.Tensor]) -> list[list[float]]:
+        """Scores of each user's candidate items (int64 item indices): O(candidates), not O(catalogue).
+
+        Gathers the candidates' embedding rows and takes their products with the user vector: the same
+        numbers as the catalogue product (up to float32 rounding of the summation order).
+        """
+        u = self.model.user_vector(states, torch.tensor(list(now), dtype=torch.float64))
+        table = self.model.item_emb.weight
+        return [(table[c + FIRST_ITEM_ROW] @ u[i]).tolist() for i, c in enumerate(candidates)]
+
+    @torch.inference_mode()
+    def similar(self, index: int, k: int, banned: torch.Tensor | None = None, offset: int = 0) -> Recommendation:
+        """The ``k`` items nearest item ``index`` by cosine of the item embeddings (exact), itself excluded."""
+        scores = self._unit @ self._unit[index]
+        scores[index] = float("-inf")
+        if banned is not None:
+            scores.masked_fill_(banned, float("-inf"))
+        return self._top(scores[None], k, [offset], [int(torch.isneginf(scores).sum())])[0]
+
+    @cached_property
+    def _unit(self) -> torch.Tensor:
+        """Item embeddings normalised once (rows in item-index order), for cosine similarity."""
+        with torch.no_grad():
+            return torch.nn.functional.normalize(self.model.item_emb.weight[FIRST_ITEM_ROW:].detach().float(), dim=1)
+
+    @torch.inference_mode()
+    def session_state(self, events: Sequence[tuple[int, float]]) -> StateBatch:
+        """The state a fresh user would have after ``events`` and one store round trip: the same ``advance`` as
+        ingestion, then encoded and decoded with the storage codec (a stored state is read back that way)."""
+        return self.decode(self.encode(self.advance([None], [list(events)])))
+
+    def popular_filtered(self, k: int, banned: torch.Tensor | None = None, offset: int = 0) -> Recommendation:
+        """The popularity fallback under a mask: the most popular items that survive ``banned``, paged."""
+        order = self._popular_order
+        removed = 0
+        if banned is not None:
+            order = order[~banned[order]]
+            removed = int(banned.sum())
+        top = order[offset : offset + k].tolist()
+        return Recommendation([self.item_ids[i] for i in top], [self._popular_share[i] for i in top], removed)
+
+    @cached_property
+    def _popular_order(self) -> torch.Tensor:
+        return torch.tensor(self._popular, dtype=torch.int64)
+
+    @cached_property
+    def _popular_share(self) -> list[float]:
+        total = float(sum(self._popularity)) or 1.0
+        return [p / total for p in self._popularity]
+
+    def popularity_scores(self, indices: Sequence[int]) -> list[float]:
+        """The fallback's score (share of training interactions) of each item index."""
+        share = self._popular_share
+        return [share[i] for i in indices]
 
     def popular(self, k: int, exclude: Sequence[str] = ()) -> Recommendation:
         """Cold-start fallback: the most popular training items (score = share of interactions)."""
@@ -165,3 +247,11 @@ class ServingModel:
             if len(ids) == k:
                 break
         return Recommendation(ids, scores)
+
+
+def _distinct(rows: torch.Tensor) -> torch.Tensor:
+    """Distinct non-negative values per row of a small (B, K) int tensor (the seen items of a ring buffer)."""
+    r = rows.sort(dim=1).values
+    new = torch.ones_like(r, dtype=torch.bool)
+    new[:, 1:] = r[:, 1:] != r[:, :-1]
+    return (new & (r >= 0)).sum(dim=1)

@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from hytrec import __version__
-from hytrec.service import routes
+from hytrec.service import product_routes, routes
 from hytrec.service.errors import install
 from hytrec.service.guard import Guard
 from hytrec.service.runtime import Lifecycle
@@ -74,7 +74,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         retry_after=s.retry_after_s,
         shed=lifecycle.shed,
     )
-    for router in (routes.events, routes.users, routes.items, routes.model, routes.operations):
+    for router in (routes.events, routes.users, routes.items, routes.model, routes.operations, *product_routes.ROUTERS):
         app.include_router(router)
     app.openapi = openapi_with_limits(app, s)  # type: ignore[method-assign]
     return app

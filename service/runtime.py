@@ -84,6 +84,7 @@ class Lifecycle:
             self.phase = "loading model"
             model = await self.run(lambda: ServingModel.load(s.model, s.state_dtype))
             popular = await self.run(lambda: model.popular(s.max_k))
+            catalogue = await self.run(lambda: Catalogue.load(model.vocab, s.catalogue_file()))
         except Exception as exc:  # noqa: BLE001 - reported by /healthz and /readyz
             self.error = f"cannot load the model from {s.model}: {exc}"
             self.phase = "failed"
@@ -95,7 +96,17 @@ class Lifecycle:
         self.phase = "connecting to redis"
         store = await self._open_store(model.version)
         limits = s.max_queue, s.max_queue_delay_ms
-        batcher = RecommendBatcher(model, store, self.run, s.microbatch_max_size, s.microbatch_max_wait_ms, *limits)
+        await catalogue.watch(store, s.catalogue_poll_ms / 1000.0)  # hidden flags read before the first answer
+        batcher = RecommendBatcher(
+            model,
+            store,
+            self.run,
+            s.microbatch_max_size,
+            s.microbatch_max_wait_ms,
+            *limits,
+            catalogue,
+            bool(s.never_again),
+        )
         events = EventBatcher(model, store, s.events_batch_max_size, s.events_batch_max_wait_ms, *limits)
         batcher.start()
         events.start()
@@ -105,9 +116,17 @@ class Lifecycle:
             store=store,
             batcher=batcher,
             events_batcher=events,
-            ingestor=EventIngestor(model, events, s.strict_items),
-            recommender=Recommender(model, store, batcher, popular, self.run),
-            catalogue=Catalogue(model.vocab),
+            ingestor=EventIngestor(
+                model,
+                events,
+                s.strict_items,
+                store=store,
+                never_again=s.never_again,
+                count_only=s.count_only,
+                never_max=s.never_again_max,
+            ),
+            recommender=Recommender(model, store, batcher, popular, self.run, catalogue, s.never_again, s.count_only),
+            catalogue=catalogue,
         )
         self.phase = "ready"
 
@@ -123,6 +142,7 @@ class Lifecycle:
 
     async def close(self) -> None:
         if self.runtime is not None:
+            await self.runtime.catalogue.stop()
             await self.runtime.batcher.stop()
             await self.runtime.events_batcher.stop()
             await self.runtime.store.close()

@@ -86,6 +86,13 @@ def test_limits_come_from_the_settings_in_validation_and_openapi(
                 "delete_user": ["users"],
                 "get_model": ["model"],
                 "list_items": ["items"],
+                "get_item": ["items"],
+                "similar_items": ["items"],
+                "flag_item": ["admin"],
+                "flag_items": ["admin"],
+                "rank_candidates": ["recommendations"],
+                "session_recommendations": ["recommendations"],
+                "batch_recommendations": ["recommendations"],
                 "healthz": ["operations"],
                 "readyz": ["operations"],
             }
