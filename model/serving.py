@@ -28,6 +28,47 @@ class Recommendation:
     filtered_out: int = 0  # catalogue items a mask (seen, filters, hidden) removed before the top-k
 
 
+@dataclass(frozen=True)
+class ItemMask:
+    """Items a request may not be shown, as indices (O(masked items), not O(catalogue), to build and apply):
+    ``drop`` (unique item indices) and, when ``keep`` is set, every item outside it (sorted unique indices)."""
+
+    drop: torch.Tensor
+    keep: torch.Tensor | None = None
+
+    def apply(self, row: torch.Tensor) -> None:
+        """Set the masked items of one score row (n_items,) to -inf, in place."""
+        if self.keep is not None:
+            kept = row[self.keep]
+            row.fill_(float("-inf"))
+            row[self.keep] = kept
+        if self.drop.numel():
+            row.index_fill_(0, self.drop, float("-inf"))
+
+    def removed(self, n_items: int, seen: torch.Tensor | None = None) -> int:
+        """How many of ``n_items`` this mask (with the ``seen`` item indices) removes."""
+        gone = self.drop if seen is None or not seen.numel() else torch.unique(torch.cat([self.drop, seen]))
+        if self.keep is None:
+            return int(gone.numel())
+        return n_items - int(self.keep.numel()) + int(torch.isin(gone, self.keep).sum())
+
+    def removes(self, indices: torch.Tensor) -> torch.Tensor:
+        """Which of ``indices`` the mask removes (bool, same shape)."""
+        out = torch.isin(indices, self.drop)
+        if self.keep is not None:
+            out |= ~torch.isin(indices, self.keep)
+        return out
+
+    def banned(self, n_items: int) -> torch.Tensor:
+        """The mask as a bool (n_items,) tensor."""
+        out = torch.zeros(n_items, dtype=torch.bool)
+        if self.keep is not None:
+            out.fill_(True)
+            out[self.keep] = False
+        out[self.drop] = True
+        return out
+
+
 class ServingModel:
     """A HyTRec checkpoint in eval mode with its vocabulary; see the module docstring.
 
@@ -140,15 +181,15 @@ class ServingModel:
         now: Sequence[float],
         k: int,
         exclude_seen: Sequence[bool],
-        banned: Sequence[torch.Tensor | None] | None = None,
+        masks: Sequence[ItemMask | None] | None = None,
         offsets: Sequence[int] | None = None,
     ) -> list[Recommendation]:
         """Top-k items for B users at request times ``now``: one catalogue product for the whole batch.
 
-        ``exclude_seen`` removes the items in each user's ring buffer (their last K events). ``banned`` (per
-        user, None or a bool (n_items,) mask over item indices) removes more items, as a mask on the scores
-        before the one top-k; ``offsets`` skips that many of the best survivors (paging). Fewer than k items
-        come back when fewer survive: nothing is padded. ``filtered_out`` counts the items the masks removed.
+        ``exclude_seen`` removes the items in each user's ring buffer (their last K events). ``masks`` (per
+        user, None or an :class:`ItemMask`) remove more items, as -inf on the scores before the one top-k;
+        ``offsets`` skips that many of the best survivors (paging). Fewer than k items come back when fewer
+        survive: nothing is padded. ``filtered_out`` counts the items the masks removed.
         """
         u = self.model.user_vector(states, torch.tensor(list(now), dtype=torch.float64))
         scores = self.model.item_scores(u)
@@ -158,11 +199,12 @@ class ServingModel:
             users, slots = drop.nonzero(as_tuple=True)
             scores[users, states.ring_items[users, slots] - FIRST_ITEM_ROW] = float("-inf")
             removed = _distinct(torch.where(drop, states.ring_items, -1)).tolist()
-        if banned is not None:
-            for i, mask in enumerate(banned):
+        if masks is not None:
+            for i, mask in enumerate(masks):
                 if mask is not None:
-                    scores[i].masked_fill_(mask, float("-inf"))
-                    removed[i] = int(torch.isneginf(scores[i]).sum())
+                    mask.apply(scores[i])
+                    seen = states.ring_items[i][drop[i]] - FIRST_ITEM_ROW if exclude_seen[i] else None
+                    removed[i] = mask.removed(self.n_items, seen)
         return self._top(scores, k, offsets, removed)
 
     def _top(
@@ -190,13 +232,14 @@ class ServingModel:
         return [(table[c + FIRST_ITEM_ROW] @ u[i]).tolist() for i, c in enumerate(candidates)]
 
     @torch.inference_mode()
-    def similar(self, index: int, k: int, banned: torch.Tensor | None = None, offset: int = 0) -> Recommendation:
+    def similar(self, index: int, k: int, mask: ItemMask | None = None, offset: int = 0) -> Recommendation:
         """The ``k`` items nearest item ``index`` by cosine of the item embeddings (exact), itself excluded."""
         scores = self._unit @ self._unit[index]
+        if mask is not None:
+            mask.apply(scores)
+        removed = mask.removed(self.n_items, torch.tensor([index])) if mask is not None else 1
         scores[index] = float("-inf")
-        if banned is not None:
-            scores.masked_fill_(banned, float("-inf"))
-        return self._top(scores[None], k, [offset], [int(torch.isneginf(scores).sum())])[0]
+        return self._top(scores[None], k, [offset], [removed])[0]
 
     @cached_property
     def _unit(self) -> torch.Tensor:
@@ -210,13 +253,13 @@ class ServingModel:
         ingestion, then encoded and decoded with the storage codec (a stored state is read back that way)."""
         return self.decode(self.encode(self.advance([None], [list(events)])))
 
-    def popular_filtered(self, k: int, banned: torch.Tensor | None = None, offset: int = 0) -> Recommendation:
-        """The popularity fallback under a mask: the most popular items that survive ``banned``, paged."""
+    def popular_filtered(self, k: int, mask: ItemMask | None = None, offset: int = 0) -> Recommendation:
+        """The popularity fallback under a mask: the most popular items that survive it, paged."""
         order = self._popular_order
         removed = 0
-        if banned is not None:
-            order = order[~banned[order]]
-            removed = int(banned.sum())
+        if mask is not None:
+            order = order[~mask.removes(order)]
+            removed = mask.removed(self.n_items)
         top = order[offset : offset + k].tolist()
         return Recommendation([self.item_ids[i] for i in top], [self._popular_share[i] for i in top], removed)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hytrec.model.serving import Recommendation, ServingModel
+from hytrec.model.serving import ItemMask, Recommendation, ServingModel
 from hytrec.model.state import StateBatch
 from hytrec.model.vocab import FIRST_ITEM_ROW
 from hytrec.service.catalogue import Catalogue, Filters
@@ -81,7 +81,7 @@ class RecommendBatcher(MicroBatcher[RecommendRequest, Scored]):
             snaps, never = await self.store.get_many(users), {}
         return await self.run(lambda: self._compute(requests, snaps, never))
 
-    def _mask(self, r: RecommendRequest, never: dict[str, list[str]]) -> torch.Tensor | None:
+    def _mask(self, r: RecommendRequest, never: dict[str, list[str]]) -> ItemMask | None:
         f = r.filters or Filters(exclude_seen=r.exclude_seen)
         return self.catalogue.mask(f, never.get(r.user_id, ()))
 
@@ -136,15 +136,18 @@ class RecommendBatcher(MicroBatcher[RecommendRequest, Scored]):
         return out  # type: ignore[return-value]
 
     @staticmethod
-    def _removed(candidates: Sequence[int], mask: torch.Tensor | None, seen: torch.Tensor | None) -> frozenset[int]:
+    def _removed(candidates: Sequence[int], mask: ItemMask | None, seen: torch.Tensor | None) -> frozenset[int]:
         """Candidate indices the mask (or the ring buffer, with exclude_seen) removes."""
-        gone = {c for c in candidates if mask is not None and bool(mask[c])}
+        gone: set[int] = set()
+        if mask is not None:
+            cands = torch.tensor(list(candidates), dtype=torch.int64)
+            gone = set(cands[mask.removes(cands)].tolist())
         if seen is not None:
             ring = {int(x) - FIRST_ITEM_ROW for x in seen.tolist() if x >= FIRST_ITEM_ROW}
             gone |= ring.intersection(candidates)
         return frozenset(gone)
 
-    def fallback(self, r: RecommendRequest, mask: torch.Tensor | None) -> Scored:
+    def fallback(self, r: RecommendRequest, mask: ItemMask | None) -> Scored:
         """No usable state: popularity under the same mask (rank mode: the candidates' popularity)."""
         if r.candidates is not None:
             scores = self.model.popularity_scores(r.candidates)

@@ -8,8 +8,9 @@
   replica) with a change counter. Each worker polls the counter every ``HYTREC_CATALOGUE_POLL_MS`` (one GET)
   and re-reads the set when it moved, so a change reaches every worker within that interval plus a round
   trip, without a restart. A hidden item is never recommended; events on it are still applied.
-- **Masks**: ``mask(...)`` turns one request's filters into a bool (n_items,) tensor over item indices, or
-  None when nothing is filtered (the unfiltered hot path builds nothing).
+- **Masks**: ``mask(...)`` turns one request's filters into an ``ItemMask`` (item indices to drop, and the
+  indices to keep when categories are asked), or None when nothing is filtered (the unfiltered hot path
+  builds nothing).
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from pathlib import Path
 
 import torch
 
+from hytrec.model.serving import ItemMask
 from hytrec.model.vocab import FIRST_ITEM_ROW, Vocab
 from hytrec.service import metrics
 from hytrec.service.schemas import CatalogueItem, ItemPage
 from hytrec.state_store import StateStore, StoreError
 
 log = logging.getLogger("hytrec.service")
+_EMPTY = torch.zeros(0, dtype=torch.int64)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +100,8 @@ class Catalogue:
                 members.setdefault(c, []).append(index)
         self.categories: dict[str, torch.Tensor] = {c: torch.tensor(sorted(v)) for c, v in sorted(members.items())}
         self.hidden_ids: frozenset[str] = frozenset()
-        self.hidden_mask: torch.Tensor | None = None  # None while nothing is hidden
+        self.hidden_rows: torch.Tensor | None = None  # sorted hidden item indices; None while nothing is hidden
+        self._keep_cache: dict[tuple[str, ...], torch.Tensor] = {}
         self.hidden_version = -1
         self._task: asyncio.Task | None = None
 
@@ -145,32 +149,37 @@ class Catalogue:
         if unknown:
             raise UnknownCategory(unknown)
 
-    def mask(self, f: Filters, never: Iterable[str] = ()) -> torch.Tensor | None:
-        """Items the filters remove (bool over item indices; exclude_seen is the model's), or None for none."""
-        hidden = self.hidden_mask
-        never_rows = [i for i in (self.index(x) for x in never) if i is not None] if f.exclude_seen else []
-        if not f.exclude and not f.categories and not never_rows and hidden is None:
+    def mask(self, f: Filters, never: Iterable[str] = ()) -> ItemMask | None:
+        """Items the filters remove (exclude_seen's ring buffer is the model's), or None when none: built from
+        indices, so its cost grows with the ids named and the categories' sizes, not with the catalogue."""
+        drop = [i for i in (self.index(x) for x in f.exclude) if i is not None]
+        if f.exclude_seen:
+            drop += [i for i in (self.index(x) for x in never) if i is not None]
+        hidden = self.hidden_rows
+        if not drop and not f.categories and hidden is None:
             return None
-        banned = hidden.clone() if hidden is not None else torch.zeros(self.n, dtype=torch.bool)
-        if f.categories:
-            allowed = torch.zeros(self.n, dtype=torch.bool)
-            for c in f.categories:
-                allowed[self.categories[c]] = True
-            banned |= ~allowed
-        rows = [i for i in (self.index(x) for x in f.exclude) if i is not None] + never_rows
-        if rows:
-            banned[torch.tensor(rows)] = True
-        return banned
+        parts = [torch.tensor(drop, dtype=torch.int64)] if drop else []
+        if hidden is not None:
+            parts.append(hidden)
+        dropped = torch.unique(torch.cat(parts)) if parts else _EMPTY
+        return ItemMask(dropped, self._keep(tuple(sorted(set(f.categories)))) if f.categories else None)
+
+    def _keep(self, names: tuple[str, ...]) -> torch.Tensor:
+        """Sorted indices of the items in any of the categories (the last few unions are cached)."""
+        hit = self._keep_cache.get(names)
+        if hit is None:
+            hit = torch.unique(torch.cat([self.categories[c] for c in names]))
+            if len(self._keep_cache) >= 256:
+                self._keep_cache.pop(next(iter(self._keep_cache)))
+            self._keep_cache[names] = hit
+        return hit
 
     # ------------------------------------------------------------------------------------ hidden flags
     def apply_hidden(self, version: int, ids: set[str]) -> None:
         """Adopt a hidden set read from Redis (ids this model does not know are kept there, ignored here)."""
-        rows = [i for i in (self.index(x) for x in ids) if i is not None]
-        mask = None
-        if rows:
-            mask = torch.zeros(self.n, dtype=torch.bool)
-            mask[torch.tensor(rows)] = True
-        self.hidden_ids, self.hidden_mask, self.hidden_version = frozenset(ids), mask, version
+        rows = sorted({i for i in (self.index(x) for x in ids) if i is not None})
+        hidden = torch.tensor(rows, dtype=torch.int64) if rows else None
+        self.hidden_ids, self.hidden_rows, self.hidden_version = frozenset(ids), hidden, version
         metrics.HIDDEN_ITEMS.set(len(rows))
 
     async def refresh(self, store: StateStore) -> bool:
