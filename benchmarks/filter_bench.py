@@ -81,9 +81,9 @@ def measure(
     for b in batches:
         case = _Case(sm, cat, rng, b, k, history, exclude, categories, candidates)
         res: dict[str, float] = {}
-        for _ in range(2):  # interleave two rounds so drift on a shared machine hits every case alike
+        for _ in range(3):  # interleave three rounds so drift on a shared machine hits every case alike
             for name, fn in case.calls.items():
-                t = Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time / 2)
+                t = Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time / 3)
                 res[name] = min(res.get(name, float("inf")), t.median * 1e3)
         ratios = {
             "unfiltered/before": res["unfiltered"] / res["before"],

@@ -325,3 +325,32 @@ def test_hiding_reaches_a_second_worker_process_within_a_second(redis_standalone
     finally:
         a.stop()
         b.stop()
+
+
+def test_the_client_covers_every_product_route(redis_standalone_url: str) -> None:
+    from hytrec.service.client import AsyncHyTRecClient
+
+    async def body() -> None:
+        async with running(demo_settings(redis_standalone_url, admin_keys="adm")) as (_, app):
+            transport = httpx.ASGITransport(app=app)
+            async with AsyncHyTRecClient("http://app", transport=transport, api_key="adm") as c:
+                await c.post_events(visit("c1", HISTORY))
+                top = await c.recommendations("c1", k=5, at=AT, categories=["genre-3"], exclude=["1"], offset=1)
+                assert top.had_state and len(top.items) == 5 and top.offset == 1
+                ranked = await c.rank("c1", ["42", "7", "nope"], at=AT)
+                assert ranked.unknown == ["nope"] and len(ranked.items) == 2
+                sess = await c.session(visit(None, HISTORY), k=5, at=AT)
+                assert [i.item_id for i in sess.items] == [
+                    i.item_id for i in (await c.recommendations("c1", k=5, at=AT)).items
+                ]
+                batch = await c.batch([{"user_id": "c1", "k": 2}, {"user_id": "no good"}])
+                assert batch.results[0].recommendations is not None and batch.results[1].error is not None
+                page = await c.items(offset=0, limit=2)
+                assert page.total == 500 and len(page.items) == 2
+                assert (await c.item("nope")) is None and (await c.item("42")).categories  # type: ignore[union-attr]
+                assert len((await c.similar("42", k=3)).items) == 3
+                assert (await c.set_hidden("42")).hidden
+                assert (await c.set_hidden_many(["42", "x"], hidden=False)).unknown == ["x"]
+                assert not (await c.item("42")).hidden  # type: ignore[union-attr]
+
+    run(body)
