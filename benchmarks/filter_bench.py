@@ -1,8 +1,9 @@
 """Filters and candidate ranking: what a mask before the top-k and an O(candidates) rank cost in process.
 
 One process builds a random-init HyTRec over ``n_items`` items (d = 64, one torch thread), streams Zipf
-histories into states (the parallel form, as a backfill does) and times, with ``torch.utils.benchmark.Timer``
-(median of blocked runs), the model calls the service makes per micro-batch:
+histories into states (the parallel form, as a backfill does) and times the model calls the service makes
+per micro-batch, every case once per round, rounds repeated (order rotated) for ``min_run_time`` seconds per
+case; figures are medians, ratios the median of the per-round ratios (each pair ran back to back):
 
 - ``before``: the top-k as it was before filters existed (catalogue product, seen-item mask, top-k, id map);
 - ``unfiltered``: ``ServingModel.recommend`` today with ``exclude_seen`` only (must not be slower);
@@ -11,12 +12,14 @@ histories into states (the parallel form, as a backfill does) and times, with ``
 - ``rank@N``: ``ServingModel.rank`` for N candidates per user (gathered embedding rows) against the full
   catalogue product of ``unfiltered``.
 
-Ratios are within one run (the machine is shared; absolute figures move, ratios much less).
+Ratios are within one run (on a shared machine absolute figures move, back-to-back ratios much less).
 """
 
 from __future__ import annotations
 
 import json
+import statistics
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -47,7 +50,7 @@ def _before(sm: Any, states: Any, now: list[float], k: int, exclude_seen: list[b
 
 def measure(
     n_items: int = 100_000,
-    batches: tuple[int, ...] = (1, 16),
+    batches: tuple[int, ...] = (1, 16, 64),
     k: int = 10,
     exclude: int = 50,
     categories: int = 2,
@@ -55,11 +58,11 @@ def measure(
     candidates: tuple[int, ...] = (100, 1000),
     history: int = 200,
     min_run_time: float = 1.0,
+    min_rounds: int = 50,
     seed: int = 0,
 ) -> dict[str, Any]:
     import numpy as np
     import torch
-    from torch.utils.benchmark import Timer
 
     from hytrec.model.checkpoint import Checkpoint
     from hytrec.model.config import HyTRecConfig
@@ -80,17 +83,31 @@ def measure(
     out: dict[str, Any] = {"n_items": n_items, "k": k, "torch_threads": 1, "results": {}}
     for b in batches:
         case = _Case(sm, cat, rng, b, k, history, exclude, categories, candidates)
-        res: dict[str, float] = {}
-        for _ in range(3):  # interleave three rounds so drift on a shared machine hits every case alike
-            for name, fn in case.calls.items():
-                t = Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time / 3)
-                res[name] = min(res.get(name, float("inf")), t.median * 1e3)
+        names = list(case.calls)
+        for fn in case.calls.values():  # warm up
+            fn()
+        times: dict[str, list[float]] = {n: [] for n in names}
+        deadline = time.perf_counter() + min_run_time * len(names)
+        rounds = 0
+        while rounds < min_rounds or time.perf_counter() < deadline:
+            # every case once per round, the order rotated: drift on a shared machine hits every case alike
+            for name in names[rounds % len(names) :] + names[: rounds % len(names)]:
+                start = time.perf_counter()
+                case.calls[name]()
+                times[name].append(time.perf_counter() - start)
+            rounds += 1
+        res = {n: statistics.median(t) * 1e3 for n, t in times.items()}
+
+        def ratio(a: str, b: str, times: dict[str, list[float]] = times) -> float:
+            """Median of the per-round ratios (each pair ran back to back)."""
+            return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
+
         ratios = {
-            "unfiltered/before": res["unfiltered"] / res["before"],
-            "filtered/unfiltered": res["filtered"] / res["unfiltered"],
-            **{f"rank@{n}/unfiltered": res[f"rank@{n}"] / res["unfiltered"] for n in candidates},
+            "unfiltered/before": ratio("unfiltered", "before"),
+            "filtered/unfiltered": ratio("filtered", "unfiltered"),
+            **{f"rank@{n}/unfiltered": ratio(f"rank@{n}", "unfiltered") for n in candidates},
         }
-        out["results"][f"batch{b}"] = {"ms": res, "ratios": ratios}
+        out["results"][f"batch{b}"] = {"ms": res, "ratios": ratios, "rounds": rounds}
     return out
 
 
@@ -154,7 +171,7 @@ class _Case:
 
 def bench_filters(
     n_items: Annotated[int, typer.Option("--items", help="Catalogue size.")] = 100_000,
-    min_run_time: Annotated[float, typer.Option("--min-run-time", help="Seconds per case and round.")] = 1.0,
+    min_run_time: Annotated[float, typer.Option("--min-run-time", help="Seconds per case (all rounds).")] = 1.0,
     out: Annotated[Path | None, typer.Option("--out", help="Write the figures as JSON here.")] = None,
 ) -> None:
     """Filtered vs unfiltered top-k and candidate ranking vs full ranking, in process (docs/service.md)."""

@@ -30,43 +30,49 @@ class Recommendation:
 
 @dataclass(frozen=True)
 class ItemMask:
-    """Items a request may not be shown, as indices (O(masked items), not O(catalogue), to build and apply):
-    ``drop`` (unique item indices) and, when ``keep`` is set, every item outside it (sorted unique indices)."""
+    """Items a request may not be shown: ``drop`` (item indices, duplicates allowed) and, when set, every item
+    ``outside`` (a shared, never mutated bool (n_items,) tensor: True for the items outside the asked
+    categories; ``keep`` lists the others). Built from indices and cached unions, so its cost grows with the
+    ids named and the categories' sizes, not with the catalogue: the top-k of a category request selects among
+    ``keep`` only, no pass over the whole row."""
 
     drop: torch.Tensor
-    keep: torch.Tensor | None = None
+    outside: torch.Tensor | None = None
+    outside_count: int = 0  # items ``outside`` marks (counted once, when the union was built)
+    keep: torch.Tensor | None = None  # sorted indices of the items not ``outside`` (the top-k looks only there)
 
-    def apply(self, row: torch.Tensor) -> None:
-        """Set the masked items of one score row (n_items,) to -inf, in place."""
-        if self.keep is not None:
-            kept = row[self.keep]
-            row.fill_(float("-inf"))
-            row[self.keep] = kept
-        if self.drop.numel():
-            row.index_fill_(0, self.drop, float("-inf"))
+    def count(self, seen: torch.Tensor | None = None) -> int:
+        """Items the mask removes, together with the ``seen`` item indices: O(drop + seen), not O(n)."""
+        extra = self.drop if seen is None or not seen.numel() else torch.cat([self.drop, seen])
+        extra = torch.unique(extra)
+        if self.outside is not None:
+            extra = extra[~self.outside[extra]]
+        return self.outside_count + int(extra.numel())
 
-    def removed(self, n_items: int, seen: torch.Tensor | None = None) -> int:
-        """How many of ``n_items`` this mask (with the ``seen`` item indices) removes."""
-        gone = self.drop if seen is None or not seen.numel() else torch.unique(torch.cat([self.drop, seen]))
-        if self.keep is None:
-            return int(gone.numel())
-        return n_items - int(self.keep.numel()) + int(torch.isin(gone, self.keep).sum())
+    def banned(self, n_items: int) -> torch.Tensor:
+        """The mask as a fresh bool (n_items,) tensor."""
+        out = self.outside.clone() if self.outside is not None else torch.zeros(n_items, dtype=torch.bool)
+        out[self.drop] = True
+        return out
 
     def removes(self, indices: torch.Tensor) -> torch.Tensor:
         """Which of ``indices`` the mask removes (bool, same shape)."""
         out = torch.isin(indices, self.drop)
-        if self.keep is not None:
-            out |= ~torch.isin(indices, self.keep)
+        if self.outside is not None:
+            out |= self.outside[indices]
         return out
 
-    def banned(self, n_items: int) -> torch.Tensor:
-        """The mask as a bool (n_items,) tensor."""
-        out = torch.zeros(n_items, dtype=torch.bool)
-        if self.keep is not None:
-            out.fill_(True)
-            out[self.keep] = False
-        out[self.drop] = True
-        return out
+
+def apply_drops(scores: torch.Tensor, masks: Sequence[ItemMask | None]) -> None:
+    """-inf on the dropped items of each row of ``scores`` (B, n_items), the whole batch in one indexed write
+    (categories are not written: ``_top`` selects among their ``keep`` items)."""
+    drop_rows, drop_cols = [], []
+    for i, m in enumerate(masks):
+        if m is not None and m.drop.numel():
+            drop_rows.append(torch.full((m.drop.numel(),), i, dtype=torch.int64))
+            drop_cols.append(m.drop)
+    if drop_rows:
+        scores[torch.cat(drop_rows), torch.cat(drop_cols)] = float("-inf")
 
 
 class ServingModel:
@@ -199,22 +205,34 @@ class ServingModel:
             users, slots = drop.nonzero(as_tuple=True)
             scores[users, states.ring_items[users, slots] - FIRST_ITEM_ROW] = float("-inf")
             removed = _distinct(torch.where(drop, states.ring_items, -1)).tolist()
-        if masks is not None:
-            for i, mask in enumerate(masks):
-                if mask is not None:
-                    mask.apply(scores[i])
+        if masks is not None and any(m is not None for m in masks):
+            apply_drops(scores, masks)
+            for i, m in enumerate(masks):
+                if m is not None:
                     seen = states.ring_items[i][drop[i]] - FIRST_ITEM_ROW if exclude_seen[i] else None
-                    removed[i] = mask.removed(self.n_items, seen)
-        return self._top(scores, k, offsets, removed)
+                    removed[i] = m.count(seen)
+        return self._top(scores, k, offsets, removed, masks)
 
     def _top(
-        self, scores: torch.Tensor, k: int, offsets: Sequence[int] | None, removed: Sequence[int]
+        self,
+        scores: torch.Tensor,
+        k: int,
+        offsets: Sequence[int] | None,
+        removed: Sequence[int],
+        masks: Sequence[ItemMask | None] | None = None,
     ) -> list[Recommendation]:
-        """Each row's best ``k`` after its offset, ``-inf`` (masked) items dropped."""
+        """Each row's best ``k`` after its offset, ``-inf`` (masked) items dropped; a row with categories
+        selects among their items only (a gather of ``keep``, then a top-k over it)."""
         skip = list(offsets) if offsets is not None else [0] * scores.shape[0]
-        top = scores.topk(min(k + max(skip, default=0), scores.shape[1]), dim=1)
+        kk = min(k + max(skip, default=0), scores.shape[1])
+        top = scores.topk(kk, dim=1)
+        all_values, all_indices = top.values.tolist(), top.indices.tolist()
+        for i, m in enumerate(masks or ()):
+            if m is not None and m.keep is not None:
+                sub = scores[i, m.keep].topk(min(kk, int(m.keep.numel())))
+                all_values[i], all_indices[i] = sub.values.tolist(), m.keep[sub.indices].tolist()
         out = []
-        for values, indices, off, n in zip(top.values.tolist(), top.indices.tolist(), skip, removed, strict=True):
+        for values, indices, off, n in zip(all_values, all_indices, skip, removed, strict=True):
             keep = [(self.item_ids[i], v) for i, v in zip(indices[off : off + k], values[off : off + k], strict=True)]
             keep = [(i, v) for i, v in keep if v != float("-inf")]
             out.append(Recommendation([i for i, _ in keep], [v for _, v in keep], n))
@@ -234,12 +252,11 @@ class ServingModel:
     @torch.inference_mode()
     def similar(self, index: int, k: int, mask: ItemMask | None = None, offset: int = 0) -> Recommendation:
         """The ``k`` items nearest item ``index`` by cosine of the item embeddings (exact), itself excluded."""
-        scores = self._unit @ self._unit[index]
-        if mask is not None:
-            mask.apply(scores)
-        removed = mask.removed(self.n_items, torch.tensor([index])) if mask is not None else 1
-        scores[index] = float("-inf")
-        return self._top(scores[None], k, [offset], [removed])[0]
+        scores = (self._unit @ self._unit[index])[None]
+        scores[0, index] = float("-inf")
+        apply_drops(scores, [mask])
+        removed = mask.count(torch.tensor([index])) if mask is not None else 1
+        return self._top(scores, k, [offset], [removed], [mask])[0]
 
     @cached_property
     def _unit(self) -> torch.Tensor:
@@ -258,8 +275,8 @@ class ServingModel:
         order = self._popular_order
         removed = 0
         if mask is not None:
-            order = order[~mask.removes(order)]
-            removed = mask.removed(self.n_items)
+            order = order[~mask.banned(self.n_items)[order]]
+            removed = mask.count()
         top = order[offset : offset + k].tolist()
         return Recommendation([self.item_ids[i] for i in top], [self._popular_share[i] for i in top], removed)
 

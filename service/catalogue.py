@@ -8,9 +8,9 @@
   replica) with a change counter. Each worker polls the counter every ``HYTREC_CATALOGUE_POLL_MS`` (one GET)
   and re-reads the set when it moved, so a change reaches every worker within that interval plus a round
   trip, without a restart. A hidden item is never recommended; events on it are still applied.
-- **Masks**: ``mask(...)`` turns one request's filters into an ``ItemMask`` (item indices to drop, and the
-  indices to keep when categories are asked), or None when nothing is filtered (the unfiltered hot path
-  builds nothing).
+- **Masks**: ``mask(...)`` turns one request's filters into an ``ItemMask`` (item indices to drop, and a
+  cached bool of the items outside the asked categories), or None when nothing is filtered (the unfiltered
+  hot path builds nothing).
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ class Catalogue:
         self.categories: dict[str, torch.Tensor] = {c: torch.tensor(sorted(v)) for c, v in sorted(members.items())}
         self.hidden_ids: frozenset[str] = frozenset()
         self.hidden_rows: torch.Tensor | None = None  # sorted hidden item indices; None while nothing is hidden
-        self._keep_cache: dict[tuple[str, ...], torch.Tensor] = {}
+        self._outside_cache: dict[tuple[str, ...], tuple[torch.Tensor, int, torch.Tensor]] = {}
         self.hidden_version = -1
         self._task: asyncio.Task | None = None
 
@@ -161,17 +161,25 @@ class Catalogue:
         parts = [torch.tensor(drop, dtype=torch.int64)] if drop else []
         if hidden is not None:
             parts.append(hidden)
-        dropped = torch.unique(torch.cat(parts)) if parts else _EMPTY
-        return ItemMask(dropped, self._keep(tuple(sorted(set(f.categories)))) if f.categories else None)
+        dropped = (torch.cat(parts) if len(parts) > 1 else parts[0]) if parts else _EMPTY
+        if not f.categories:
+            return ItemMask(dropped)
+        outside, count, keep = self._outside(tuple(sorted(set(f.categories))))
+        return ItemMask(dropped, outside, count, keep)
 
-    def _keep(self, names: tuple[str, ...]) -> torch.Tensor:
-        """Sorted indices of the items in any of the categories (the last few unions are cached)."""
-        hit = self._keep_cache.get(names)
+    def _outside(self, names: tuple[str, ...]) -> tuple[torch.Tensor, int, torch.Tensor]:
+        """Bool (n,): True for the items in none of the categories (the last unions asked are cached, shared
+        read-only by the masks; each costs n bytes)."""
+        hit = self._outside_cache.get(names)
         if hit is None:
-            hit = torch.unique(torch.cat([self.categories[c] for c in names]))
-            if len(self._keep_cache) >= 256:
-                self._keep_cache.pop(next(iter(self._keep_cache)))
-            self._keep_cache[names] = hit
+            mask = torch.ones(self.n, dtype=torch.bool)
+            for c in names:
+                mask[self.categories[c]] = False
+            keep = (~mask).nonzero().flatten()
+            hit = (mask, self.n - int(keep.numel()), keep)
+            if len(self._outside_cache) >= 64:
+                self._outside_cache.pop(next(iter(self._outside_cache)))
+            self._outside_cache[names] = hit
         return hit
 
     # ------------------------------------------------------------------------------------ hidden flags
