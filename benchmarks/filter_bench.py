@@ -9,6 +9,7 @@ case; figures are medians, ratios the median of the per-round ratios (each pair 
 - ``unfiltered``: ``ServingModel.recommend`` today with ``exclude_seen`` only (must not be slower);
 - ``filtered``: the same call with each request's mask built by ``Catalogue.mask`` inside the timing
   (exclude ``exclude`` ids, ``categories`` of the 20, ``hidden`` items hidden, an offset of 10);
+- ``filtered_ids``: the same without categories (exclude, hidden, offset: the whole catalogue still ranked);
 - ``rank@N``: ``ServingModel.rank`` for N candidates per user (gathered embedding rows) against the full
   catalogue product of ``unfiltered``.
 
@@ -105,6 +106,7 @@ def measure(
         ratios = {
             "unfiltered/before": ratio("unfiltered", "before"),
             "filtered/unfiltered": ratio("filtered", "unfiltered"),
+            "filtered_ids/unfiltered": ratio("filtered_ids", "unfiltered"),
             **{f"rank@{n}/unfiltered": ratio(f"rank@{n}", "unfiltered") for n in candidates},
         }
         out["results"][f"batch{b}"] = {"ms": res, "ratios": ratios, "rounds": rounds}
@@ -149,11 +151,13 @@ class _Case:
             True,
             10,
         )
+        self.ids_only = Filters(self.filters.exclude, (), True, self.filters.offset)
         cands = {m: [torch.from_numpy(rng.choice(n, m, replace=False)) for _ in range(b)] for m in candidates}
         self.calls = {
             "before": self.before,
             "unfiltered": self.unfiltered,
             "filtered": self.filtered,
+            "filtered_ids": self.filtered_ids,
             **{f"rank@{m}": (lambda c=c: sm.rank(self.states, self.now, c)) for m, c in cands.items()},
         }
 
@@ -162,6 +166,12 @@ class _Case:
 
     def unfiltered(self) -> Any:
         return self.sm.recommend(self.states, self.now, self.k, self.seen)
+
+    def filtered_ids(self) -> Any:
+        """Exclude, hidden and offset only (no categories): every row still takes the catalogue-wide top-k."""
+        f = self.ids_only
+        masks = [self.cat.mask(f) for _ in range(self.b)]
+        return self.sm.recommend(self.states, self.now, self.k, self.seen, masks, [f.offset] * self.b)
 
     def filtered(self) -> Any:
         f = self.filters

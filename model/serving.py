@@ -225,12 +225,19 @@ class ServingModel:
         selects among their items only (a gather of ``keep``, then a top-k over it)."""
         skip = list(offsets) if offsets is not None else [0] * scores.shape[0]
         kk = min(k + max(skip, default=0), scores.shape[1])
-        top = scores.topk(kk, dim=1)
-        all_values, all_indices = top.values.tolist(), top.indices.tolist()
-        for i, m in enumerate(masks or ()):
-            if m is not None and m.keep is not None:
-                sub = scores[i, m.keep].topk(min(kk, int(m.keep.numel())))
-                all_values[i], all_indices[i] = sub.values.tolist(), m.keep[sub.indices].tolist()
+        cats = [i for i, m in enumerate(masks or ()) if m is not None and m.keep is not None]
+        plain = [i for i in range(scores.shape[0]) if i not in set(cats)] if cats else None
+        all_values: list[list[float]] = [[] for _ in range(scores.shape[0])]
+        all_indices: list[list[int]] = [[] for _ in range(scores.shape[0])]
+        if plain is None or plain:  # rows without categories: one batched top-k over the catalogue
+            rows = scores if plain is None else scores[plain]
+            top = rows.topk(kk, dim=1)
+            for i, v, j in zip(plain or range(scores.shape[0]), top.values.tolist(), top.indices.tolist(), strict=True):
+                all_values[i], all_indices[i] = v, j
+        for i in cats:
+            keep = masks[i].keep  # type: ignore[index, union-attr]
+            sub = scores[i, keep].topk(min(kk, int(keep.numel())))
+            all_values[i], all_indices[i] = sub.values.tolist(), keep[sub.indices].tolist()
         out = []
         for values, indices, off, n in zip(all_values, all_indices, skip, removed, strict=True):
             keep = [(self.item_ids[i], v) for i, v in zip(indices[off : off + k], values[off : off + k], strict=True)]
@@ -246,8 +253,13 @@ class ServingModel:
         numbers as the catalogue product (up to float32 rounding of the summation order).
         """
         u = self.model.user_vector(states, torch.tensor(list(now), dtype=torch.float64))
-        table = self.model.item_emb.weight
-        return [(table[c + FIRST_ITEM_ROW] @ u[i]).tolist() for i, c in enumerate(candidates)]
+        lengths = [int(c.numel()) for c in candidates]
+        padded = torch.zeros(len(candidates), max(lengths, default=0), dtype=torch.int64)
+        for i, c in enumerate(candidates):
+            padded[i, : lengths[i]] = c
+        emb = self.model.item_emb.weight[padded + FIRST_ITEM_ROW]  # (B, m, d): one gather, one batched product
+        scores = (emb @ u[:, :, None]).squeeze(-1).tolist()
+        return [row[:n] for row, n in zip(scores, lengths, strict=True)]
 
     @torch.inference_mode()
     def similar(self, index: int, k: int, mask: ItemMask | None = None, offset: int = 0) -> Recommendation:
