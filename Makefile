@@ -52,3 +52,4 @@ demo-model: $(STAMP)
 	mkdir -p models/demo
 	cp $(DEMO_RUN)/model/model.safetensors $(DEMO_RUN)/model/config.json $(DEMO_RUN)/model/items.json \
 		$(DEMO_RUN)/model/metrics.json models/demo/
+	cp $(DEMO_RUN)/synth.items.tsv models/demo/catalogue.tsv  # synthetic genres: the demo's item metadata

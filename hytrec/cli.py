@@ -32,6 +32,7 @@ _COMMANDS: list[tuple[str, str, typer.Typer, str]] = [
     ("hytrec.benchmarks.serving_bench", "bench_serving", bench, "serving"),
     ("hytrec.benchmarks.stream_bench", "bench_streams", bench, "streams"),
     ("hytrec.benchmarks.online_eval_bench", "bench_online_eval", bench, "online-eval"),
+    ("hytrec.benchmarks.filter_bench", "bench_filters", bench, "filters"),
     ("hytrec.training.commands", "synth", app, "synth"),
     ("hytrec.training.commands", "train", app, "train"),
     ("hytrec.training.commands", "evaluate", app, "eval"),

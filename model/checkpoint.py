@@ -3,8 +3,9 @@
 Files: ``model.safetensors`` (weights only), ``config.json`` (``model_type`` and its config),
 ``items.json`` (the :class:`~hytrec.model.vocab.Vocab`: external item ids in row order and each item's
 training popularity, for the cold-start fallback). The model version is
-``<model_type>-<sha256 of config + weights>[:12]``, so different weights never share a version (and never
-share serving state); the items file is not part of it. Nothing is unpickled.
+``<model_type>-<sha256 of config + weights + item ids in row order>[:12]``, so different weights or a changed
+vocabulary (ids added, removed or reordered) never share a version, and never read each other's serving state.
+Nothing is unpickled.
 
 Writes are atomic (:func:`save_checkpoint`): every file is written and fsynced in a temporary directory
 beside the target first. A new directory appears by one ``rename``; into an existing one (a training run's
@@ -68,9 +69,15 @@ def model_type_of(model: nn.Module) -> str:
     return "sasrec" if isinstance(model, SASRec) else model.cfg.variant
 
 
-def _version(model_type: str, config_json: str, weights: Path) -> str:
+def _version(model_type: str, config_json: str, weights: Path, vocab: Vocab) -> str:
+    spec = json.loads(config_json)
+    if "files" in spec:  # the file digests are not part of the version: weights and ids are hashed themselves
+        del spec["files"]
+        config_json = json.dumps(spec, indent=2) + "\n"
     digest = hashlib.sha256(config_json.encode())
     digest.update(weights.read_bytes())
+    # Row order matters (a state stores rows, not ids); NUL cannot occur in an id, so the join is unambiguous.
+    digest.update("\0".join(vocab.ids).encode())
     return f"{model_type}-{digest.hexdigest()[:12]}"
 
 
@@ -160,7 +167,7 @@ def save_checkpoint(
             _fsync(directory)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-    return _version(model_type, config_json, directory / WEIGHTS)
+    return _version(model_type, config_json, directory / WEIGHTS, vocab)
 
 
 def _read_spec(directory: Path) -> tuple[str, str, dict[str, Any], dict[str, Any]]:
@@ -271,5 +278,5 @@ def load_checkpoint(directory: str | Path) -> Checkpoint:
             raise CheckpointError(f"{path}: tensor {name!r} holds NaN or infinite values")
     _check_digests(directory)
     model.eval()
-    version = _version(model_type, config_json, path)
+    version = _version(model_type, config_json, path, vocab)
     return Checkpoint(model, model_type, cfg, vocab, version, meta)

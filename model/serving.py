@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -24,6 +25,54 @@ from hytrec.model.vocab import FIRST_ITEM_ROW, PAD_ROW, Vocab
 class Recommendation:
     item_ids: list[str]
     scores: list[float]
+    filtered_out: int = 0  # catalogue items a mask (seen, filters, hidden) removed before the top-k
+
+
+@dataclass(frozen=True)
+class ItemMask:
+    """Items a request may not be shown: ``drop`` (item indices, duplicates allowed) and, when set, every item
+    ``outside`` (a shared, never mutated bool (n_items,) tensor: True for the items outside the asked
+    categories; ``keep`` lists the others). Built from indices and cached unions, so its cost grows with the
+    ids named and the categories' sizes, not with the catalogue: the top-k of a category request selects among
+    ``keep`` only, no pass over the whole row."""
+
+    drop: torch.Tensor
+    outside: torch.Tensor | None = None
+    outside_count: int = 0  # items ``outside`` marks (counted once, when the union was built)
+    keep: torch.Tensor | None = None  # sorted indices of the items not ``outside`` (the top-k looks only there)
+
+    def count(self, seen: torch.Tensor | None = None) -> int:
+        """Items the mask removes, together with the ``seen`` item indices: O(drop + seen), not O(n)."""
+        extra = self.drop if seen is None or not seen.numel() else torch.cat([self.drop, seen])
+        extra = torch.unique(extra)
+        if self.outside is not None:
+            extra = extra[~self.outside[extra]]
+        return self.outside_count + int(extra.numel())
+
+    def banned(self, n_items: int) -> torch.Tensor:
+        """The mask as a fresh bool (n_items,) tensor."""
+        out = self.outside.clone() if self.outside is not None else torch.zeros(n_items, dtype=torch.bool)
+        out[self.drop] = True
+        return out
+
+    def removes(self, indices: torch.Tensor) -> torch.Tensor:
+        """Which of ``indices`` the mask removes (bool, same shape)."""
+        out = torch.isin(indices, self.drop)
+        if self.outside is not None:
+            out |= self.outside[indices]
+        return out
+
+
+def apply_drops(scores: torch.Tensor, masks: Sequence[ItemMask | None]) -> None:
+    """-inf on the dropped items of each row of ``scores`` (B, n_items), the whole batch in one indexed write
+    (categories are not written: ``_top`` selects among their ``keep`` items)."""
+    drop_rows, drop_cols = [], []
+    for i, m in enumerate(masks):
+        if m is not None and m.drop.numel():
+            drop_rows.append(torch.full((m.drop.numel(),), i, dtype=torch.int64))
+            drop_cols.append(m.drop)
+    if drop_rows:
+        scores[torch.cat(drop_rows), torch.cat(drop_cols)] = float("-inf")
 
 
 class ServingModel:
@@ -133,24 +182,129 @@ class ServingModel:
     # --------------------------------------------------------------------------- hot path: top-K
     @torch.inference_mode()
     def recommend(
-        self, states: StateBatch, now: Sequence[float], k: int, exclude_seen: Sequence[bool]
+        self,
+        states: StateBatch,
+        now: Sequence[float],
+        k: int,
+        exclude_seen: Sequence[bool],
+        masks: Sequence[ItemMask | None] | None = None,
+        offsets: Sequence[int] | None = None,
     ) -> list[Recommendation]:
         """Top-k items for B users at request times ``now``: one catalogue product for the whole batch.
 
-        ``exclude_seen`` removes the items in each user's ring buffer (their last K events).
+        ``exclude_seen`` removes the items in each user's ring buffer (their last K events). ``masks`` (per
+        user, None or an :class:`ItemMask`) remove more items, as -inf on the scores before the one top-k;
+        ``offsets`` skips that many of the best survivors (paging). Fewer than k items come back when fewer
+        survive: nothing is padded. ``filtered_out`` counts the items the masks removed.
         """
         u = self.model.user_vector(states, torch.tensor(list(now), dtype=torch.float64))
         scores = self.model.item_scores(u)
         drop = torch.tensor(list(exclude_seen))[:, None] & (states.ring_items >= FIRST_ITEM_ROW)
+        removed = [0] * len(exclude_seen)
         if bool(drop.any()):
             users, slots = drop.nonzero(as_tuple=True)
             scores[users, states.ring_items[users, slots] - FIRST_ITEM_ROW] = float("-inf")
-        top = scores.topk(min(k, self.n_items), dim=1)
+            removed = _distinct(torch.where(drop, states.ring_items, -1)).tolist()
+        if masks is not None and any(m is not None for m in masks):
+            apply_drops(scores, masks)
+            for i, m in enumerate(masks):
+                if m is not None:
+                    seen = states.ring_items[i][drop[i]] - FIRST_ITEM_ROW if exclude_seen[i] else None
+                    removed[i] = m.count(seen)
+        return self._top(scores, k, offsets, removed, masks)
+
+    def _top(
+        self,
+        scores: torch.Tensor,
+        k: int,
+        offsets: Sequence[int] | None,
+        removed: Sequence[int],
+        masks: Sequence[ItemMask | None] | None = None,
+    ) -> list[Recommendation]:
+        """Each row's best ``k`` after its offset, ``-inf`` (masked) items dropped; a row with categories
+        selects among their items only (a gather of ``keep``, then a top-k over it)."""
+        skip = list(offsets) if offsets is not None else [0] * scores.shape[0]
+        kk = min(k + max(skip, default=0), scores.shape[1])
+        cats = [i for i, m in enumerate(masks or ()) if m is not None and m.keep is not None]
+        plain = [i for i in range(scores.shape[0]) if i not in set(cats)] if cats else None
+        all_values: list[list[float]] = [[] for _ in range(scores.shape[0])]
+        all_indices: list[list[int]] = [[] for _ in range(scores.shape[0])]
+        if plain is None or plain:  # rows without categories: one batched top-k over the catalogue
+            rows = scores if plain is None else scores[plain]
+            top = rows.topk(kk, dim=1)
+            for i, v, j in zip(plain or range(scores.shape[0]), top.values.tolist(), top.indices.tolist(), strict=True):
+                all_values[i], all_indices[i] = v, j
+        for i in cats:
+            keep = masks[i].keep  # type: ignore[index, union-attr]
+            sub = scores[i, keep].topk(min(kk, int(keep.numel())))
+            all_values[i], all_indices[i] = sub.values.tolist(), keep[sub.indices].tolist()
         out = []
-        for values, indices in zip(top.values.tolist(), top.indices.tolist(), strict=True):
-            keep = [(self.item_ids[i], v) for i, v in zip(indices, values, strict=True) if v != float("-inf")]
-            out.append(Recommendation([i for i, _ in keep], [v for _, v in keep]))
+        for values, indices, off, n in zip(all_values, all_indices, skip, removed, strict=True):
+            keep = [(self.item_ids[i], v) for i, v in zip(indices[off : off + k], values[off : off + k], strict=True)]
+            keep = [(i, v) for i, v in keep if v != float("-inf")]
+            out.append(Recommendation([i for i, _ in keep], [v for _, v in keep], n))
         return out
+
+    @torch.inference_mode()
+    def rank(self, states: StateBatch, now: Sequence[float], candidates: Sequence[torch.Tensor]) -> list[list[float]]:
+        """Scores of each user's candidate items (int64 item indices): O(candidates), not O(catalogue).
+
+        Gathers the candidates' embedding rows and takes their products with the user vector: the same
+        numbers as the catalogue product (up to float32 rounding of the summation order).
+        """
+        u = self.model.user_vector(states, torch.tensor(list(now), dtype=torch.float64))
+        lengths = [int(c.numel()) for c in candidates]
+        padded = torch.zeros(len(candidates), max(lengths, default=0), dtype=torch.int64)
+        for i, c in enumerate(candidates):
+            padded[i, : lengths[i]] = c
+        emb = self.model.item_emb.weight[padded + FIRST_ITEM_ROW]  # (B, m, d): one gather, one batched product
+        scores = (emb @ u[:, :, None]).squeeze(-1).tolist()
+        return [row[:n] for row, n in zip(scores, lengths, strict=True)]
+
+    @torch.inference_mode()
+    def similar(self, index: int, k: int, mask: ItemMask | None = None, offset: int = 0) -> Recommendation:
+        """The ``k`` items nearest item ``index`` by cosine of the item embeddings (exact), itself excluded."""
+        scores = (self._unit @ self._unit[index])[None]
+        scores[0, index] = float("-inf")
+        apply_drops(scores, [mask])
+        removed = mask.count(torch.tensor([index])) if mask is not None else 1
+        return self._top(scores, k, [offset], [removed], [mask])[0]
+
+    @cached_property
+    def _unit(self) -> torch.Tensor:
+        """Item embeddings normalised once (rows in item-index order), for cosine similarity."""
+        with torch.no_grad():
+            return torch.nn.functional.normalize(self.model.item_emb.weight[FIRST_ITEM_ROW:].detach().float(), dim=1)
+
+    @torch.inference_mode()
+    def session_state(self, events: Sequence[tuple[int, float]]) -> StateBatch:
+        """The state a fresh user would have after ``events`` and one store round trip: the same ``advance`` as
+        ingestion, then encoded and decoded with the storage codec (a stored state is read back that way)."""
+        return self.decode(self.encode(self.advance([None], [list(events)])))
+
+    def popular_filtered(self, k: int, mask: ItemMask | None = None, offset: int = 0) -> Recommendation:
+        """The popularity fallback under a mask: the most popular items that survive it, paged."""
+        order = self._popular_order
+        removed = 0
+        if mask is not None:
+            order = order[~mask.banned(self.n_items)[order]]
+            removed = mask.count()
+        top = order[offset : offset + k].tolist()
+        return Recommendation([self.item_ids[i] for i in top], [self._popular_share[i] for i in top], removed)
+
+    @cached_property
+    def _popular_order(self) -> torch.Tensor:
+        return torch.tensor(self._popular, dtype=torch.int64)
+
+    @cached_property
+    def _popular_share(self) -> list[float]:
+        total = float(sum(self._popularity)) or 1.0
+        return [p / total for p in self._popularity]
+
+    def popularity_scores(self, indices: Sequence[int]) -> list[float]:
+        """The fallback's score (share of training interactions) of each item index."""
+        share = self._popular_share
+        return [share[i] for i in indices]
 
     def popular(self, k: int, exclude: Sequence[str] = ()) -> Recommendation:
         """Cold-start fallback: the most popular training items (score = share of interactions)."""
@@ -165,3 +319,11 @@ class ServingModel:
             if len(ids) == k:
                 break
         return Recommendation(ids, scores)
+
+
+def _distinct(rows: torch.Tensor) -> torch.Tensor:
+    """Distinct non-negative values per row of a small (B, K) int tensor (the seen items of a ring buffer)."""
+    r = rows.sort(dim=1).values
+    new = torch.ones_like(r, dtype=torch.bool)
+    new[:, 1:] = r[:, 1:] != r[:, :-1]
+    return (new & (r >= 0)).sum(dim=1)

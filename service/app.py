@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from hytrec import __version__
-from hytrec.service import admin, routes, tracing
+from hytrec.service import admin, product_routes, routes, tracing
 from hytrec.service.errors import install
 from hytrec.service.guard import Guard
 from hytrec.service.logs import request_id_middleware
@@ -93,7 +93,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.add_middleware(WorkerHeader)  # X-HyTRec-Worker: which worker (and so which version swap) answered
     app.add_middleware(request_id_middleware)  # outermost: the id is set before the guard may answer
-    for router in (routes.events, routes.users, routes.items, routes.model, routes.operations, admin.router):
+    routers = (routes.events, routes.users, routes.items, routes.model, routes.operations, admin.router)
+    for router in (*routers, *product_routes.ROUTERS):
         app.include_router(router)
     app.openapi = openapi_with_limits(app, s)  # type: ignore[method-assign]
     tracing.setup(app, s)  # nothing at all unless an OTLP endpoint is configured

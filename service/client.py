@@ -19,7 +19,21 @@ from typing import Any
 
 import httpx
 
-from hytrec.service.schemas import Deleted, Event, IngestResult, ModelInfo, Recommendations, UserSummary
+from hytrec.service.schemas import (
+    BatchAnswer,
+    CatalogueItem,
+    Deleted,
+    Event,
+    HideResult,
+    IngestResult,
+    ItemPage,
+    ModelInfo,
+    Ranked,
+    Recommendations,
+    SessionRecommendations,
+    SimilarItems,
+    UserSummary,
+)
 
 RETRY_STATUS = (429, 503)
 EventLike = Event | Mapping[str, Any]
@@ -78,11 +92,48 @@ class _Base:
         return attempt < self.retries and (resp is None or resp.status_code in RETRY_STATUS)
 
     @staticmethod
-    def _params(k: int, exclude_seen: bool, at: float | None) -> dict[str, Any]:
+    def _params(
+        k: int,
+        exclude_seen: bool,
+        at: float | None,
+        exclude: Iterable[str] = (),
+        categories: Iterable[str] = (),
+        offset: int = 0,
+    ) -> dict[str, Any]:
         params: dict[str, Any] = {"k": k, "exclude_seen": "true" if exclude_seen else "false"}
         if at is not None:
             params["at"] = repr(float(at))
+        if exclude := list(exclude):
+            params["exclude"] = exclude
+        if categories := list(categories):
+            params["categories"] = categories
+        if offset:
+            params["offset"] = offset
         return params
+
+    @staticmethod
+    def _similar_params(k: int, exclude: Iterable[str], categories: Iterable[str], offset: int) -> dict[str, Any]:
+        params: dict[str, Any] = {"k": k, "offset": offset}
+        if exclude := list(exclude):
+            params["exclude"] = exclude
+        if categories := list(categories):
+            params["categories"] = categories
+        return params
+
+    @staticmethod
+    def _filters(
+        k: int, exclude: Iterable[str], categories: Iterable[str], exclude_seen: bool, offset: int, at: float | None
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "k": k,
+            "exclude": list(exclude),
+            "categories": list(categories),
+            "exclude_seen": exclude_seen,
+            "offset": offset,
+        }
+        if at is not None:
+            body["at"] = float(at)
+        return body
 
 
 class HyTRecClient(_Base):
@@ -115,10 +166,86 @@ class HyTRecClient(_Base):
         return IngestResult.model_validate(self._request("POST", "/v1/events", json=_payload(events)).json())
 
     def recommendations(
-        self, user_id: str, k: int = 10, *, exclude_seen: bool = True, at: float | None = None
+        self,
+        user_id: str,
+        k: int = 10,
+        *,
+        exclude_seen: bool = True,
+        at: float | None = None,
+        exclude: Iterable[str] = (),
+        categories: Iterable[str] = (),
+        offset: int = 0,
     ) -> Recommendations:
-        resp = self._request("GET", f"/v1/users/{user_id}/recommendations", params=self._params(k, exclude_seen, at))
+        params = self._params(k, exclude_seen, at, exclude, categories, offset)
+        resp = self._request("GET", f"/v1/users/{user_id}/recommendations", params=params)
         return Recommendations.model_validate(resp.json())
+
+    def rank(
+        self,
+        user_id: str,
+        candidates: Iterable[str],
+        *,
+        exclude_seen: bool = False,
+        exclude: Iterable[str] = (),
+        categories: Iterable[str] = (),
+        at: float | None = None,
+    ) -> Ranked:
+        """Order the caller's candidates by the user's scores (unknown, hidden, filtered listed apart)."""
+        body: dict[str, Any] = {
+            "candidates": list(candidates),
+            "exclude_seen": exclude_seen,
+            "exclude": list(exclude),
+            "categories": list(categories),
+        }
+        if at is not None:
+            body["at"] = float(at)
+        return Ranked.model_validate(self._request("POST", f"/v1/users/{user_id}/rank", json=body).json())
+
+    def session(
+        self,
+        events: Iterable[Mapping[str, Any]],
+        k: int = 10,
+        *,
+        exclude_seen: bool = True,
+        exclude: Iterable[str] = (),
+        categories: Iterable[str] = (),
+        offset: int = 0,
+        at: float | None = None,
+    ) -> SessionRecommendations:
+        """Top-k from a visit's events (``{"item_id", "ts", "event_type"?}``); nothing stored."""
+        body = {"events": [dict(e) for e in events], **self._filters(k, exclude, categories, exclude_seen, offset, at)}
+        resp = self._request("POST", "/v1/sessions/recommendations", json=body)
+        return SessionRecommendations.model_validate(resp.json())
+
+    def batch(self, requests: Iterable[Mapping[str, Any]]) -> BatchAnswer:
+        """Many users at once (each ``{"user_id", "k"?, "exclude"?, ...}``); per-user errors in the answer."""
+        resp = self._request("POST", "/v1/recommendations:batch", json={"requests": [dict(r) for r in requests]})
+        return BatchAnswer.model_validate(resp.json())
+
+    def items(self, offset: int = 0, limit: int = 1000) -> ItemPage:
+        return ItemPage.model_validate(
+            self._request("GET", "/v1/items", params={"offset": offset, "limit": limit}).json()
+        )
+
+    def item(self, item_id: str) -> CatalogueItem | None:
+        """The item's metadata and flag, or None for an id the model does not know."""
+        resp = self._request("GET", f"/v1/items/{item_id}", ok=(200, 404))
+        return None if resp.status_code == 404 else CatalogueItem.model_validate(resp.json())
+
+    def similar(
+        self, item_id: str, k: int = 10, *, exclude: Iterable[str] = (), categories: Iterable[str] = (), offset: int = 0
+    ) -> SimilarItems:
+        params = self._similar_params(k, exclude, categories, offset)
+        return SimilarItems.model_validate(self._request("GET", f"/v1/items/{item_id}/similar", params=params).json())
+
+    def set_hidden(self, item_id: str, hidden: bool = True) -> CatalogueItem:
+        """Hide (or show) one item; needs an admin key."""
+        resp = self._request("PUT", f"/v1/admin/items/{item_id}", json={"hidden": hidden})
+        return CatalogueItem.model_validate(resp.json())
+
+    def set_hidden_many(self, item_ids: Iterable[str], hidden: bool = True) -> HideResult:
+        resp = self._request("PUT", "/v1/admin/items", json={"item_ids": list(item_ids), "hidden": hidden})
+        return HideResult.model_validate(resp.json())
 
     def user(self, user_id: str) -> UserSummary | None:
         """The user's state summary, or None for a user without state."""
@@ -196,12 +323,81 @@ class AsyncHyTRecClient(_Base):
         return IngestResult.model_validate(resp.json())
 
     async def recommendations(
-        self, user_id: str, k: int = 10, *, exclude_seen: bool = True, at: float | None = None
+        self,
+        user_id: str,
+        k: int = 10,
+        *,
+        exclude_seen: bool = True,
+        at: float | None = None,
+        exclude: Iterable[str] = (),
+        categories: Iterable[str] = (),
+        offset: int = 0,
     ) -> Recommendations:
-        resp = await self._request(
-            "GET", f"/v1/users/{user_id}/recommendations", params=self._params(k, exclude_seen, at)
-        )
+        params = self._params(k, exclude_seen, at, exclude, categories, offset)
+        resp = await self._request("GET", f"/v1/users/{user_id}/recommendations", params=params)
         return Recommendations.model_validate(resp.json())
+
+    async def rank(
+        self,
+        user_id: str,
+        candidates: Iterable[str],
+        *,
+        exclude_seen: bool = False,
+        exclude: Iterable[str] = (),
+        categories: Iterable[str] = (),
+        at: float | None = None,
+    ) -> Ranked:
+        body: dict[str, Any] = {
+            "candidates": list(candidates),
+            "exclude_seen": exclude_seen,
+            "exclude": list(exclude),
+            "categories": list(categories),
+        }
+        if at is not None:
+            body["at"] = float(at)
+        return Ranked.model_validate((await self._request("POST", f"/v1/users/{user_id}/rank", json=body)).json())
+
+    async def session(
+        self,
+        events: Iterable[Mapping[str, Any]],
+        k: int = 10,
+        *,
+        exclude_seen: bool = True,
+        exclude: Iterable[str] = (),
+        categories: Iterable[str] = (),
+        offset: int = 0,
+        at: float | None = None,
+    ) -> SessionRecommendations:
+        body = {"events": [dict(e) for e in events], **self._filters(k, exclude, categories, exclude_seen, offset, at)}
+        resp = await self._request("POST", "/v1/sessions/recommendations", json=body)
+        return SessionRecommendations.model_validate(resp.json())
+
+    async def batch(self, requests: Iterable[Mapping[str, Any]]) -> BatchAnswer:
+        body = {"requests": [dict(r) for r in requests]}
+        return BatchAnswer.model_validate((await self._request("POST", "/v1/recommendations:batch", json=body)).json())
+
+    async def items(self, offset: int = 0, limit: int = 1000) -> ItemPage:
+        resp = await self._request("GET", "/v1/items", params={"offset": offset, "limit": limit})
+        return ItemPage.model_validate(resp.json())
+
+    async def item(self, item_id: str) -> CatalogueItem | None:
+        resp = await self._request("GET", f"/v1/items/{item_id}", ok=(200, 404))
+        return None if resp.status_code == 404 else CatalogueItem.model_validate(resp.json())
+
+    async def similar(
+        self, item_id: str, k: int = 10, *, exclude: Iterable[str] = (), categories: Iterable[str] = (), offset: int = 0
+    ) -> SimilarItems:
+        params = self._similar_params(k, exclude, categories, offset)
+        resp = await self._request("GET", f"/v1/items/{item_id}/similar", params=params)
+        return SimilarItems.model_validate(resp.json())
+
+    async def set_hidden(self, item_id: str, hidden: bool = True) -> CatalogueItem:
+        resp = await self._request("PUT", f"/v1/admin/items/{item_id}", json={"hidden": hidden})
+        return CatalogueItem.model_validate(resp.json())
+
+    async def set_hidden_many(self, item_ids: Iterable[str], hidden: bool = True) -> HideResult:
+        resp = await self._request("PUT", "/v1/admin/items", json={"item_ids": list(item_ids), "hidden": hidden})
+        return HideResult.model_validate(resp.json())
 
     async def user(self, user_id: str) -> UserSummary | None:
         resp = await self._request("GET", f"/v1/users/{user_id}", ok=(200, 404))

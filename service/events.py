@@ -230,6 +230,11 @@ class EventIngestor:
         strict_items: bool = False,
         mirrors: Sequence[EventIngestor] = (),
         counted: bool = True,
+        *,
+        store: StateStore | None = None,
+        never_again: frozenset[str] = frozenset(),
+        count_only: frozenset[str] = frozenset(),
+        never_max: int = 1000,
     ) -> None:
         self.model = model
         self.batcher = batcher
@@ -238,6 +243,10 @@ class EventIngestor:
         # store, that get every post too; a post succeeds when every version committed it (docs/lifecycle.md).
         self.mirrors = list(mirrors)
         self.counted = counted  # False for a mirror: the metrics count each event once
+        self.store = store
+        self.never_again = never_again if store is not None else frozenset()
+        self.count_only = count_only
+        self.never_max = never_max
 
     async def _with_mirrors(self, primary: Awaitable[IngestResult], others: list[Awaitable[IngestResult]]):
         """The primary's result once every version committed; the first failure otherwise."""
@@ -296,13 +305,38 @@ class EventIngestor:
         return Post(users, dups)
 
     async def ingest(self, events: Sequence[Event], deadline: float) -> IngestResult:
-        """Apply a post; returns its counts. Raises the store's errors (nothing of a failed user is written)."""
+        """Apply a post; returns its counts. Raises the store's errors (nothing of a failed user is written).
+
+        Event types (settings): a count-only type is counted and not applied; a never-again type's item enters
+        the user's never-again set once the post's states are written (the set's write is idempotent, so a
+        retried post adds nothing twice); every other event, and one without a type, updates the state.
+        """
         start = time.perf_counter()
         if self.strict_items:
             self._check_items(events)
-        result = await self._with_mirrors(
-            self.batcher.submit(self.group(events), deadline), [m.ingest(events, deadline) for m in self.mirrors]
+        counted = [e for e in events if e.event_type is not None and e.event_type in self.count_only]
+        applied = [e for e in events if e.event_type is None or e.event_type not in self.count_only]
+        if applied:
+            result = await self._with_mirrors(
+                self.batcher.submit(self.group(applied), deadline), [m.ingest(applied, deadline) for m in self.mirrors]
+            )
+        else:
+            result = IngestResult(applied=0, duplicates=0, unknown_items=0, out_of_order=0, users=0)
+        never: dict[str, list[tuple[str, float]]] = {}
+        for e in events:
+            if e.event_type is not None and e.event_type in self.never_again:
+                never.setdefault(e.user_id, []).append((e.item_id, e.ts))
+        if never and self.store is not None:
+            await self.store.add_never(never, self.never_max)
+        result = result.model_copy(
+            update={
+                "counted_only": len(counted),
+                "never_again": sum(len(v) for v in never.values()),
+                "users": len({e.user_id for e in events}),
+            }
         )
+        if counted:
+            metrics.EVENTS.labels("counted_only").inc(len(counted))
         self._count(result, start)
         return result
 

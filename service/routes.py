@@ -15,8 +15,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request, Response
 from fastapi.security import HTTPBearer
+from pydantic import StringConstraints
 
 from hytrec.service import metrics
+from hytrec.service.catalogue import Filters
 from hytrec.service.errors import Problem, field_problem, problem_response, unavailable
 from hytrec.service.microbatch import Overloaded, loop_time
 from hytrec.service.runtime import Lifecycle, Runtime
@@ -108,14 +110,40 @@ async def get_recommendations(
     user_id: UserId,
     rt: Ready,
     k: Annotated[int, Query(ge=1, description="How many items (at most HYTREC_MAX_K).")] = 10,
-    exclude_seen: Annotated[bool, Query(description="Drop the items of the last K events.")] = True,
+    exclude_seen: Annotated[
+        bool, Query(description="Drop the items of the last K events and of the never-again set.")
+    ] = True,
     at: Annotated[float | None, Query(gt=0, lt=MAX_TS, description="Request time (default: now).")] = None,
+    exclude: Annotated[
+        list[Annotated[str, StringConstraints(pattern=ID_PATTERN)]],
+        Query(description="Item ids never to return (repeat the parameter; at most HYTREC_MAX_FILTER_ITEMS)."),
+    ] = [],  # noqa: B006 - FastAPI copies defaults
+    categories: Annotated[
+        list[str], Query(description="Only items of any of these categories (at most HYTREC_MAX_FILTER_ITEMS).")
+    ] = [],  # noqa: B006
+    offset: Annotated[int, Query(ge=0, description="Skip this many of the best survivors (at most HYTREC_MAX_K).")] = 0,
 ) -> Recommendations:
-    if k > rt.settings.max_k:
-        raise too_large("k", "query", f"Input should be less than or equal to {rt.settings.max_k}", "less_than_equal")
+    filters = check_filters(rt, k, offset, exclude, categories, exclude_seen, "query")
     now = time.time() if at is None else at
     async with deadline(rt, "recommend") as when:
-        return await recommend_routed(rt, user_id, k, exclude_seen, now, when)  # canary / shadow: swap.py
+        return await recommend_routed(rt, user_id, k, exclude_seen, now, when, filters)  # canary / shadow: swap.py
+
+
+def check_filters(
+    rt: Runtime, k: int, offset: int, exclude: list[str], categories: list[str], exclude_seen: bool, where: str
+) -> Filters | None:
+    """The configured limits on k, offset and the filter lists (422 naming the field); None when the request
+    filters nothing beyond ``exclude_seen`` (the unfiltered fast path)."""
+    s = rt.settings
+    for name, value, most in (("k", k, s.max_k), ("offset", offset, s.max_k)):
+        if value > most:
+            raise too_large(name, where, f"Input should be less than or equal to {most}", "less_than_equal")
+    for name, values in (("exclude", exclude), ("categories", categories)):
+        if len(values) > s.max_filter_items:
+            raise too_large(name, where, f"List should have at most {s.max_filter_items} items", "too_long")
+    if not exclude and not categories and not offset:
+        return None
+    return Filters(tuple(exclude), tuple(categories), exclude_seen, offset)
 
 
 @users.get(
@@ -161,7 +189,7 @@ async def list_items(
     offset: Annotated[int, Query(ge=0, description="First item of the page (row order).")] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000, description="Items per page.")] = 1000,
 ) -> ItemPage:
-    """Item ids the model knows, with their training popularity: what a client may post and will be shown."""
+    """Item ids the model knows, with their training popularity, metadata (items file) and hidden flag."""
     return rt.catalogue.page(offset, limit)
 
 

@@ -56,6 +56,7 @@ class Runtime:
 
     async def close(self) -> None:
         """Stop this version's batchers, flush its impression log and close its connections (and its mirrors')."""
+        await self.catalogue.stop()
         await self.batcher.stop()
         await self.events_batcher.stop()
         await self.attribution.drain(timeout=2.0)
@@ -147,6 +148,7 @@ class Lifecycle:
             else:
                 model = await side(lambda: load_version(s, version))
         popular = await side(lambda: model.popular(s.max_k))
+        catalogue = await side(lambda: Catalogue.load(model.vocab, s.catalogue_file()))
         store = await self._open_store(model.version)
         blobs: list[bytes] = []
         if self.runtime is not None:  # a swap: probe stored states of a few users too
@@ -172,11 +174,21 @@ class Lifecycle:
             await store.close()
             raise
         limits = s.max_queue, s.max_queue_delay_ms
-        batcher = RecommendBatcher(model, store, self.run, s.microbatch_max_size, s.microbatch_max_wait_ms, *limits)
+        await catalogue.watch(store, s.catalogue_poll_ms / 1000.0)  # hidden flags read before the first answer
+        batcher = RecommendBatcher(
+            model,
+            store,
+            self.run,
+            s.microbatch_max_size,
+            s.microbatch_max_wait_ms,
+            *limits,
+            catalogue,
+            bool(s.never_again),
+        )
         events = EventBatcher(model, store, s.events_batch_max_size, s.events_batch_max_wait_ms, *limits)
         attribution = attach(s, store, events, model.item_id)
         impressions = attribution.impressions
-        recommender = Recommender(model, store, batcher, popular, self.run)
+        recommender = Recommender(model, store, batcher, popular, self.run, catalogue, s.never_again, s.count_only)
         recommender.impressions = impressions
         batcher.start()
         events.start()
@@ -187,9 +199,18 @@ class Lifecycle:
             store=store,
             batcher=batcher,
             events_batcher=events,
-            ingestor=EventIngestor(model, events, s.strict_items, [m.ingestor for m in mirrors]),
+            ingestor=EventIngestor(
+                model,
+                events,
+                s.strict_items,
+                [m.ingestor for m in mirrors],
+                store=store,
+                never_again=s.never_again,
+                count_only=s.count_only,
+                never_max=s.never_again_max,
+            ),
             recommender=recommender,
-            catalogue=Catalogue(model.vocab),
+            catalogue=catalogue,
             impressions=impressions,
             attribution=attribution,
             mirrors=tuple(mirrors),

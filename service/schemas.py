@@ -64,7 +64,9 @@ class Event(BaseModel):
     item_id: ItemId
     ts: Timestamp
     event_type: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,32}$")] | None = Field(
-        None, description="Accepted and validated; not used by the model yet."
+        None,
+        description="Optional. Configurable per type: updates the state (default), enters the never-again set "
+        "(HYTREC_NEVER_AGAIN_TYPES), or only counted (HYTREC_COUNT_ONLY_TYPES).",
     )
     event_id: Identifier | None = Field(None, description="Idempotency key, unique per user: applied once.")
 
@@ -85,6 +87,8 @@ class IngestResult(BaseModel):
     unknown_items: int
     out_of_order: int
     users: int
+    counted_only: int = Field(0, description="Events of a count-only type: counted, not applied to the state.")
+    never_again: int = Field(0, description="Events whose item entered the user's never-again set.")
 
 
 class ScoredItem(BaseModel):
@@ -92,12 +96,24 @@ class ScoredItem(BaseModel):
     score: float
 
 
-class Recommendations(BaseModel):
+class Served(BaseModel):
+    """What served an answer: the model version, whether the user had state, and the mask's effect."""
+
+    model_version: str
+    had_state: bool = Field(description="Whether a stored (or session) state answered; false: popularity fallback.")
+    filtered_out: int = Field(
+        description="Catalogue items the mask removed before the top-k (seen, never-again, exclude, categories, "
+        "hidden)."
+    )
+    offset: int = 0
+    exhausted: bool = Field(description="Fewer than k items survived the filters after the offset (no padding).")
+
+
+class Recommendations(Served):
     """Top-k for a user; ``fallback`` is ``"popularity"`` when the user has no usable state."""
 
     user_id: str
     items: list[ScoredItem]
-    model_version: str
     history_length: int
     fallback: Literal[False, "popularity"]
     request_time: float
@@ -124,6 +140,9 @@ class UserSummary(BaseModel):
 class CatalogueItem(BaseModel):
     item_id: str
     popularity: int = Field(description="Training interactions of the item (what the cold-start fallback ranks by).")
+    title: str | None = Field(None, description="From the items file; null without one.")
+    categories: list[str] = Field(default_factory=list, description="From the items file (e.g. genres).")
+    hidden: bool = Field(False, description="Hidden at run time: never recommended (PUT /v1/admin/items/{id}).")
 
 
 class ItemPage(BaseModel):
@@ -152,3 +171,110 @@ class ModelInfo(BaseModel):
 class Health(BaseModel):
     status: str
     model_version: str | None = None
+
+
+class FilterBody(BaseModel):
+    """Filters of a recommendation request (body form; the GET route takes the same as query parameters)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    k: int = Field(10, ge=1, description="How many items (at most HYTREC_MAX_K).")
+    offset: int = Field(0, ge=0, description="Skip this many of the best survivors (next page; at most HYTREC_MAX_K).")
+    exclude: list[ItemId] = Field(default_factory=list, description="Item ids never to return (e.g. on the page).")
+    categories: list[str] = Field(default_factory=list, description="Only items of any of these categories.")
+    exclude_seen: bool = Field(True, description="Drop the items of the last K events and the never-again set.")
+    at: Timestamp | None = Field(None, description="Request time (default: now).")
+
+
+class BatchEntry(FilterBody):
+    user_id: str = Field(max_length=512, description="Checked per entry: a bad id fails only its own entry.")
+
+
+class BatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    requests: list[BatchEntry] = Field(min_length=1, description="At most HYTREC_MAX_BATCH_USERS entries.")
+
+
+class EntryError(BaseModel):
+    status: int
+    type: str
+    detail: str
+
+
+class BatchResult(BaseModel):
+    user_id: str
+    recommendations: Recommendations | None = None
+    error: EntryError | None = None
+
+
+class BatchAnswer(BaseModel):
+    model_version: str
+    results: list[BatchResult] = Field(description="One per request entry, in order.")
+
+
+class RankRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    candidates: list[ItemId] = Field(min_length=1, description="Items to order (at most HYTREC_MAX_CANDIDATES).")
+    exclude: list[ItemId] = Field(default_factory=list)
+    categories: list[str] = Field(default_factory=list)
+    exclude_seen: bool = Field(False, description="Off by default here: the caller chose the candidates.")
+    at: Timestamp | None = None
+
+
+class Ranked(BaseModel):
+    """The known, visible candidates by score; the others listed apart."""
+
+    user_id: str
+    items: list[ScoredItem]
+    unknown: list[str] = Field(description="Candidates the model does not know.")
+    hidden: list[str] = Field(description="Candidates hidden in the catalogue.")
+    filtered: list[str] = Field(description="Candidates removed by exclude, categories or exclude_seen.")
+    model_version: str
+    had_state: bool
+    fallback: Literal[False, "popularity"]
+    request_time: float
+
+
+class SessionEvent(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    item_id: ItemId
+    ts: Timestamp
+    event_type: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:-]{1,32}$")] | None = None
+
+
+class SessionRequest(FilterBody):
+    events: list[SessionEvent] = Field(description="The visit's events in order (at most HYTREC_MAX_SESSION_EVENTS).")
+
+
+class SessionRecommendations(Served):
+    items: list[ScoredItem]
+    history_length: int = Field(description="Events of the visit that updated the session state.")
+    fallback: Literal[False, "popularity"]
+    request_time: float
+
+
+class SimilarItems(Served):
+    item_id: str
+    items: list[ScoredItem] = Field(description="Nearest items by cosine of the item embeddings, the item excluded.")
+
+
+class HiddenFlag(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    hidden: bool
+
+
+class HideBulk(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    item_ids: list[ItemId] = Field(min_length=1, description="At most HYTREC_MAX_HIDE_ITEMS ids.")
+    hidden: bool
+
+
+class HideResult(BaseModel):
+    changed: list[str] = Field(description="Known items now carrying the flag asked for.")
+    unknown: list[str] = Field(description="Ids the served model does not know (not flagged).")
+    hidden_version: int = Field(description="The hidden set's change counter after the write.")

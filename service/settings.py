@@ -238,6 +238,53 @@ class Settings(StoreSettings):
         "(rendered into the rules).",
     )
 
+    items_file: Path | None = Field(
+        None,
+        description="Item metadata read at start-up (TSV `item_id, title, genres` with `|` between genres, or "
+        "MovieLens `movies.dat` lines `id::title::genres`); ids go through the model's vocabulary.",
+        json_schema_extra={"shown_default": "`catalogue.tsv` in the checkpoint directory if present, else none"},
+    )
+    catalogue_poll_ms: float = Field(
+        200.0, gt=0, le=10_000, description="How often a worker polls the hidden-items counter in Redis."
+    )
+    max_filter_items: int = Field(
+        1000, ge=1, description="Most ids in an `exclude` list and most names in a `categories` list."
+    )
+    max_candidates: int = Field(1000, ge=1, description="Most candidate items in one POST /v1/users/{id}/rank.")
+    max_session_events: int = Field(
+        500, ge=1, description="Most events of a visit in one POST /v1/sessions/recommendations."
+    )
+    max_batch_users: int = Field(100, ge=1, description="Most users in one POST /v1/recommendations:batch.")
+    max_hide_items: int = Field(10_000, ge=1, description="Most item ids in one PUT /v1/admin/items.")
+    never_again_types: str = Field(
+        "",
+        description="Comma-separated event types whose items enter the user's never-again set (never recommended "
+        "to them again while `exclude_seen` is on), e.g. `purchase`.",
+        json_schema_extra={"shown_default": "empty (no never-again set)"},
+    )
+    never_again_max: int = Field(1000, ge=1, description="Most items kept in a user's never-again set (newest kept).")
+    count_only_types: str = Field(
+        "",
+        description="Comma-separated event types that are only counted: they do not update the model state "
+        "(every other type does, an event without a type too).",
+        json_schema_extra={"shown_default": "empty (every type updates the state)"},
+    )
+
+    @property
+    def never_again(self) -> frozenset[str]:
+        return frozenset(t.strip() for t in self.never_again_types.split(",") if t.strip())
+
+    @property
+    def count_only(self) -> frozenset[str]:
+        return frozenset(t.strip() for t in self.count_only_types.split(",") if t.strip())
+
+    def catalogue_file(self) -> Path | None:
+        """The items file to read: the setting, else ``catalogue.tsv`` beside the checkpoint when present."""
+        if self.items_file is not None:
+            return self.items_file
+        beside = self.model / "catalogue.tsv"
+        return beside if beside.is_file() else None
+
     @field_validator("api_keys")
     @classmethod
     def _scopes_parse(cls, v: SecretStr) -> SecretStr:

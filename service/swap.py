@@ -39,6 +39,7 @@ from hytrec.service.settings import Settings
 from hytrec.state_store.keys import check_name
 
 if TYPE_CHECKING:
+    from hytrec.service.catalogue import Filters
     from hytrec.service.runtime import Lifecycle, Runtime
 
 log = logging.getLogger("hytrec.service")
@@ -154,13 +155,19 @@ def served_by(rt: Runtime, user_id: str) -> Runtime:
 
 
 async def recommend_routed(
-    rt: Runtime, user_id: str, k: int, exclude_seen: bool, now: float, deadline: float
+    rt: Runtime,
+    user_id: str,
+    k: int,
+    exclude_seen: bool,
+    now: float,
+    deadline: float,
+    filters: Filters | None = None,
 ) -> Recommendations:
     """Answer from the runtime the user is routed to; in shadow mode also score the candidate and log both."""
     serving = served_by(rt, user_id)
-    answer = await serving.recommender.recommend(user_id, k, exclude_seen, now, deadline)
+    answer = await serving.recommender.recommend(user_id, k, exclude_seen, now, deadline, filters)
     if rt.shadow and rt.candidate is not None and serving is rt:
-        task = asyncio.create_task(_shadow(rt.candidate, answer, user_id, k, exclude_seen, now, deadline))
+        task = asyncio.create_task(_shadow(rt.candidate, answer, user_id, k, exclude_seen, now, deadline, filters))
         _SHADOWS.add(task)
         task.add_done_callback(_SHADOWS.discard)
     return answer
@@ -170,10 +177,17 @@ _SHADOWS: set[asyncio.Task] = set()
 
 
 async def _shadow(
-    cand: Runtime, live: Recommendations, user_id: str, k: int, exclude_seen: bool, now: float, deadline: float
+    cand: Runtime,
+    live: Recommendations,
+    user_id: str,
+    k: int,
+    exclude_seen: bool,
+    now: float,
+    deadline: float,
+    filters: Filters | None,
 ) -> None:
-    try:
-        other = await cand.recommender.recommend(user_id, k, exclude_seen, now, deadline)
+    try:  # not served, so not an impression: online evaluation never attributes events to it
+        other = await cand.recommender.recommend(user_id, k, exclude_seen, now, deadline, filters, impression=False)
     except Exception as exc:  # noqa: BLE001 - a shadow never affects serving
         shadow_log.warning(json.dumps({"user_id": user_id, "candidate": cand.model.version, "error": str(exc)}))
         return

@@ -3,6 +3,9 @@
 ``<prefix>:<model_version>:{u:<user_id>}:s``  hash  blob, ver, n, lts, ts (the user's state and metadata)
 ``<prefix>:<model_version>:{u:<user_id>}:d``  zset  recent event ids and write tokens (score = version)
 ``<prefix>:{u:<user_id>}:v``                  set   model versions that hold state for the user (erasure)
+``<prefix>:{u:<user_id>}:n``                  zset  the user's "never again" items (score = event ts), bounded
+``<prefix>:{catalogue}:hidden``               set   item ids hidden from every answer (any model version)
+``<prefix>:{catalogue}:hidden:ver``           int   bumped by every change of the hidden set (workers poll it)
 
 The hash tag ``{u:<user_id>}`` puts every key of a user in one slot, so the per-user compare-and-set
 script may touch them all on a Redis Cluster. See docs/state_store.md.
@@ -52,6 +55,19 @@ class KeySpace:
     def versions(self, user_id: str) -> str:
         """Key of the user's set of model versions holding state (shared by every version's namespace)."""
         return f"{self.prefix}:{{u:{check_user_id(user_id)}}}:v"
+
+    def never(self, user_id: str) -> str:
+        """Key of the user's bounded "never again" item set (item ids: shared by every model version)."""
+        return f"{self.prefix}:{{u:{check_user_id(user_id)}}}:n"
+
+    @property
+    def hidden(self) -> str:
+        """Key of the set of hidden item ids (one hash tag with its version counter)."""
+        return f"{self.prefix}:{{catalogue}}:hidden"
+
+    @property
+    def hidden_version(self) -> str:
+        return f"{self.prefix}:{{catalogue}}:hidden:ver"
 
     def keys(self, user_id: str) -> tuple[str, str]:
         """The keys held for the user under this model version."""

@@ -443,9 +443,58 @@ class StateStore:
             keys = [k for v in sorted(versions) for k in self.keys.of_version(v).keys(user_id)]
             pipe = self._pipeline()
             pipe.exists(self.keys.state(user_id))
-            pipe.delete(*keys, registry)
+            pipe.delete(*keys, registry, self.keys.never(user_id))
             had_state, _ = await pipe.execute()
         return bool(had_state)
+
+    # ---------------------------------------------------------------- catalogue flags and never-again sets
+    async def hidden_version(self) -> int:
+        """The hidden set's change counter (0 before any change): cheap enough to poll."""
+        with self._guard("hidden"):
+            raw = await self.client.get(self.keys.hidden_version)
+        return int(raw or 0)
+
+    async def hidden_items(self) -> tuple[int, set[str]]:
+        """The counter and the hidden item ids, read together in one transaction."""
+        with self._guard("hidden"):
+            pipe = self.client.pipeline(transaction=True)
+            pipe.get(self.keys.hidden_version)
+            pipe.smembers(self.keys.hidden)
+            raw, members = await pipe.execute()
+        return int(raw or 0), {m.decode() if isinstance(m, bytes) else m for m in members}
+
+    async def set_hidden(self, item_ids: Sequence[str], hidden: bool) -> int:
+        """Hide (or show) items and bump the counter atomically; returns the new counter."""
+        with self._guard("hidden"):
+            pipe = self.client.pipeline(transaction=True)
+            if item_ids:
+                (pipe.sadd if hidden else pipe.srem)(self.keys.hidden, *item_ids)
+            pipe.incr(self.keys.hidden_version)
+            *_, version = await pipe.execute()
+        return int(version)
+
+    async def never_many(self, user_ids: Sequence[str]) -> dict[str, list[str]]:
+        """Each user's "never again" item ids, in one pipelined round trip."""
+        with self._guard("never", len(user_ids)):
+            pipe = self._pipeline()
+            for u in user_ids:
+                pipe.zrange(self.keys.never(u), 0, -1)
+            rows = await pipe.execute()
+        return {u: [m.decode() if isinstance(m, bytes) else m for m in r] for u, r in zip(user_ids, rows, strict=True)}
+
+    async def add_never(self, items: Mapping[str, Sequence[tuple[str, float]]], limit: int) -> None:
+        """Add (item id, ts) pairs to each user's never-again set, keeping its ``limit`` newest (idempotent)."""
+        if not items:
+            return
+        with self._guard("never", len(items)):
+            pipe = self._pipeline()
+            for u, pairs in items.items():
+                key = self.keys.never(u)
+                pipe.zadd(key, {item: ts for item, ts in pairs})
+                pipe.zremrangebyrank(key, 0, -limit - 1)
+                if self._ttl_ms:
+                    pipe.pexpire(key, self._ttl_ms)
+            self._check(await pipe.execute(raise_on_error=False))
 
     async def scan_users(self, count: int = 1000) -> AsyncIterator[str]:
         """Yield the users with a state for this model version (every primary on a cluster).

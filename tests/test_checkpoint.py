@@ -93,3 +93,16 @@ def test_published_checkpoints_load_unchanged(tmp_path, name: str) -> None:
         assert serving.row("no-such-item") == UNKNOWN_ROW and not serving.knows("no-such-item")
         top = max(range(len(raw["popularity"])), key=lambda i: (raw["popularity"][i], -i))
         assert serving.popular(1).item_ids == [raw["item_ids"][top]]
+
+
+def test_version_hashes_the_vocabulary_order(tmp_path) -> None:
+    """Same weights and config, another id order (or another id): another version, so no state is shared;
+    popularity counts alone do not change it."""
+    model = make_model()
+    ids = [f"item{i}" for i in range(model.cfg.n_items)]
+    base = save_checkpoint(tmp_path / "a", model, ids, [0] * len(ids))
+    swapped = [ids[1], ids[0], *ids[2:]]
+    assert save_checkpoint(tmp_path / "b", model, swapped, [0] * len(ids)) != base
+    assert save_checkpoint(tmp_path / "c", model, [*ids[:-1], "new"], [0] * len(ids)) != base
+    assert save_checkpoint(tmp_path / "d", model, ids, list(range(len(ids)))) == base
+    assert load_checkpoint(tmp_path / "b").version != load_checkpoint(tmp_path / "a").version == base
