@@ -25,22 +25,56 @@ from hytrec.service.runtime import Lifecycle
 from hytrec.service.settings import Settings
 from hytrec.service.swap import WorkerHeader
 
+# Request bodies whose fields get the configured limits. Not BatchEntry: a batch checks each entry's limits
+# on its own and answers a bad entry inside the 200 (the other entries are served).
+REQUEST_BODIES = ("BatchRequest", "FilterBody", "HideBulk", "RankRequest", "SessionRequest")
+
 
 def openapi_with_limits(app: FastAPI, s: Settings) -> Callable[[], dict[str, Any]]:
     """``app.openapi`` that writes the configured limits into the document (they are settings, not constants),
-    and every error answer with the security the settings configure (``openapi.describe_errors``)."""
+    the served catalogue's categories, and every error answer with the security the settings configure
+    (``openapi.describe_errors``). The admin routes are left out while no admin key is set: they answer 404,
+    as routes that do not exist."""
     generate = app.openapi
+    lists = {
+        "exclude": s.max_filter_items,
+        "categories": s.max_filter_items,
+        "candidates": s.max_candidates,
+        "requests": s.max_batch_users,
+        "item_ids": s.max_hide_items,
+    }
+
+    def limit(name: str, schema: dict[str, Any], categories: list[str] | None) -> None:
+        if name in ("k", "offset"):
+            schema["maximum"] = s.max_k
+        elif name in lists and schema.get("type") == "array":
+            schema["maxItems"] = lists[name]
+            if name == "categories" and categories is not None:
+                schema["items"] = {**schema.get("items", {}), "enum": categories}
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
+            rt = app.state.lifecycle.runtime
+            categories = sorted(rt.catalogue.categories) if rt is not None else None
             schema = generate()
-            get = schema["paths"]["/v1/users/{user_id}/recommendations"]["get"]
-            for param in get["parameters"]:
-                if param["name"] == "k":
-                    param["schema"]["maximum"] = s.max_k
-            events = schema["components"]["schemas"]["EventBatch"]["properties"]["events"]
-            events["maxItems"] = s.max_batch_events
-            app.openapi_schema = describe_errors(schema, s, s.access_control())
+            for path, item in schema["paths"].items():
+                for op in item.values():
+                    for param in op.get("parameters", []) if path != "/v1/items" else []:  # its offset is a row
+                        limit(param["name"], param["schema"], categories)
+            for name in REQUEST_BODIES:
+                for prop_name, prop in schema["components"]["schemas"].get(name, {}).get("properties", {}).items():
+                    limit(prop_name, prop, categories)
+            schema["components"]["schemas"]["EventBatch"]["properties"]["events"]["maxItems"] = s.max_batch_events
+            session = schema["components"]["schemas"].get("SessionRequest")
+            if session is not None:
+                session["properties"]["events"]["maxItems"] = s.max_session_events
+            access = s.access_control()
+            if not access.admin_enabled:
+                schema["paths"] = {p: v for p, v in schema["paths"].items() if not p.startswith("/v1/admin")}
+            doc = describe_errors(schema, s, access)
+            if rt is None:  # the catalogue is not loaded yet: do not keep a document without its categories
+                return doc
+            app.openapi_schema = doc
         return app.openapi_schema
 
     return openapi

@@ -73,11 +73,16 @@ class MicroBatcher(Generic[Req, Res]):
             self._task = asyncio.create_task(self._loop(), name=f"{self.name}-batcher")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        if task is not None:
+            # Ask again until the loop has ended: a cancel delivered while a batch finishes can be lost (seen
+            # under CPU load at shutdown, the loop then waiting for the next request forever), and a worker's
+            # shutdown must stay bounded.
+            while not task.done():
+                task.cancel()
+                await asyncio.wait({task}, timeout=0.1)
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                task.result()
         while self._queue:
             item = self._queue.popleft()
             if not item.future.done():
@@ -125,8 +130,11 @@ class MicroBatcher(Generic[Req, Res]):
             if timeout is None:
                 await self._wake.wait()
             else:
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a cancel that arrives as the
+                # event is set, and stop() then waits forever on a loop that goes on collecting.
                 try:
-                    await asyncio.wait_for(self._wake.wait(), timeout)
+                    async with asyncio.timeout(timeout):
+                        await self._wake.wait()
                 except TimeoutError:
                     return None
         return self._queue.popleft()

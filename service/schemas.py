@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, WithJsonSchema
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StringConstraints,
+    WithJsonSchema,
+)
 
 ID_PATTERN = r"^[A-Za-z0-9_.:@-]{1,128}$"
 MAX_TS = 4_102_444_800.0  # 2100-01-01: timestamps are unix seconds in (0, MAX_TS)
@@ -173,16 +181,27 @@ class Health(BaseModel):
     model_version: str | None = None
 
 
+def _not_a_bool(value: object) -> object:
+    if isinstance(value, bool):  # JSON true/false is no integer; 3.0 is (JSON Schema's integer admits it)
+        raise ValueError("Input should be a valid integer, not a boolean")
+    return value
+
+
+Count = Annotated[int, BeforeValidator(_not_a_bool)]
+
+
 class FilterBody(BaseModel):
     """Filters of a recommendation request (body form; the GET route takes the same as query parameters)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    k: int = Field(10, ge=1, description="How many items (at most HYTREC_MAX_K).")
-    offset: int = Field(0, ge=0, description="Skip this many of the best survivors (next page; at most HYTREC_MAX_K).")
+    k: Count = Field(10, ge=1, description="How many items (at most HYTREC_MAX_K).")
+    offset: Count = Field(
+        0, ge=0, description="Skip this many of the best survivors (next page; at most HYTREC_MAX_K)."
+    )
     exclude: list[ItemId] = Field(default_factory=list, description="Item ids never to return (e.g. on the page).")
     categories: list[str] = Field(default_factory=list, description="Only items of any of these categories.")
-    exclude_seen: bool = Field(True, description="Drop the items of the last K events and the never-again set.")
+    exclude_seen: StrictBool = Field(True, description="Drop the items of the last K events and the never-again set.")
     at: Timestamp | None = Field(None, description="Request time (default: now).")
 
 
@@ -219,7 +238,7 @@ class RankRequest(BaseModel):
     candidates: list[ItemId] = Field(min_length=1, description="Items to order (at most HYTREC_MAX_CANDIDATES).")
     exclude: list[ItemId] = Field(default_factory=list)
     categories: list[str] = Field(default_factory=list)
-    exclude_seen: bool = Field(False, description="Off by default here: the caller chose the candidates.")
+    exclude_seen: StrictBool = Field(False, description="Off by default here: the caller chose the candidates.")
     at: Timestamp | None = None
 
 

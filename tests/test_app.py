@@ -68,7 +68,7 @@ def events(user: str, n: int, start: int = 1) -> list[dict[str, Any]]:
 def test_limits_come_from_the_settings_in_validation_and_openapi(
     service_checkpoint: Checkpoint, redis_standalone_url: str
 ) -> None:
-    s = settings_for(service_checkpoint, redis_standalone_url, max_k=7, max_batch_events=5)
+    s = settings_for(service_checkpoint, redis_standalone_url, max_k=7, max_batch_events=5, admin_keys="adm")
 
     async def body() -> None:
         async with running(s) as (client, app):
@@ -78,6 +78,10 @@ def test_limits_come_from_the_settings_in_validation_and_openapi(
             k = next(p for p in get["parameters"] if p["name"] == "k")
             assert k["schema"]["maximum"] == 7 and k["schema"]["minimum"] == 1
             assert doc["components"]["schemas"]["EventBatch"]["properties"]["events"]["maxItems"] == 5
+            offset = doc["components"]["schemas"]["RankRequest"]["properties"].get("offset")
+            cats = doc["components"]["schemas"]["SessionRequest"]["properties"]["categories"]
+            assert cats["items"]["enum"] == sorted(app.state.lifecycle.runtime.catalogue.categories) and offset is None
+            assert doc["components"]["schemas"]["SessionRequest"]["properties"]["offset"]["maximum"] == 7
             ops = {op["operationId"]: op["tags"] for path in doc["paths"].values() for op in path.values()}
             assert ops == {
                 "post_events": ["events"],

@@ -282,7 +282,15 @@ def test_attribute_rule() -> None:
 def answer(user: str, n: int, ts: float) -> Recommendations:
     items = [ScoredItem(item_id=str(100 + (n * 7 + j) % 400), score=1.0) for j in range(10)]
     return Recommendations(
-        user_id=user, items=items, model_version="v-bound", history_length=5, fallback=False, request_time=ts
+        user_id=user,
+        items=items,
+        model_version="v-bound",
+        history_length=5,
+        fallback=False,
+        request_time=ts,
+        had_state=True,
+        filtered_out=0,
+        exhausted=False,
     )
 
 
@@ -363,6 +371,9 @@ def test_a_hytrec_consume_process_attributes_the_streamed_events(
                     model_version="v-served",
                     history_length=3,
                     fallback=False,
+                    had_state=True,
+                    filtered_out=0,
+                    exhausted=False,
                     request_time=t0,
                 )
             )

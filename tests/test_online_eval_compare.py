@@ -107,6 +107,9 @@ def test_export_and_compare_commands(redis_standalone_url: str, tmp_path: Path) 
                         model_version="va" if u % 2 else "vb",
                         history_length=j,
                         fallback=False,
+                        had_state=True,
+                        filtered_out=0,
+                        exhausted=False,
                         request_time=T0 + u * 1000 + j * 60,
                     )
                 )
