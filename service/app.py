@@ -50,7 +50,10 @@ def openapi_with_limits(app: FastAPI, s: Settings) -> Callable[[], dict[str, Any
         elif name in lists and schema.get("type") == "array":
             schema["maxItems"] = lists[name]
             if name == "categories" and categories is not None:
-                schema["items"] = {**schema.get("items", {}), "enum": categories}
+                if categories:
+                    schema["items"] = {**schema.get("items", {}), "enum": categories}
+                else:  # a catalogue without metadata: no category exists, so none may be asked for
+                    schema["maxItems"] = 0
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -101,6 +101,9 @@ def test_filtered_and_paged_answers_equal_the_full_ranking_filtered_in_python(
             def pairs(doc: dict[str, Any]) -> list[tuple[str, float]]:
                 return [(i["item_id"], i["score"]) for i in doc["items"]]
 
+            doc_api = (await client.get("/openapi.json")).json()
+            listed = doc_api["components"]["schemas"]["RankRequest"]["properties"]["categories"]["items"]["enum"]
+            assert listed == sorted({g for gs in genres.values() for g in gs})  # the catalogue's, documented
             plain = await ask(k=10)
             assert pairs(plain) == [p for p in ranking if p[0] not in seen][:10]
             assert plain["filtered_out"] == len(seen) and plain["had_state"] and not plain["exhausted"]
