@@ -133,7 +133,7 @@ def test_off_imports_and_installs_nothing() -> None:
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out == {
         "loaded": [],
-        "middleware": ["request_id_middleware", "Guard"],
+        "middleware": ["request_id_middleware", "WorkerHeader", "Guard"],
         "noop": True,
         "redis_patched": False,
     }
