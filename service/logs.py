@@ -162,6 +162,7 @@ def log_config(settings: Settings) -> dict[str, Any]:
     """The ``logging.config.dictConfig`` of the service, also handed to uvicorn as its ``log_config``."""
     level = settings.log_level.upper()
     handler = {"class": "logging.StreamHandler", "formatter": "hytrec", "stream": "ext://sys.stderr"}
+    access = ["access"] if settings.access_log else []
     return {
         "version": 1,
         "disable_existing_loggers": False,
@@ -176,7 +177,9 @@ def log_config(settings: Settings) -> dict[str, Any]:
         "loggers": {
             "uvicorn": {"handlers": ["default"], "level": level, "propagate": False},
             "uvicorn.error": {"level": level},
-            "uvicorn.access": {"handlers": ["access"], "level": level, "propagate": False},
+            # No handler while the access log is off: uvicorn decides per connection from ``hasHandlers()``, and
+            # the worker's own ``configure`` would otherwise turn the line back on (about 0.2 ms per request).
+            "uvicorn.access": {"handlers": access, "level": level, "propagate": False},
         },
         "root": {"handlers": ["default"], "level": level},
     }

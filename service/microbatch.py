@@ -5,9 +5,11 @@ While a batch runs, the next one fills, so under load the batch size grows by it
 no delay. The queue is bounded twice, and ``submit`` raises ``Overloaded`` at once (the service answers 503
 with Retry-After) instead of letting requests wait without bound:
 - by length (``max_queue``), the memory bound;
-- by delay: when the request at the head has already waited ``max_delay_ms``, the queue is standing, not
-  draining (the CoDel signal: a sojourn time, measured, not a cost model), and a new request would wait at
-  least as long. Past capacity this keeps the answered requests' wait near ``max_delay_ms`` whatever the load.
+- by delay, CoDel's signal (a sojourn time, measured, not a cost model): once no request has been seen
+  waiting less than ``max_delay_ms`` for a whole ``standing_ms`` (the head of the queue is over the target and
+  has stayed over it), the queue is standing, not draining, and a new request would wait at least as long.
+  Past capacity this keeps the answered requests' wait near ``max_delay_ms`` whatever the load, while a burst
+  that drains within the interval (one long batch, a collector pause) sheds nothing.
 A request whose deadline passed while it queued is dropped before any work is spent on it.
 """
 
@@ -55,11 +57,14 @@ class MicroBatcher(Generic[Req, Res]):
 
     name = "batch"
 
+    standing = 0.1  # seconds over the delay target before the queue counts as standing (CoDel's interval)
+
     def __init__(self, max_size: int, max_wait_ms: float, max_queue: int, max_delay_ms: float = math.inf) -> None:
         self.max_size = max_size
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.max_delay = max_delay_ms / 1000.0
+        self._below = -math.inf  # loop time at which a request was last seen waiting under the target
         self._queue: deque[_Item[Req]] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -99,17 +104,22 @@ class MicroBatcher(Generic[Req, Res]):
         """
         if len(self._queue) >= self.max_queue:
             return "queue_full"
-        if self._queue and loop_time() - self._queue[0].queued > self.max_delay:
-            return "queue_delay"
-        return None
+        now = loop_time()
+        if not self._queue or now - self._queue[0].queued <= self.max_delay:
+            self._below = now
+            return None
+        # Over the target since the head crossed it, or since a request was last seen under it, if later.
+        above_since = max(self._queue[0].queued + self.max_delay, self._below)
+        return "queue_delay" if now - above_since >= self.standing else None
 
     def shed(self, reason: str) -> Overloaded:
         """Count a shed request and say why (raised by ``submit``, answered early by the guard)."""
         metrics.SHED.labels(self.name, reason).inc()
         if reason == "queue_full":
             return Overloaded(self.name, f"{self.max_queue} requests already queued")
-        waited = f"{self.max_delay * 1e3:g} ms"
-        return Overloaded(self.name, f"its queue is not draining: the oldest request waited over {waited}")
+        waited, standing = f"{self.max_delay * 1e3:g} ms", f"{self.standing * 1e3:g} ms"
+        detail = f"its queue is not draining: requests have waited over {waited} for {standing}"
+        return Overloaded(self.name, detail)
 
     async def submit(self, request: Req, deadline: float) -> Res:
         """Queue ``request`` and wait for its answer; ``Overloaded`` at once when the queue is full or standing."""
@@ -179,6 +189,8 @@ class MicroBatcher(Generic[Req, Res]):
             start = loop_time()
             for item in batch:
                 metrics.MICROBATCH_WAIT.labels(self.name).observe(start - item.queued)
+            if start - batch[-1].queued <= self.max_delay:  # the youngest waited under the target
+                self._below = start
             metrics.MICROBATCH_SIZE.labels(self.name).observe(len(batch))
             try:
                 results = await self.process([item.request for item in batch])

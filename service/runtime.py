@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,16 @@ from hytrec.state_store import StateStore, StoreAuthError, StoreUnavailable, ope
 
 T = TypeVar("T")
 log = logging.getLogger("hytrec.service")
+
+
+def settle_heap() -> None:
+    """Freeze what is alive now (the model, the catalogue, the modules) out of the cyclic collector's reach, and
+    collect less often: every request allocates many short-lived objects, and with the default thresholds the
+    collector ran every few requests and scanned the model's objects each time (py-spy: about a tenth of the
+    event loop's samples under load). Reference counting still frees everything that is not a cycle at once."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 50)
 
 
 @dataclass(frozen=True)
@@ -116,6 +127,7 @@ class Lifecycle:
             log.error("%s", self.error)
             return
         log.info("model %s loaded (%d items) from %s", model.version, model.n_items, s.model)
+        settle_heap()
         self.started_version = model.version
         self.phase = "connecting to redis"
         try:
@@ -186,6 +198,7 @@ class Lifecycle:
             bool(s.never_again),
         )
         events = EventBatcher(model, store, s.events_batch_max_size, s.events_batch_max_wait_ms, *limits)
+        batcher.standing = events.standing = s.queue_standing_ms / 1000.0
         attribution = attach(s, store, events, model.item_id)
         impressions = attribution.impressions
         recommender = Recommender(model, store, batcher, popular, self.run, catalogue, s.never_again, s.count_only)

@@ -101,8 +101,15 @@ class Settings(StoreSettings):
     max_queue_delay_ms: float = Field(
         25.0,
         gt=0,
-        description="Shed a request (503 overloaded) while the oldest one queued has already waited this long: "
-        "the queue is standing, not draining, so answered requests wait about this much at most past capacity.",
+        description="The queueing-delay target: shed a request (503 overloaded) once requests have waited longer "
+        "than this for HYTREC_QUEUE_STANDING_MS (the queue is standing, not draining), so answered requests wait "
+        "about this much past capacity.",
+    )
+    queue_standing_ms: float = Field(
+        100.0,
+        gt=0,
+        description="How long the queue must stay over HYTREC_MAX_QUEUE_DELAY_MS before requests are shed (CoDel's "
+        "interval): a burst that drains within it (one long batch, a collector pause) sheds nothing.",
     )
     max_in_flight: int = Field(
         512, ge=1, description="Requests a worker serves at once; past it a request is answered 503 overloaded at once."

@@ -28,7 +28,6 @@ def consume(
     totals as JSON on stdout at exit.
     """
     import asyncio
-    import gc
     import logging
     import signal
     from concurrent.futures import ThreadPoolExecutor
@@ -37,6 +36,7 @@ def consume(
     from hytrec.service.commands import _set_env
     from hytrec.service.events import EventBatcher, EventIngestor
     from hytrec.service.online_eval import attach
+    from hytrec.service.runtime import settle_heap
     from hytrec.service.settings import Settings
     from hytrec.service.versions import MirrorSet
     from hytrec.state_store import open_store
@@ -63,11 +63,7 @@ def consume(
 
         await run(lambda: torch.set_num_threads(s.torch_threads))
         serving = await run(lambda: ServingModel.load(s.model, s.state_dtype))
-        # A batch allocates many short-lived objects: with the default thresholds the cyclic collector ran
-        # often and scanned every long-lived object (the model's) each time; freeze those, collect less often.
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(20_000, 50, 50)
+        settle_heap()  # a batch allocates many short-lived objects: keep the collector off the model's
         store = await open_store(s, serving.version, runner=run)
         batcher = EventBatcher(serving, store, s.events_batch_max_size, s.events_batch_max_wait_ms, s.max_queue)
         attribution = attach(s, store, batcher, serving.item_id)  # online evaluation of the streamed events

@@ -349,7 +349,7 @@ def test_a_standing_queue_is_shed_before_the_request_is_parsed(
             await asyncio.sleep(0.05)
             queued = asyncio.create_task(client.get("/v1/users/qd/recommendations"))  # waits behind it
             await asyncio.sleep(0.2)  # the queued one is now older than 50 ms
-            shed = await client.get("/v1/users/qd/recommendations")
+            shed = await client.get("/v1/users/qd/recommendations")  # over the target for over 100 ms
             assert shed.status_code == 503 and shed.headers["retry-after"] == "1"
             assert shed.json()["type"].endswith("/overloaded") and "not draining" in shed.json()["detail"]
             assert _shed(app, "recommend", "queue_delay") == before + 1
@@ -357,6 +357,41 @@ def test_a_standing_queue_is_shed_before_the_request_is_parsed(
             release.set()
             assert (await first).status_code == 200 and (await queued).status_code == 200
             assert (await client.get("/v1/users/qd/recommendations")).status_code == 200  # drained: admitted
+
+    run(body)
+
+
+def test_a_queue_over_its_delay_target_for_less_than_the_interval_sheds_nothing(
+    service_checkpoint: Checkpoint, redis_standalone_url: str
+) -> None:
+    """CoDel's interval: a queue over HYTREC_MAX_QUEUE_DELAY_MS is shed only once it has stayed over it for
+    HYTREC_QUEUE_STANDING_MS, so a stall shorter than that (one long batch, a collector pause) costs no 503."""
+    s = settings_for(
+        service_checkpoint,
+        redis_standalone_url,
+        max_queue_delay_ms=50,
+        queue_standing_ms=1500,
+        request_timeout_ms=60_000,
+    )
+
+    async def body() -> None:
+        release = threading.Event()
+        async with running(s) as (client, app):
+            assert (await client.post("/v1/events", json={"events": events("qs", 2)})).status_code == 200
+            before = _shed(app, "recommend", "queue_delay")
+            app.state.lifecycle.executor.submit(release.wait)  # the torch thread is busy: nothing drains
+            first = asyncio.create_task(client.get("/v1/users/qs/recommendations"))
+            await asyncio.sleep(0.05)
+            queued = asyncio.create_task(client.get("/v1/users/qs/recommendations"))
+            await asyncio.sleep(0.25)  # the queued one waited 250 ms, over the 50 ms target for about 200 ms
+            admitted = asyncio.create_task(client.get("/v1/users/qs/recommendations"))
+            await asyncio.sleep(1.5)  # now over the target for longer than the 1.5 s interval
+            shed = await client.get("/v1/users/qs/recommendations")
+            assert shed.status_code == 503 and "not draining" in shed.json()["detail"]
+            assert _shed(app, "recommend", "queue_delay") == before + 1
+            release.set()
+            for task in (first, queued, admitted):
+                assert (await task).status_code == 200
 
     run(body)
 

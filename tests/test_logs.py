@@ -208,3 +208,16 @@ def test_logs_are_configured_from_the_settings(tmp_path: Path) -> None:
     assert cfg["formatters"]["hytrec"]["fmt"] == "text" and cfg["formatters"]["hytrec"]["secrets"] == [KEY]
     assert cfg["filters"]["access_sample"]["rate"] == 0.1
     assert cfg["loggers"]["uvicorn.access"]["level"] == "WARNING" and cfg["root"]["level"] == "WARNING"
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_the_access_log_is_on_only_when_asked_for(on: bool) -> None:
+    """uvicorn writes an access line on a connection whose logger has handlers; the worker configures logging again
+    after uvicorn (``app_factory``), so the handler must follow the setting there too, not only in uvicorn's config."""
+    access = logging.getLogger("uvicorn.access")
+    saved = access.handlers[:], access.propagate
+    try:
+        logs.configure(Settings(access_log=on))
+        assert access.hasHandlers() is on
+    finally:
+        access.handlers[:], access.propagate = saved
