@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -381,3 +382,18 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[Any]], align: 
         return "|" + "|".join(f" {c} " if str(c) else " " for c in cells) + "|"
 
     return [row(header), "|" + "".join("---|" if a == "l" else "---:|" for a in align), *map(row, rows)]
+
+
+def package_tree(checkout: Path, into: Path) -> Path:
+    """A folder whose ``hytrec`` package is ``checkout``'s code, laid out as its pyproject's package-dir maps it
+    (symlinks), so ``PYTHONPATH=<folder>`` imports that checkout and not the installed one."""
+    mapping = tomllib.loads((checkout / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    for package, folder in sorted(mapping.items(), key=lambda kv: kv[0].count(".")):
+        if package == "hytrec":
+            (into / "hytrec").mkdir(parents=True, exist_ok=True)
+            for f in (checkout / folder).iterdir():
+                if f.suffix == ".py":
+                    (into / "hytrec" / f.name).symlink_to(f.resolve())
+        elif package.count(".") == 1:
+            (into / package.replace(".", "/")).symlink_to((checkout / folder).resolve())
+    return into

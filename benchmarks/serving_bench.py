@@ -29,7 +29,15 @@ from typing import Annotated, Any
 
 import typer
 
-from hytrec.benchmarks.harness import BenchPage, echo_result, read_json, run_isolated, write_json, write_text
+from hytrec.benchmarks.harness import (
+    BenchPage,
+    echo_result,
+    package_tree,
+    read_json,
+    run_isolated,
+    write_json,
+    write_text,
+)
 
 SCHEMA = "hytrec-bench-serving/1"
 SECTIONS = ("ceiling", "saturation", "before_after", "overload", "ingestion", "hot_user", "history")
@@ -148,10 +156,12 @@ class Server:
         self.log = logs / f"{'before' if before else 'after'}-w{workers}-{self.port}.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("HYTREC_")}
         env.update(HYTREC_MODEL=str(ckpt), HYTREC_HOST="127.0.0.1", HYTREC_PORT=str(self.port))
-        env.update(HYTREC_WORKERS=str(workers), HYTREC_DATA_DIR=str(self.data), PYTHONPATH=str(before or ""))
+        # the older checkout's code laid out as its package (PYTHONPATH=<checkout> alone imports the installed one)
+        tree = package_tree(before, self.data / "before-code") if before else ""
+        env.update(HYTREC_WORKERS=str(workers), HYTREC_DATA_DIR=str(self.data), PYTHONPATH=str(tree))
         with open(self.log, "wb") as log:
             argv = [sys.executable, "-m", "hytrec.cli", "serve"]
-            self.proc = subprocess.Popen(argv, cwd=before or self.data, env=env, stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(argv, cwd=tree or self.data, env=env, stdout=log, stderr=subprocess.STDOUT)
         self.pid = self.proc.pid
 
     def wait_ready(self, timeout_s: float = 180.0) -> Server:

@@ -189,7 +189,9 @@ def loadtest_cmd(rates: Any, duration: float, warmup: float, mix: str, s: dict[s
 def server_cmd(workers: Any, before: str | None = None) -> str:
     """How a section's server was started (this checkout's, or ``before``'s)."""
     env = f"HYTREC_WORKERS={workers} HYTREC_MODEL=<checkpoint> HYTREC_PORT=<port>"
-    return f"cd {before} && {env} PYTHONPATH={before} python -m hytrec.cli serve" if before else f"{env} hytrec serve"
+    if before:  # <tree>: the checkout's code laid out as the hytrec package (harness.package_tree), symlinks
+        return f"cd <tree> && {env} PYTHONPATH=<tree> python -m hytrec.cli serve  # <tree> holds {before}'s code"
+    return f"{env} hytrec serve"
 
 
 # ---------------------------------------------------------------------------------------- sections
@@ -247,7 +249,7 @@ def _before_after(sec: dict[str, Any], s: dict[str, Any]) -> list[str]:
         "generator's item ids come from the current one (same file). At each rate the runs alternate before, after, "
         f"before, after ({s['ab_rounds']} {rounds}; in a round both get the same Poisson schedule and requests), so "
         f"machine noise hits both. Each run: `{cmd}` with the rate of its row. "
-        "The old server keeps its own defaults, among them an access-log line per request (to a file here). "
+        "The old server keeps its own defaults (to a log file here). "
         "Latencies: all requests of the rounds pooled (ms), over all answers.",
         "",
         f"Capacity: before **{_f(cap['before'])} req/s**, after **{_f(cap['after'])} req/s** (every round passing).",

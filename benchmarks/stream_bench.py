@@ -32,7 +32,6 @@ import sys
 import tempfile
 import threading
 import time
-import tomllib
 import urllib.request
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -40,7 +39,7 @@ from typing import Annotated, Any
 
 import typer
 
-from hytrec.benchmarks.harness import REPO, BenchPage, echo_result, read_json, write_json, write_text
+from hytrec.benchmarks.harness import REPO, BenchPage, echo_result, package_tree, read_json, write_json, write_text
 
 SCHEMA = "hytrec-bench-streams/1"
 PROFILE_SVG = "streams_profile.svg"
@@ -80,21 +79,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def package_tree(checkout: Path, into: Path) -> Path:
-    """A folder whose ``hytrec`` package is ``checkout``'s code, laid out as its pyproject's package-dir maps it
-    (symlinks), so ``PYTHONPATH=<folder>`` imports that checkout and not the installed one."""
-    mapping = tomllib.loads((checkout / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
-    for package, folder in sorted(mapping.items(), key=lambda kv: kv[0].count(".")):
-        if package == "hytrec":
-            (into / "hytrec").mkdir(parents=True, exist_ok=True)
-            for f in (checkout / folder).iterdir():
-                if f.suffix == ".py":
-                    (into / "hytrec" / f.name).symlink_to(f.resolve())
-        elif package.count(".") == 1:
-            (into / package.replace(".", "/")).symlink_to((checkout / folder).resolve())
-    return into
 
 
 class ConsumerProc:
