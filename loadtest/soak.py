@@ -154,10 +154,13 @@ class Sampler(threading.Thread):
         self.sample()  # the final state
 
 
+_PROBES = ("/readyz", "/healthz")
+
+
 def server_counters(url: str, api_key: str | None) -> dict[str, dict[str, float]] | str:
     """The server's own counts at the end of the run, to say what its non-2xx answers were: requests answered
-    5xx on /v1 (the load's routes; /readyz 503s while it started are not) by route, method and
-    status, shed requests by path and reason (``overloaded``), events by outcome.
+    5xx by route (``<unmatched>``: shed at admission, before routing), method and status (not the probes' 503s
+    while it started), shed requests by path and reason (``overloaded``), events by outcome.
     A string (the error) if /metrics could not be read."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
@@ -172,7 +175,7 @@ def server_counters(url: str, api_key: str | None) -> dict[str, dict[str, float]
         for sample in family.samples:
             lab = sample.labels
             route, status = lab.get("route", ""), lab.get("status", "")
-            if sample.name == "hytrec_http_request_seconds_count" and route.startswith("/v1") and status[:1] == "5":
+            if sample.name == "hytrec_http_request_seconds_count" and route not in _PROBES and status[:1] == "5":
                 key = f"{lab.get('method')} {route} {status}"
                 out["http_5xx"][key] = out["http_5xx"].get(key, 0) + sample.value
             elif sample.name == "hytrec_shed_total" and sample.value:
