@@ -22,7 +22,17 @@ import redis
 
 from hytrec.model.serving import ServingModel
 from hytrec.state_store import StoreAuthError, StoreSettings, StoreUnavailable, open_store
-from tests.fault_load import Answer, EventFeed, ids_of, open_loop, read_states, resend, statuses, with_fault
+from tests.fault_load import (
+    Answer,
+    EventFeed,
+    check_not_applied,
+    ids_of,
+    open_loop,
+    read_states,
+    resend,
+    statuses,
+    with_fault,
+)
 from tests.redis_servers import REDIS_SERVER, RedisServer, wait_until
 from tests.service_fixtures import Checkpoint, ServiceProcess, service_env
 
@@ -121,6 +131,7 @@ def test_redis_sigkill_under_load_then_restart(
             stored = read_states(c, model, prefix, feed.users)  # every user's blob decodes
         sent = ids_of(feed.batches)
         held = {u: s.ids for u, s in stored.items()}
+        clean_503 = check_not_applied(answers, stored)  # a 503 saying "not applied" left nothing behind
         for u, s in stored.items():
             assert s.ids <= sent[u] and s.count == len(s.ids), (u, s.count, len(s.ids))  # nothing twice
         acked_ids = ids_of(acked)
@@ -157,7 +168,8 @@ def test_redis_sigkill_under_load_then_restart(
             f"\naof={aof}: {len(answers)} requests {dict(statuses(answers))}, slowest "
             f"{max(a.latency for a in answers) * 1e3:.0f} ms, slowest 503 {max(a.latency for a in down) * 1e3:.0f} ms, "
             f"first 200 {recovered_after:.2f}s after Redis was back; {n_events} events acknowledged, {n_lost} lost; "
-            f"{len(final)} states decoded; re-sent {len(feed.batches)} batches: exact"
+            f"{len(final)} states decoded; {clean_503} posts 503 not applied, none landed; re-sent "
+            f"{len(feed.batches)} batches: exact"
         )
     finally:
         serve.stop()
@@ -214,8 +226,12 @@ def test_slow_redis_answers_within_the_deadline(
         assert late and sum(a.status == 200 for a in late) > 0.8 * len(late), statuses(late)
         first_ok = min(a.done for a in answers if a.status == 200 and a.what == "events" and a.sched >= times["to"])
 
-        # An event post answered 503 may still have landed (its batch went on after the deadline): re-sending
-        # every batch is safe, and the counts are exact.
+        # A post answered 503 without may_have_applied: true left nothing (read once the late 200s show the
+        # batches of the stall are done); one with it may still have landed (its batch went on after the
+        # deadline): re-sending every batch is safe, and the counts are exact.
+        with server.client() as c:
+            clean_503 = check_not_applied(answers, read_states(c, model, prefix, feed.users))
+        maybe = sum(a.may_have_applied is True for a in answers if a.what == "events")
         again = asyncio.run(resend(serve.url, feed.batches))
         assert all(r.status_code == 200 for r in again)
         with server.client() as c:
@@ -226,7 +242,8 @@ def test_slow_redis_answers_within_the_deadline(
         print(
             f"\n{how} {stall_ms} ms: {len(answers)} requests {dict(statuses(answers))}; during the stall "
             f"{dict(statuses(stalled))}; slowest answer {max(a.latency for a in answers) * 1e3:.0f} ms, slowest 503 "
-            f"{slow_503 * 1e3:.0f} ms; first event 200 {first_ok - times['to']:.2f}s after the stall; exact counts"
+            f"{slow_503 * 1e3:.0f} ms; first event 200 {first_ok - times['to']:.2f}s after the stall; {clean_503} "
+            f"posts 503 not applied (none landed), {maybe} may have; exact counts"
         )
     finally:
         serve.stop()
