@@ -154,6 +154,37 @@ class Sampler(threading.Thread):
         self.sample()  # the final state
 
 
+_PROBES = ("/readyz", "/healthz")
+
+
+def server_counters(url: str, api_key: str | None) -> dict[str, dict[str, float]] | str:
+    """The server's own counts at the end of the run, to say what its non-2xx answers were: requests answered
+    5xx by route (``<unmatched>``: shed at admission, before routing), method and status (not the probes' 503s
+    while it started), shed requests by path and reason (``overloaded``), events by outcome.
+    A string (the error) if /metrics could not be read."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        text = httpx.get(url + "/metrics", headers=headers, timeout=10).raise_for_status().text
+    except httpx.HTTPError as exc:
+        return f"{exc!r}"
+    out: dict[str, dict[str, float]] = {"http_5xx": {}, "shed": {}, "events": {}}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            lab = sample.labels
+            route, status = lab.get("route", ""), lab.get("status", "")
+            if sample.name == "hytrec_http_request_seconds_count" and route not in _PROBES and status[:1] == "5":
+                key = f"{lab.get('method')} {route} {status}"
+                out["http_5xx"][key] = out["http_5xx"].get(key, 0) + sample.value
+            elif sample.name == "hytrec_shed_total" and sample.value:
+                out["shed"][f"{lab.get('path')}/{lab.get('reason')}"] = sample.value
+            elif sample.name == "hytrec_events_total" and sample.value:
+                out["events"][lab.get("outcome", "")] = sample.value
+    return out
+
+
 def growth(samples: list[dict[str, Any]], key: str, after_s: float) -> dict[str, float] | None:
     """Median of the first three samples at or after ``after_s`` against the median of the last three."""
     rows = [s for s in samples if key in s]
@@ -269,6 +300,7 @@ def soak(
                     i += 1
         finally:
             sampler.stop()
+        counters = server_counters(target.url, api_key)  # while the server still runs
 
     warm = min(warmup_s, total_s / 3)
     rss = growth(sampler.samples, "server_rss_mb", warm)
@@ -295,6 +327,7 @@ def soak(
         "requests": sum(w["scheduled"] for w in windows),
         "failed": failed,
         "growth": {"server_rss": rss, "redis_used_memory": red},
+        "server_counters": counters,
         "pass": verdicts,
         "windows": windows,
         "samples": [{k: round(v, 2) if isinstance(v, float) else v for k, v in s.items()} for s in sampler.samples],

@@ -7,7 +7,7 @@ still loading is a 503 with Retry-After; anything else is a 500 that leaks no in
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -22,6 +22,8 @@ from hytrec.state_store import ConflictError, CorruptStateError, StoreError, Sto
 log = logging.getLogger("hytrec.service")
 
 PROBLEM_JSON = "application/problem+json"
+_WRITE = "may_have_applied"  # the problem member of a failed post (``note_write``)
+E = TypeVar("E", bound=BaseException)
 TYPE_BASE = "https://hytrec.dev/problems/"
 
 
@@ -52,6 +54,22 @@ def field_problem(errors: list[dict[str, Any]], detail: str | None = None) -> Pr
 
 def unavailable(detail: str, retry_after: int, kind: str = "unavailable") -> Problem:
     return Problem(503, kind, "Service unavailable", detail, headers={"Retry-After": str(retry_after)})
+
+
+def note_write(exc: E, may_have_applied: bool) -> E:
+    """Mark an error of ``POST /v1/events`` with whether the post's write may have landed (the 503 says so).
+
+    False only when no batch holding the post reached the store: nothing of it was applied and a resend is
+    safe at any time; True when it may have landed in full or in part (a resend is safe only while its event
+    ids are within the user's de-duplication window, docs/reliability.md).
+    """
+    exc.__dict__[_WRITE] = may_have_applied
+    return exc
+
+
+def _write_outcome(exc: BaseException) -> dict[str, bool]:
+    value = exc.__dict__.get(_WRITE)
+    return {} if value is None else {_WRITE: value}
 
 
 def field_path(loc: tuple[Any, ...] | list[Any]) -> str:
@@ -155,12 +173,16 @@ def install(app: FastAPI, retry_after: int) -> None:
     @app.exception_handler(StoreUnavailable)
     async def _store_down(request: Request, exc: StoreUnavailable) -> JSONResponse:
         log.warning("state store unavailable: %s", exc)
-        return problem_response(request, unavailable("the state store is unavailable; retry later", retry_after))
+        p = unavailable("the state store is unavailable; retry later", retry_after)
+        p.extra.update(_write_outcome(exc))
+        return problem_response(request, p)
 
     @app.exception_handler(Overloaded)
     async def _overloaded(request: Request, exc: Overloaded) -> JSONResponse:
         detail = f"the service is over capacity ({exc.reason}); retry after the delay"
-        return problem_response(request, unavailable(detail, retry_after, "overloaded"))
+        p = unavailable(detail, retry_after, "overloaded")
+        p.extra.update(_write_outcome(exc))
+        return problem_response(request, p)
 
     @app.exception_handler(ConflictError)
     async def _conflict(request: Request, exc: ConflictError) -> JSONResponse:
@@ -168,7 +190,9 @@ def install(app: FastAPI, retry_after: int) -> None:
             f"concurrent updates kept conflicting for {len(exc.user_ids)} user(s); other users of the batch were "
             "applied. Retry the batch (events with event_id are applied once)."
         )
-        return problem_response(request, unavailable(detail, retry_after, "conflict"))
+        p = unavailable(detail, retry_after, "conflict")
+        p.extra.update(_write_outcome(exc))
+        return problem_response(request, p)
 
     @app.exception_handler(CorruptStateError)
     async def _corrupt(request: Request, exc: CorruptStateError) -> JSONResponse:

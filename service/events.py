@@ -10,6 +10,13 @@ posts together and encodes the new states; a per-user compare-and-set writes sta
 user's one write of the batch, and batches run one after another, so a worker never races itself: the
 compare-and-set only arbitrates between processes. Each post still gets its own counts and its own error.
 
+**Resending.** A request's ``CommitWatch`` (``watch_commits``, opened by the route's deadline) turns ``sent``
+once a batch holding its post went to the store. Until then a failed or timed-out post certainly applied
+nothing (its queued entry is dropped); from then on it may have landed in full or in part (the batch goes on
+after the deadline), and the 503 says so (``may_have_applied``), so a client knows when a resend relies on the
+event-id de-duplication window. The events counter counts at commit, not at answer, so it matches the store
+whether or not anybody still waited for the answer.
+
 **Stream entries.** ``hytrec consume`` submits posts through the same batcher, each row carrying its stream
 entry id: a row at or below the user's stored mark for its partition is a duplicate, and the write moves the
 mark forward in the user's compare-and-set (docs/streams.md).
@@ -21,7 +28,9 @@ import asyncio
 import math
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 from hytrec.model.serving import ServingModel
@@ -36,6 +45,27 @@ from hytrec.state_store import ConflictError, CorruptStateError, Mark, Snapshot,
 
 # One event of a post, ready for the model: (item row, timestamp, event id or None).
 Row = tuple[int, float, str | None]
+
+
+@dataclass
+class CommitWatch:
+    """What one request knows of its post's writes: ``sent`` once a batch holding the post went to the store."""
+
+    sent: bool = False
+
+
+_WATCH: ContextVar[CommitWatch | None] = ContextVar("hytrec_commit_watch", default=None)
+
+
+@contextmanager
+def watch_commits() -> Iterator[CommitWatch]:
+    """A fresh ``CommitWatch`` for the posts submitted inside (mirrors' tasks copy the context, so share it)."""
+    watch = CommitWatch()
+    token = _WATCH.set(watch)
+    try:
+        yield watch
+    finally:
+        _WATCH.reset(token)
 
 
 @dataclass(frozen=True)
@@ -54,6 +84,7 @@ class Post:
     users: dict[str, list[Row]]
     in_post_duplicates: int = 0
     stream: StreamSource | None = None
+    watch: CommitWatch | None = field(default_factory=_WATCH.get)  # the submitting request's
 
 
 @dataclass
@@ -76,6 +107,7 @@ class EventBatcher(MicroBatcher[Post, IngestResult]):
     """Coalesces queued posts into one read-compute-write; see the module docstring."""
 
     name = "events"
+    counted = True  # False for a mirror's batcher: the metrics count each event once (set by its ingestor)
     # Called with the events each committed user had applied (online evaluation, service/online_eval.py).
     on_applied: Callable[[dict[str, list[Row]]], Awaitable[None]] | None = None
 
@@ -93,6 +125,9 @@ class EventBatcher(MicroBatcher[Post, IngestResult]):
         self.store = store
 
     async def process(self, posts: Sequence[Post]) -> Sequence[IngestResult | BaseException]:
+        for post in posts:  # no await before this: a post the batcher took is marked before its request can end
+            if post.watch is not None:
+                post.watch.sent = True
         results: list[IngestResult | BaseException | None] = [None] * len(posts)
         todo = list(range(len(posts)))
         while todo:
@@ -113,12 +148,35 @@ class EventBatcher(MicroBatcher[Post, IngestResult]):
             except ConflictError as exc:  # every other user committed; the posts naming a loser fail
                 lost = set(exc.user_ids)
                 for n, i in enumerate(todo):
-                    results[i] = exc if lost.intersection(posts[i].users) else _result(posts[i], counts[n])
+                    failed = bool(lost.intersection(posts[i].users))
+                    committed = {u: c for u, c in counts[n].items() if u not in lost}
+                    self._count_committed(committed, 0 if failed else posts[i].in_post_duplicates)
+                    results[i] = exc if failed else _result(posts[i], counts[n])
                 break
             for n, i in enumerate(todo):
                 results[i] = _result(posts[i], counts[n])
+                self._count_committed(counts[n], posts[i].in_post_duplicates)
             break
         return results  # type: ignore[return-value]
+
+    def _count_committed(self, per_user: dict[str, _Counts], in_post_duplicates: int) -> None:
+        """Count a post's committed users' events (at commit: a request that timed out meanwhile still counts)."""
+        if not self.counted:
+            return
+        total = _Counts(duplicates=in_post_duplicates)
+        for c in per_user.values():
+            total.applied += c.applied
+            total.duplicates += c.duplicates
+            total.unknown += c.unknown
+            total.out_of_order += c.out_of_order
+        for name, n in (
+            ("applied", total.applied),
+            ("duplicate", total.duplicates),
+            ("unknown_item", total.unknown),
+            ("out_of_order", total.out_of_order),
+        ):
+            if n:
+                metrics.EVENTS.labels(name).inc(n)
 
     async def _apply(self, posts: Sequence[Post], counts: list[dict[str, _Counts]], computed: list[int]) -> None:
         """One update_many for every user of ``posts``, filling ``counts`` (per post, per user)."""
@@ -243,6 +301,7 @@ class EventIngestor:
         # store, that get every post too; a post succeeds when every version committed it (docs/lifecycle.md).
         self.mirrors = list(mirrors)
         self.counted = counted  # False for a mirror: the metrics count each event once
+        batcher.counted = counted  # the batcher counts the events, at commit
         self.store = store
         self.never_again = never_again if store is not None else frozenset()
         self.count_only = count_only
@@ -341,14 +400,6 @@ class EventIngestor:
         return result
 
     def _count(self, result: IngestResult, start: float) -> None:
-        if not self.counted:
-            return
-        for name, n in (
-            ("applied", result.applied),
-            ("duplicate", result.duplicates),
-            ("unknown_item", result.unknown_items),
-            ("out_of_order", result.out_of_order),
-        ):
-            if n:
-                metrics.EVENTS.labels(name).inc(n)
-        metrics.EVENT_BATCH_SECONDS.observe(time.perf_counter() - start)
+        """The post's time; its events were counted by the batcher when they were committed."""
+        if self.counted:
+            metrics.EVENT_BATCH_SECONDS.observe(time.perf_counter() - start)

@@ -35,6 +35,12 @@ PROBLEM_SCHEMAS: dict[str, Any] = {
                 "description": "On 422: every invalid field.",
                 "items": {"$ref": "#/components/schemas/ProblemField"},
             },
+            "may_have_applied": {
+                "type": "boolean",
+                "description": "On a 503 to POST /v1/events: false (or absent) when nothing of the post was applied, "
+                "so it can be re-sent at any time; true when it may have landed in full or in part, so a resend "
+                "is safe only while its event ids are within the user's HYTREC_DEDUP_WINDOW.",
+            },
         },
         "additionalProperties": True,
     },

@@ -19,7 +19,8 @@ from pydantic import StringConstraints
 
 from hytrec.service import metrics
 from hytrec.service.catalogue import Filters
-from hytrec.service.errors import Problem, field_problem, problem_response, unavailable
+from hytrec.service.errors import Problem, field_problem, note_write, problem_response, unavailable
+from hytrec.service.events import watch_commits
 from hytrec.service.microbatch import Overloaded, loop_time
 from hytrec.service.runtime import Lifecycle, Runtime
 from hytrec.service.schemas import (
@@ -35,7 +36,7 @@ from hytrec.service.schemas import (
     UserSummary,
 )
 from hytrec.service.swap import recommend_routed
-from hytrec.state_store import StoreUnavailable
+from hytrec.state_store import ConflictError, StoreUnavailable
 from hytrec.streams.erasure import stream_layout, write_tombstone
 
 
@@ -64,14 +65,20 @@ async def deadline(rt: Runtime, path: str) -> AsyncIterator[float]:
     timeout_ms = rt.settings.request_timeout_ms
     when = loop_time() + timeout_ms / 1000.0
     scope = asyncio.timeout_at(when)
-    try:
-        async with scope:
-            yield when
-    except TimeoutError:
-        if not scope.expired():
+    with watch_commits() as watch:  # a post's 503 says whether its write may have landed (service/events.py)
+        try:
+            async with scope:
+                yield when
+        except TimeoutError:
+            if not scope.expired():
+                raise
+            metrics.SHED.labels(path, "deadline").inc()
+            late = Overloaded(path, f"no answer within HYTREC_REQUEST_TIMEOUT_MS = {timeout_ms:g} ms")
+            raise note_write(late, watch.sent) if path == "events" else late from None
+        except (Overloaded, StoreUnavailable, ConflictError) as exc:
+            if path == "events":
+                note_write(exc, watch.sent)
             raise
-        metrics.SHED.labels(path, "deadline").inc()
-        raise Overloaded(path, f"no answer within HYTREC_REQUEST_TIMEOUT_MS = {timeout_ms:g} ms") from None
 
 
 Ready = Annotated[Runtime, Depends(ready)]

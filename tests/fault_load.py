@@ -54,6 +54,7 @@ class Answer:
     kind: str | None = None  # problem type without the base URL
     error: str | None = None
     batch: Batch | None = None
+    may_have_applied: bool | None = None  # what a post's 503 said (None: the member was absent)
 
     @property
     def latency(self) -> float:
@@ -98,14 +99,30 @@ def ids_of(batches: Iterable[Batch]) -> dict[str, set[str]]:
 
 
 def _answer(what: str, sched: float, start: float, resp: httpx.Response, batch: Batch | None) -> Answer:
-    kind = None
+    kind, landed = None, None
     if resp.status_code >= 400:
         try:
-            kind = str(resp.json().get("type", "")).removeprefix(TYPE_BASE)
+            body = resp.json()
+            kind, landed = str(body.get("type", "")).removeprefix(TYPE_BASE), body.get("may_have_applied")
         except ValueError:
             kind = "not-json"
     done = time.monotonic() - start
-    return Answer(what, sched, done, resp.status_code, resp.headers.get("retry-after"), kind, None, batch)
+    return Answer(what, sched, done, resp.status_code, resp.headers.get("retry-after"), kind, None, batch, landed)
+
+
+def check_not_applied(answers: Iterable[Answer], stored: dict[str, Any]) -> int:
+    """Every post answered 503 without ``may_have_applied: true`` left nothing in the store (``stored``: user ->
+    a ``Stored``, read after the load): the half of the re-send rule that needs no de-duplication window.
+    Returns how many such posts were checked."""
+    n = 0
+    for a in answers:
+        if a.what != "events" or a.status != 503 or a.may_have_applied is True or a.batch is None:
+            continue
+        n += 1
+        for user, ids in a.batch.ids.items():
+            held = stored[user].ids & ids if user in stored else set()
+            assert not held, f"a 503 said nothing was applied ({a.kind}), yet {sorted(held)} of {user} landed"
+    return n
 
 
 async def open_loop(

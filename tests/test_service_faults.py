@@ -22,8 +22,18 @@ import redis
 
 from hytrec.model.serving import ServingModel
 from hytrec.state_store import StoreAuthError, StoreSettings, StoreUnavailable, open_store
-from tests.fault_load import Answer, EventFeed, ids_of, open_loop, read_states, resend, statuses, with_fault
-from tests.redis_servers import REDIS_SERVER, RedisServer
+from tests.fault_load import (
+    Answer,
+    EventFeed,
+    check_not_applied,
+    ids_of,
+    open_loop,
+    read_states,
+    resend,
+    statuses,
+    with_fault,
+)
+from tests.redis_servers import REDIS_SERVER, RedisServer, wait_until
 from tests.service_fixtures import Checkpoint, ServiceProcess, service_env
 
 DEADLINE_S = 1.0  # HYTREC_REQUEST_TIMEOUT_MS of these servers (the default)
@@ -121,6 +131,7 @@ def test_redis_sigkill_under_load_then_restart(
             stored = read_states(c, model, prefix, feed.users)  # every user's blob decodes
         sent = ids_of(feed.batches)
         held = {u: s.ids for u, s in stored.items()}
+        clean_503 = check_not_applied(answers, stored)  # a 503 saying "not applied" left nothing behind
         for u, s in stored.items():
             assert s.ids <= sent[u] and s.count == len(s.ids), (u, s.count, len(s.ids))  # nothing twice
         acked_ids = ids_of(acked)
@@ -157,7 +168,8 @@ def test_redis_sigkill_under_load_then_restart(
             f"\naof={aof}: {len(answers)} requests {dict(statuses(answers))}, slowest "
             f"{max(a.latency for a in answers) * 1e3:.0f} ms, slowest 503 {max(a.latency for a in down) * 1e3:.0f} ms, "
             f"first 200 {recovered_after:.2f}s after Redis was back; {n_events} events acknowledged, {n_lost} lost; "
-            f"{len(final)} states decoded; re-sent {len(feed.batches)} batches: exact"
+            f"{len(final)} states decoded; {clean_503} posts 503 not applied, none landed; re-sent "
+            f"{len(feed.batches)} batches: exact"
         )
     finally:
         serve.stop()
@@ -214,8 +226,12 @@ def test_slow_redis_answers_within_the_deadline(
         assert late and sum(a.status == 200 for a in late) > 0.8 * len(late), statuses(late)
         first_ok = min(a.done for a in answers if a.status == 200 and a.what == "events" and a.sched >= times["to"])
 
-        # An event post answered 503 may still have landed (its batch went on after the deadline): re-sending
-        # every batch is safe, and the counts are exact.
+        # A post answered 503 without may_have_applied: true left nothing (read once the late 200s show the
+        # batches of the stall are done); one with it may still have landed (its batch went on after the
+        # deadline): re-sending every batch is safe, and the counts are exact.
+        with server.client() as c:
+            clean_503 = check_not_applied(answers, read_states(c, model, prefix, feed.users))
+        maybe = sum(a.may_have_applied is True for a in answers if a.what == "events")
         again = asyncio.run(resend(serve.url, feed.batches))
         assert all(r.status_code == 200 for r in again)
         with server.client() as c:
@@ -226,7 +242,8 @@ def test_slow_redis_answers_within_the_deadline(
         print(
             f"\n{how} {stall_ms} ms: {len(answers)} requests {dict(statuses(answers))}; during the stall "
             f"{dict(statuses(stalled))}; slowest answer {max(a.latency for a in answers) * 1e3:.0f} ms, slowest 503 "
-            f"{slow_503 * 1e3:.0f} ms; first event 200 {first_ok - times['to']:.2f}s after the stall; exact counts"
+            f"{slow_503 * 1e3:.0f} ms; first event 200 {first_ok - times['to']:.2f}s after the stall; {clean_503} "
+            f"posts 503 not applied (none landed), {maybe} may have; exact counts"
         )
     finally:
         serve.stop()
@@ -397,6 +414,92 @@ def test_overload_at_four_times_capacity_with_redis_paused_sheds_fast_and_recove
             f"{rate:.1f}/s for 6 s, Redis paused 1.5 s: {len(answers)} requests {dict(statuses(answers))}; 503 "
             f"p50 {pct(shed, 0.5):.0f} ms p99 {pct(shed, 0.99):.0f} ms; 200 p50 {pct(ok, 0.5):.0f} ms p99 "
             f"{pct(ok, 0.99):.0f} ms; server RSS {rss_before / 2**20:.0f} -> {rss_after / 2**20:.0f} MB"
+        )
+    finally:
+        serve.stop()
+        server.stop()
+
+
+def _counter(url: str, outcome: str) -> float:
+    """hytrec_events_total{outcome=...} as the server's /metrics reports it."""
+    for line in httpx.get(url + "/metrics").text.splitlines():
+        if line.startswith(f'hytrec_events_total{{outcome="{outcome}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+@pytest.mark.parametrize("how", ["pause-all", "debug-sleep"])
+def test_a_post_cut_by_the_deadline_says_whether_it_may_have_landed(
+    how: str, service_checkpoint: Checkpoint, model: ServingModel, redis_dir: Path, tmp_path: Path
+) -> None:
+    """Redis stalls (1.5 s, under the 2 s socket timeout) while post A's batch is at the store and post B waits
+    behind it; both are cut by the 0.6 s deadline. A's 503 says it may have applied (it lands when Redis
+    answers), B's that it did not (its queued entry is dropped). The applied counter counts what was committed,
+    A included, though nobody waited for its answer; re-sending both gives exact states."""
+    deadline_ms, stall_ms = 600, 1500
+    server = RedisServer(workdir=redis_dir, extra=_redis_args("everysec") + _debug_args()).start()
+    serve = _serve(service_checkpoint, server, tmp_path, request_timeout_ms=deadline_ms)
+    prefix = serve.env["HYTREC_KEY_PREFIX"]
+    items = service_checkpoint.item_ids
+
+    def post(user: str, n: int) -> dict:
+        events = [{"user_id": user, "item_id": items[j], "ts": 1.7e9 + j, "event_id": f"{user}-{j}"} for j in range(n)]
+        return {"events": events}
+
+    a, b = post(f"{how}-a", 5), post(f"{how}-b", 4)
+    try:
+        assert httpx.post(serve.url + "/v1/events", json=post(f"{how}-warm", 3)).status_code == 200
+        applied0, dup0 = _counter(serve.url, "applied"), _counter(serve.url, "duplicate")
+
+        async def timed(c: httpx.AsyncClient, body: dict) -> tuple[httpx.Response, float]:
+            t = time.monotonic()
+            r = await c.post("/v1/events", json=body)
+            return r, time.monotonic() - t
+
+        async def scenario() -> tuple[tuple[httpx.Response, float], tuple[httpx.Response, float]]:
+            stall = asyncio.create_task(asyncio.to_thread(_stall, server, how, stall_ms))
+            await asyncio.sleep(0.1)  # the stall has begun (DEBUG SLEEP blocks its own caller)
+            async with httpx.AsyncClient(base_url=serve.url, timeout=10) as c:
+                first = asyncio.create_task(timed(c, a))
+                await asyncio.sleep(0.15)  # A's batch is at the store, the batcher busy: B queues behind it
+                second = await timed(c, b)
+                out = (await first, second)
+            await stall
+            return out
+
+        (ra, lat_a), (rb, lat_b) = asyncio.run(scenario())
+        body_a, body_b = ra.json(), rb.json()
+        assert ra.status_code == 503 and body_a["type"].endswith("/overloaded"), body_a
+        assert rb.status_code == 503 and body_b["type"].endswith("/overloaded"), body_b
+        assert ra.headers["retry-after"] and rb.headers["retry-after"]
+        assert body_a["may_have_applied"] is True, body_a
+        assert body_b["may_have_applied"] is False, body_b
+        assert max(lat_a, lat_b) <= deadline_ms / 1000 + SLACK_S, (lat_a, lat_b)  # the deadline held for both
+
+        def landed() -> bool:
+            with server.client() as c:
+                return bool(read_states(c, model, prefix, [a["events"][0]["user_id"]]))
+
+        wait_until(landed, timeout=10, what="post A landing after the stall")
+        time.sleep(0.3)
+        with server.client() as c:
+            states = read_states(c, model, prefix, [a["events"][0]["user_id"], b["events"][0]["user_id"]])
+        assert set(states) == {a["events"][0]["user_id"]}, states  # A landed whole, nothing of B
+        assert states[a["events"][0]["user_id"]].ids == {e["event_id"] for e in a["events"]}
+        assert _counter(serve.url, "applied") == applied0 + 5  # counted at commit, though A's request was gone
+
+        ra2 = httpx.post(serve.url + "/v1/events", json=a, timeout=10)
+        rb2 = httpx.post(serve.url + "/v1/events", json=b, timeout=10)
+        assert ra2.status_code == 200 and ra2.json()["applied"] == 0 and ra2.json()["duplicates"] == 5, ra2.text
+        assert rb2.status_code == 200 and rb2.json()["applied"] == 4, rb2.text
+        with server.client() as c:
+            states = read_states(c, model, prefix, [a["events"][0]["user_id"], b["events"][0]["user_id"]])
+        assert [s.count for s in states.values()] == [5, 4]
+        assert _counter(serve.url, "applied") == applied0 + 9 and _counter(serve.url, "duplicate") == dup0 + 5
+        print(
+            f"\n{how} {stall_ms} ms, deadline {deadline_ms} ms: A 503 may_have_applied=true in {lat_a * 1e3:.0f} ms, "
+            f"landed after the stall; B 503 may_have_applied=false in {lat_b * 1e3:.0f} ms, never landed; "
+            "resends: A 0 applied + 5 duplicates, B 4 applied; counter = committed"
         )
     finally:
         serve.stop()

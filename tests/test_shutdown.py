@@ -77,11 +77,19 @@ def test_sigterm_under_load_drains_in_bounded_time_and_loses_no_acknowledged_eve
 
     # a new server on the same Redis and key prefix sees every acknowledged event
     after = ServiceProcess(env, tmp_path).start()
+    held_n = 0
     try:
         with httpx.Client(base_url=after.url, timeout=5.0) as client:
             for user in users:
                 acked, unanswered, _ = out[user]
                 held = client.get(f"/v1/users/{user}").json()["history_length"]
                 assert len(acked) <= held <= len(acked) + len(unanswered), (user, held, len(acked))
+                held_n += held
     finally:
         after.stop()
+    acked_n = sum(len(a) for a, _, _ in out.values())
+    cut = sum(len(u) for _, u, _ in out.values())
+    print(
+        f"\nSIGTERM under {WRITERS} writers: {dict(statuses)}, {cut} unanswered (connection refused or cut); exited "
+        f"{exited_after:.2f}s after SIGTERM (HYTREC_SHUTDOWN_TIMEOUT_S=2); {acked_n} acknowledged, {held_n} held"
+    )

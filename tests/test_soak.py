@@ -29,3 +29,6 @@ def test_a_short_soak_reports_samples_and_exits_by_its_bounds(service_checkpoint
     assert len(out["samples"]) >= 6 and all(s["server_rss_mb"] > 20 for s in out["samples"])
     assert all(s["redis_used_memory_mb"] > 0 and s["redis_keys"] > 0 for s in out["samples"][-2:])
     assert set(out["growth"]) == {"server_rss", "redis_used_memory"} and out["growth"]["server_rss"] is not None
+    counters = out["server_counters"]  # the server's own counts, read from its /metrics before it stopped
+    assert isinstance(counters, dict) and counters["events"].get("applied", 0) > 0, counters
+    assert sum(counters["http_5xx"].values()) == sum(int(w["status"].get("503", 0)) for w in out["windows"])
