@@ -335,19 +335,55 @@ class EventIngestor:
 
         No in-post de-duplication here: a repeated event id is counted as a duplicate by the batch itself, and
         its entry still moves the mark.
+
+        Event types are handled as in ``ingest`` (the same settings): a count-only entry is counted and not
+        applied (its entry does not move the mark; a redelivered one is again not applied), a never-again
+        entry's item enters the user's never-again set.
         """
         start = time.perf_counter()
         users: dict[str, list[Row]] = {}
         entries: dict[str, list[str]] = {}
+        applied: list[Event] = []
+        applied_ids: list[str] = []
         for e, entry in zip(events, entry_ids, strict=True):
+            if self._count_only(e):
+                continue
+            applied.append(e)
+            applied_ids.append(entry)
             users.setdefault(e.user_id, []).append((self.model.row(e.item_id), e.ts, e.event_id))
             entries.setdefault(e.user_id, []).append(entry)
-        result = await self._with_mirrors(
-            self.batcher.submit(Post(users, 0, StreamSource(mark_field, epoch, entries)), deadline),
-            [m.ingest_entries(events, entry_ids, mark_field, epoch, deadline) for m in self.mirrors],
-        )
+        if applied:
+            result = await self._with_mirrors(
+                self.batcher.submit(Post(users, 0, StreamSource(mark_field, epoch, entries)), deadline),
+                [m.ingest_entries(applied, applied_ids, mark_field, epoch, deadline) for m in self.mirrors],
+            )
+        else:
+            result = IngestResult(applied=0, duplicates=0, unknown_items=0, out_of_order=0, users=0)
+        result = await self._typed(events, result)
         self._count(result, start)
         return result
+
+    def _count_only(self, e: Event) -> bool:
+        return e.event_type is not None and e.event_type in self.count_only
+
+    async def _typed(self, events: Sequence[Event], result: IngestResult) -> IngestResult:
+        """Shared by the REST and stream paths: write the never-again items, count the count-only events."""
+        counted = sum(1 for e in events if self._count_only(e))
+        never: dict[str, list[tuple[str, float]]] = {}
+        for e in events:
+            if e.event_type is not None and e.event_type in self.never_again:
+                never.setdefault(e.user_id, []).append((e.item_id, e.ts))
+        if never and self.store is not None:
+            await self.store.add_never(never, self.never_max)
+        if counted and self.counted:
+            metrics.EVENTS.labels("counted_only").inc(counted)
+        return result.model_copy(
+            update={
+                "counted_only": counted,
+                "never_again": sum(len(v) for v in never.values()),
+                "users": len({e.user_id for e in events}),
+            }
+        )
 
     def group(self, events: Sequence[Event]) -> Post:
         """The post's events by user, in order; a repeated ``(user, event_id)`` inside the post is dropped."""
@@ -373,29 +409,14 @@ class EventIngestor:
         start = time.perf_counter()
         if self.strict_items:
             self._check_items(events)
-        counted = [e for e in events if e.event_type is not None and e.event_type in self.count_only]
-        applied = [e for e in events if e.event_type is None or e.event_type not in self.count_only]
+        applied = [e for e in events if not self._count_only(e)]
         if applied:
             result = await self._with_mirrors(
                 self.batcher.submit(self.group(applied), deadline), [m.ingest(applied, deadline) for m in self.mirrors]
             )
         else:
             result = IngestResult(applied=0, duplicates=0, unknown_items=0, out_of_order=0, users=0)
-        never: dict[str, list[tuple[str, float]]] = {}
-        for e in events:
-            if e.event_type is not None and e.event_type in self.never_again:
-                never.setdefault(e.user_id, []).append((e.item_id, e.ts))
-        if never and self.store is not None:
-            await self.store.add_never(never, self.never_max)
-        result = result.model_copy(
-            update={
-                "counted_only": len(counted),
-                "never_again": sum(len(v) for v in never.values()),
-                "users": len({e.user_id for e in events}),
-            }
-        )
-        if counted:
-            metrics.EVENTS.labels("counted_only").inc(len(counted))
+        result = await self._typed(events, result)
         self._count(result, start)
         return result
 

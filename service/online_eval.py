@@ -310,6 +310,32 @@ class ImpressionLog:
             else:
                 await self._idle.wait()
 
+    async def erase(self, user_id: str, chunk: int = 500) -> int:
+        """Erasure: drop the user's queued impressions, delete the latest-impression key, and rewrite every export
+        entry holding a line of the user (deleted; the other users' lines of it are re-added at the stream's end,
+        so an export ``--since`` an earlier entry lists those again). Returns the lines removed."""
+        self._queue = deque(i for i in self._queue if i.user_id != user_id)
+        self._pending.pop(user_id, None)
+        with contextlib.suppress(TimeoutError):  # a batch already taken from the queue is written first
+            await asyncio.wait_for(self._idle.wait(), 2.0)
+        await self.client.delete(latest_key(self.prefix, user_id))
+        removed, start, key = 0, "-", log_key(self.prefix)
+        while True:
+            entries = await self.client.xrange(key, min=start, max="+", count=chunk)
+            for entry_id, fields in entries:
+                raw = fields.get(b"i", fields.get("i", b""))
+                lines = (raw.decode() if isinstance(raw, bytes) else raw).split("\n")
+                keep = [ln for ln in lines if ln and Impression.parse_line(ln).user_id != user_id]
+                if len(keep) < len([ln for ln in lines if ln]):
+                    removed += len(lines) - len(keep)
+                    await self.client.xdel(key, entry_id)
+                    if keep:
+                        await self.client.xadd(key, {"i": "\n".join(keep)})
+            if len(entries) < chunk:
+                return removed
+            last = entries[-1][0]
+            start = "(" + (last.decode() if isinstance(last, bytes) else last)
+
     async def close(self) -> None:
         try:
             await asyncio.wait_for(self.flush(), 2.0)

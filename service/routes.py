@@ -174,7 +174,9 @@ async def delete_user(user_id: UserId, rt: Ready) -> Deleted:
     (the stream consumer, archive, export and backfill skip the user's earlier events: docs/lifecycle.md)."""
     async with deadline(rt, "users"):
         await write_tombstone(rt.store.client, stream_layout(rt.settings), user_id)
-        return Deleted(user_id=user_id, deleted=await rt.store.delete_user(user_id))
+        deleted = await rt.store.delete_user(user_id)
+        await rt.impressions.erase(user_id)  # the online-evaluation log too (docs/online_eval.md)
+        return Deleted(user_id=user_id, deleted=deleted)
 
 
 @model.get("/model", response_model=ModelInfo, operation_id="get_model", summary="The served model")

@@ -77,6 +77,13 @@ class Runtime:
         await self.store.close()
 
 
+def _recommender_post(path: str) -> bool:
+    """POST routes answered by the recommendation micro-batcher: shed on its pressure before the body is read."""
+    return path in ("/v1/sessions/recommendations", "/v1/recommendations:batch") or (
+        path.startswith("/v1/users/") and path.endswith("/rank")
+    )
+
+
 class Lifecycle:
     """Starts and stops the worker's resources; ``runtime`` is None until every one of them is up."""
 
@@ -101,8 +108,10 @@ class Lifecycle:
             return None
         if method == "POST" and path == "/v1/events":
             batcher: MicroBatcher = rt.events_batcher
-        elif method == "GET" and path.endswith("/recommendations") and path.startswith("/v1/users/"):
-            batcher = rt.batcher
+        elif (method == "GET" and path.endswith("/recommendations") and path.startswith("/v1/users/")) or (
+            method == "POST" and _recommender_post(path)
+        ):
+            batcher = rt.batcher  # the product POSTs (rank, session, batch) go through the same micro-batcher
         else:
             return None
         reason = batcher.pressure()

@@ -68,7 +68,15 @@ def consume(
         batcher = EventBatcher(serving, store, s.events_batch_max_size, s.events_batch_max_wait_ms, s.max_queue)
         attribution = attach(s, store, batcher, serving.item_id)  # online evaluation of the streamed events
         batcher.start()
-        ingestor = EventIngestor(serving, batcher, s.strict_items)
+        ingestor = EventIngestor(  # event types as on the REST path (HYTREC_NEVER_AGAIN_TYPES, ..._COUNT_ONLY_TYPES)
+            serving,
+            batcher,
+            s.strict_items,
+            store=store,
+            never_again=s.never_again,
+            count_only=s.count_only,
+            never_max=s.never_again_max,
+        )
         consumer = Consumer(s, store, ingestor, consumer_id, until_idle=until_idle)
         mirrors = MirrorSet(s, ingestor, store.client, run, consumer.id)  # the dual write (docs/lifecycle.md)
         await mirrors.refresh()

@@ -417,3 +417,35 @@ def test_a_request_past_its_deadline_is_answered_503(service_checkpoint: Checkpo
             assert "HYTREC_REQUEST_TIMEOUT_MS = 150 ms" in resp.json()["detail"]
 
     run(body)
+
+
+def test_the_product_posts_are_shed_before_their_body_is_parsed(
+    service_checkpoint: Checkpoint, redis_standalone_url: str
+) -> None:
+    """Rank, session and batch POSTs go through the recommendation batcher: under its pressure they are answered
+    503 at the guard, a malformed body included (it is never read), while /v1/events still parses (400)."""
+    s = settings_for(service_checkpoint, redis_standalone_url, max_queue_delay_ms=50, request_timeout_ms=60_000)
+
+    async def body() -> None:
+        release = threading.Event()
+        async with running(s) as (client, app):
+            assert (await client.post("/v1/events", json={"events": events("qp", 2)})).status_code == 200
+            before = _shed(app, "recommend", "queue_delay")
+            app.state.lifecycle.executor.submit(release.wait)
+            first = asyncio.create_task(client.get("/v1/users/qp/recommendations"))
+            await asyncio.sleep(0.05)
+            queued = asyncio.create_task(client.get("/v1/users/qp/recommendations"))
+            await asyncio.sleep(0.2)
+            bad = {"content": b"{not json", "headers": {"content-type": "application/json"}}
+            paths = ("/v1/users/qp/rank", "/v1/sessions/recommendations", "/v1/recommendations:batch")
+            for path in paths:
+                shed = await client.post(path, **bad)
+                assert shed.status_code == 503 and shed.headers["retry-after"] == "1", (path, shed.text)
+                assert shed.json()["type"].endswith("/overloaded"), path
+            assert _shed(app, "recommend", "queue_delay") == before + len(paths)
+            assert (await client.post("/v1/events", **bad)).status_code == 400  # its batcher drains: parsed
+            release.set()
+            assert (await first).status_code == 200 and (await queued).status_code == 200
+            assert (await client.post("/v1/users/qp/rank", **bad)).status_code == 400  # drained: parsed again
+
+    run(body)

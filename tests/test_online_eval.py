@@ -410,3 +410,34 @@ def test_a_hytrec_consume_process_attributes_the_streamed_events(
     assert got['hytrec_online_reciprocal_rank_total{source="model",version="v-served"}'] == pytest.approx(
         1 + 1 / 2 + 1 / 3 + 1 / 4
     )
+
+
+def test_delete_user_erases_the_users_impressions(redis_standalone_url: str) -> None:
+    s = demo_settings(redis_standalone_url, impression_sample=1.0, attribution_window_s=3600)
+
+    async def body() -> None:
+        async with running(s) as (client, app):
+            rt = app.state.lifecycle.runtime
+            gone, kept = f"er-{uuid.uuid4().hex[:8]}", f"ek-{uuid.uuid4().hex[:8]}"
+            for _ in range(3):
+                for u in (gone, kept):
+                    assert (await client.get(f"/v1/users/{u}/recommendations", params={"k": 5})).status_code == 200
+            await rt.impressions.flush()
+            r = redis.Redis.from_url(redis_standalone_url)
+
+            def users_in_log() -> list[str]:
+                return [
+                    Impression.parse_line(ln).user_id
+                    for _, f in r.xrange(log_key(s.key_prefix))
+                    for ln in f[b"i"].decode().split("\n")
+                    if ln
+                ]
+
+            assert users_in_log().count(gone) == 3 and r.exists(latest_key(s.key_prefix, gone))
+            assert (await client.delete(f"/v1/users/{gone}")).status_code == 200
+            left = [k for k in r.scan_iter(match=f"{s.key_prefix}:*", count=1000) if gone.encode() in k]
+            assert left == []
+            assert gone not in users_in_log() and users_in_log().count(kept) == 3
+            assert r.exists(latest_key(s.key_prefix, kept))
+
+    run(body)

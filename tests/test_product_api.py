@@ -357,3 +357,34 @@ def test_the_client_covers_every_product_route(redis_standalone_url: str) -> Non
                 assert not (await c.item("42")).hidden  # type: ignore[union-attr]
 
     run(body)
+
+
+def test_stream_entries_apply_the_event_types(redis_standalone_url: str) -> None:
+    """The stream path (``hytrec consume``) handles event types with the REST path's settings and code."""
+
+    async def body() -> None:
+        import asyncio
+
+        from hytrec.service.schemas import Event
+
+        s = demo_settings(redis_standalone_url, never_again_types="purchase", count_only_types="impression")
+        async with running(s) as (client, app):
+            rt = app.state.lifecycle.runtime
+            ty = [None, "view", "purchase", "impression", "impression", None]
+            items = HISTORY[: len(ty)]
+            user = f"st-{uuid.uuid4().hex[:8]}"
+            batch = [Event.model_validate(e) for e in visit(user, items, ty)]
+            ids = [f"{n + 1}-0" for n in range(len(batch))]
+            deadline = asyncio.get_running_loop().time() + 10
+            res = await rt.ingestor.ingest_entries(batch, ids, "m0", 1, deadline)
+            assert res.counted_only == 2 and res.never_again == 1
+            assert res.applied == len(ty) - 2  # count-only entries are not applied
+            again = await rt.ingestor.ingest_entries(batch, ids, "m0", 1, deadline)  # redelivered: nothing twice
+            assert again.applied == 0
+            doc = (await client.get(f"/v1/users/{user}/recommendations", params={"k": 500, "at": AT})).json()
+            assert doc["history_length"] == len(ty) - 2
+            assert items[2] not in {i["item_id"] for i in doc["items"]}  # the purchase is never served again
+            posted = (await client.post("/v1/events", json={"events": visit(f"r-{user}", items, ty)})).json()
+            assert (posted["counted_only"], posted["never_again"]) == (res.counted_only, res.never_again)
+
+    run(body)
