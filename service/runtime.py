@@ -26,6 +26,7 @@ from hytrec.service.settings import Settings
 from hytrec.service.swap import VersionWatcher, probe, set_model_info
 from hytrec.service.versions import Mirror, load_version, open_mirror
 from hytrec.state_store import StateStore, StoreAuthError, StoreUnavailable, open_store
+from hytrec.streams.erasure import stream_layout
 
 T = TypeVar("T")
 log = logging.getLogger("hytrec.service")
@@ -185,7 +186,15 @@ class Lifecycle:
             catalogue,
             bool(s.never_again),
         )
-        events = EventBatcher(model, store, s.events_batch_max_size, s.events_batch_max_wait_ms, *limits)
+        events = EventBatcher(
+            model,
+            store,
+            s.events_batch_max_size,
+            s.events_batch_max_wait_ms,
+            *limits,
+            log=stream_layout(s) if s.log_posted_events else None,  # the served version logs; mirrors do not
+            log_maxlen=s.stream_maxlen,
+        )
         attribution = attach(s, store, events, model.item_id)
         impressions = attribution.impressions
         recommender = Recommender(model, store, batcher, popular, self.run, catalogue, s.never_again, s.count_only)

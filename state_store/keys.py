@@ -4,6 +4,7 @@
 ``<prefix>:<model_version>:{u:<user_id>}:d``  zset  recent event ids and write tokens (score = version)
 ``<prefix>:{u:<user_id>}:v``                  set   model versions that hold state for the user (erasure)
 ``<prefix>:{u:<user_id>}:n``                  zset  the user's "never again" items (score = event ts), bounded
+``<prefix>:{u:<user_id>}:x``                  str   the entry id of the user's erasure tombstone (kept by erasure)
 ``<prefix>:{catalogue}:hidden``               set   item ids hidden from every answer (any model version)
 ``<prefix>:{catalogue}:hidden:ver``           int   bumped by every change of the hidden set (workers poll it)
 
@@ -36,6 +37,11 @@ def check_name(name: str, what: str) -> str:
     return name
 
 
+def tombstone_key(prefix: str, user_id: str) -> str:
+    """The user's erasure position (an entry id), in the user's hash slot so the compare-and-set can read it."""
+    return f"{check_name(prefix, 'key prefix')}:{{u:{check_user_id(user_id)}}}:x"
+
+
 class KeySpace:
     """Builds and parses the keys of one (prefix, model version) namespace."""
 
@@ -55,6 +61,10 @@ class KeySpace:
     def versions(self, user_id: str) -> str:
         """Key of the user's set of model versions holding state (shared by every version's namespace)."""
         return f"{self.prefix}:{{u:{check_user_id(user_id)}}}:v"
+
+    def tombstone(self, user_id: str) -> str:
+        """Key of the user's erasure position, read inside the compare-and-set (streams/erasure.py)."""
+        return tombstone_key(self.prefix, user_id)
 
     def never(self, user_id: str) -> str:
         """Key of the user's bounded "never again" item set (item ids: shared by every model version)."""
