@@ -4,6 +4,7 @@ and the dual write (docs/lifecycle.md). Real Redis, real consumers in process, r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -482,6 +483,76 @@ def test_a_stream_write_racing_a_delete_is_refused_inside_the_compare_and_set(
         finally:
             await batcher.stop()
             await store.close()
+
+    try:
+        _run(body)
+    finally:
+        producer.close()
+        sync.close()
+
+
+def test_a_consumer_follows_the_desired_versions_without_a_restart(
+    model_root: tuple[Path, str, str], redis_standalone_url: str
+) -> None:
+    """A consumer started on v1 consumes with v2 once v2 is the desired live version and stops writing v1 once
+    v1 leaves the write set, then goes back: each change is followed from its announcement (the poll period is
+    far longer than the test), and every produced event is held once by the versions written at the time."""
+    from hytrec.service.swap import set_desired, writers_key
+    from hytrec.service.versions import MirrorSet
+
+    root, v1, v2 = model_root
+    url = redis_standalone_url
+    s = _settings(root, v1, url, versions_poll_s=600.0, stream_batch_size=50)
+    prefix = s.key_prefix
+    users = [f"f{i}" for i in range(6)]
+    producer = StreamProducer.from_settings(s)
+    sync = redis.Redis.from_url(url, socket_timeout=30)
+    t0 = [1.7e9]
+
+    def produce(n: int) -> None:
+        producer.add(_events(dict.fromkeys(users, n), int(t0[0]) % 97, f"e{int(t0[0])}-", t0=t0[0]))
+        t0[0] += 1000
+
+    async def body() -> None:
+        async with Running(s) as c:
+            mirrors = MirrorSet(s, c.consumer.ingestor, c.store.client, asyncio.to_thread, c.consumer.id, c.consumer)
+            await mirrors.refresh()
+            follow = asyncio.create_task(mirrors.follow())
+            me = f"consumer-{c.consumer.id}"
+
+            def writes() -> str:
+                raw = sync.hget(writers_key(prefix), me)
+                return " ".join(raw.decode().split()[:2]) if raw else ""
+
+            try:
+                produce(10)
+                await c.wait(lambda: _counts(url, prefix, v1, users) == dict.fromkeys(users, 10), 30)
+                assert writes() == f"{v1} {v1}"
+
+                await set_desired(c.store.client, prefix, live=v2, write=[v1])  # promote, v1 still written
+                await c.wait(lambda: writes() == f"{v2} {v2},{v1}", 15)
+                assert c.consumer.ingestor.model.version == v2
+                produce(5)
+                await c.wait(lambda: _counts(url, prefix, v1, users) == dict.fromkeys(users, 15), 30)
+                await c.wait(lambda: _counts(url, prefix, v2, users) == dict.fromkeys(users, 5), 30)
+
+                await set_desired(c.store.client, prefix, write=[])  # v1 no longer written: no restart needed
+                await c.wait(lambda: writes() == f"{v2} {v2}", 15)
+                produce(4)
+                await c.wait(lambda: _counts(url, prefix, v2, users) == dict.fromkeys(users, 9), 30)
+                await asyncio.sleep(0.5)
+                assert _counts(url, prefix, v1, users) == dict.fromkeys(users, 15)
+
+                await set_desired(c.store.client, prefix, live=v1, write=[v2])  # and back (a rollback)
+                await c.wait(lambda: writes() == f"{v1} {v1},{v2}", 15)
+                produce(2)
+                await c.wait(lambda: _counts(url, prefix, v1, users) == dict.fromkeys(users, 17), 30)
+                await c.wait(lambda: _counts(url, prefix, v2, users) == dict.fromkeys(users, 11), 30)
+            finally:
+                follow.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await follow
+                await mirrors.close()
 
     try:
         _run(body)
