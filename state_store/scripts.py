@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import hashlib
 
-# KEYS: state hash, dedup zset, the user's set of model versions holding state (for erasure), the user's erasure
-#       tombstone key, and (only when the write logs events) the stream the events are logged to.
+# KEYS: state hash, dedup zset, the user's set of model versions holding state (for erasure), the erasure hash
+#       of the user's slot (field: the user id), and (only when the write logs events) the log stream.
 # ARGV: expected ver, blob, now ms, ttl ms (0 = none), dedup window, events in this write ('=N': set the
 #       count to N instead of adding), last ts ('' = none), write token, model version, M (stream marks),
 #       L (events to log), log MAXLEN (0 = no trimming), M triples (mark field, entry id 'ms-seq', fencing
 #       epoch), L log entries (F, then F field/value pairs each), event ids...
 # A stream mark field holds '<entry id> <epoch>': the last stream entry applied to the user from one partition
 # and the lease epoch of the consumer that wrote it (docs/streams.md).
-# The tombstone key holds the entry id of the user's erasure (streams/erasure.py): a write that moves a mark to
+# The erasure hash holds the entry id of the user's erasure (streams/erasure.py): a write that moves a mark to
 # an entry at or below it applies events from before the erasure, and is refused, so a write racing a DELETE
 # cannot bring the user back. The logged events are XADDed (with MAXLEN ~) in the same script as the state, so
 # the event log holds exactly the events committed (docs/lifecycle.md).
@@ -44,7 +44,7 @@ local function entry(id)
   return tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
 end
 if nm > 0 then
-  local stone = redis.call('GET', KEYS[4])
+  local stone = redis.call('HGET', KEYS[4], string.match(KEYS[1], '{u:(.*)}:s$'))
   if stone then
     local sms, sseq = entry(stone)
     for i = m0, l0 - 1, 3 do

@@ -4,7 +4,8 @@ A tombstone is one field of the hash ``<prefix>:tombstones``: ``<user id>`` = ``
 The entry id is the last id generated in the user's stream partition when the user was erased, so every entry
 of that user at or below it is an *earlier* event: the consumer acknowledges it without applying it, and the
 archive, ``hytrec export`` and ``hytrec backfill --from-stream`` leave it out. The position is also kept in the
-user's own key ``<prefix>:{u:<user>}:x``, which the state's compare-and-set reads: a write that would move the
+erasure hash of the user's slot ``<prefix>:erased:{<slot tag>}`` (field: the user id), which the state's
+compare-and-set reads: a write that would move the
 user's mark to an entry at or below it is refused, so a batch read before the erasure and committed after it
 never brings the user back. Entries produced after the
 erasure have higher ids: they are a new history of the same id. Retention of the raw events: docs/lifecycle.md.
@@ -75,7 +76,7 @@ async def write_tombstone(client: Any, layout: StreamLayout, user_id: str) -> To
     stone = Tombstone(last, int(time.time() * 1000))
     # The user's own copy of the position, in the user's hash slot: the state's compare-and-set refuses a write
     # whose stream mark is at or below it (a consumer batch racing this erasure), state_store/scripts.py.
-    await client.set(tombstone_key(layout.prefix, user_id), last)
+    await client.hset(tombstone_key(layout.prefix, user_id), user_id, last)
     await client.hset(tombstones_key(layout.prefix), user_id, stone.encode())
     return stone
 
