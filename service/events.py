@@ -12,7 +12,14 @@ compare-and-set only arbitrates between processes. Each post still gets its own 
 
 **Stream entries.** ``hytrec consume`` submits posts through the same batcher, each row carrying its stream
 entry id: a row at or below the user's stored mark for its partition is a duplicate, and the write moves the
-mark forward in the user's compare-and-set (docs/streams.md).
+mark forward in the user's compare-and-set (docs/streams.md). The same compare-and-set refuses a write whose
+mark is at or below the user's erasure tombstone (a batch racing a DELETE): its entries count as erased.
+
+**The event log.** The served version's batcher (``log``: the stream layout, HYTREC_LOG_POSTED_EVENTS) hands each
+user's write the posted events it applies, and the compare-and-set XADDs them to the user's stream partition
+(``origin=rest``) in the same script as the state: a duplicate, a refused or a failed write logs nothing, so
+the log holds each applied event once, and the consumer acknowledges those entries without applying them
+(docs/lifecycle.md).
 """
 
 from __future__ import annotations
@@ -168,7 +175,8 @@ class EventBatcher(MicroBatcher[Post, IngestResult]):
             if c.erased:  # refused at or below the user's erasure tombstone: nothing of the user was applied
                 for per_post in counts:
                     if c.user_id in per_post:
-                        per_post[c.user_id] = _Counts(erased=per_post[c.user_id].applied)
+                        old = per_post[c.user_id]
+                        per_post[c.user_id] = _Counts(duplicates=old.duplicates, erased=old.applied)
         if self.on_applied is not None:
             await self.on_applied({u: merged[u].fresh for u, c in commits.items() if not c.erased})
 
