@@ -197,7 +197,7 @@ class EventBatcher(MicroBatcher[Post, IngestResult]):
             state = decode_snapshot(self.model, snap)  # None for a new user; CorruptStateError if undecodable
             last = float(state.last_ts[0]) if state is not None and int(state.count[0]) > 0 else None
             moved: dict[str, Mark] = {}
-            for p, (row, ts, eid), src, entry in merged[u].events:
+            for p, (row, ts, eid), src, logged in merged[u].events:
                 c = counts[p].setdefault(u, _Counts())
                 if src is not None:
                     name, entry, epoch = src
@@ -217,8 +217,8 @@ class EventBatcher(MicroBatcher[Post, IngestResult]):
                 c.unknown += row == UNKNOWN_ROW
                 c.applied += 1
                 fresh.append((row, ts, eid))
-                if entry is not None:
-                    to_log.append(entry)
+                if logged is not None:
+                    to_log.append(logged)
             merged[u].fresh = fresh
             if fresh:
                 users.append(u)

@@ -28,6 +28,7 @@ def consume(
     totals as JSON on stdout at exit.
     """
     import asyncio
+    import contextlib
     import gc
     import logging
     import signal
@@ -88,6 +89,8 @@ def consume(
             totals = await consumer.run()
         finally:
             follow.cancel()
+            with contextlib.suppress(BaseException):  # its subscription closes before the mirrors do
+                await asyncio.wait_for(follow, 5)
             consumed, written = mirrors.primary.model.version, list(mirrors.written)
             await mirrors.close()
             await batcher.stop()
