@@ -206,6 +206,7 @@ class Backfill:
             return writes
 
         commits = await self.store.update_many(list(fields), compute, marks={u: [f] for u, f in fields.items()})
+        commits = {u: c for u, c in commits.items() if not c.erased}  # erased while the backfill ran: not written
         report.users += len(commits)
         report.events += sum(len(histories[u].items) for u in commits)
         return behind
@@ -256,6 +257,7 @@ class Backfill:
             return writes
 
         commits = await self.store.update_many(users, compute, marks={u: [f] for u, f in fields.items()})
+        commits = {u: c for u, c in commits.items() if not c.erased}
         report.caught_up += len(commits)
         report.users += len(commits)
         return behind

@@ -19,7 +19,14 @@ whether or not anybody still waited for the answer.
 
 **Stream entries.** ``hytrec consume`` submits posts through the same batcher, each row carrying its stream
 entry id: a row at or below the user's stored mark for its partition is a duplicate, and the write moves the
-mark forward in the user's compare-and-set (docs/streams.md).
+mark forward in the user's compare-and-set (docs/streams.md). The same compare-and-set refuses a write whose
+mark is at or below the user's erasure tombstone (a batch racing a DELETE): its entries count as erased.
+
+**The event log.** The served version's batcher (``log``: the stream layout, HYTREC_LOG_POSTED_EVENTS) hands each
+user's write the posted events it applies, and the compare-and-set XADDs them to the user's stream partition
+(``origin=rest``) in the same script as the state: a duplicate, a refused or a failed write logs nothing, so
+the log holds each applied event once, and the consumer acknowledges those entries without applying them
+(docs/lifecycle.md).
 """
 
 from __future__ import annotations
@@ -42,9 +49,13 @@ from hytrec.service.schemas import Event, IngestResult
 from hytrec.service.states import decode_snapshot
 from hytrec.service.tracing import span
 from hytrec.state_store import ConflictError, CorruptStateError, Mark, Snapshot, StateStore, Write, entry_key
+from hytrec.streams import wire
+from hytrec.streams.partition import StreamLayout
 
 # One event of a post, ready for the model: (item row, timestamp, event id or None).
 Row = tuple[int, float, str | None]
+# The fields of an event's entry in the event log (``streams.wire.logged``).
+LogFields = tuple[tuple[str, str], ...]
 
 
 @dataclass
@@ -85,6 +96,7 @@ class Post:
     in_post_duplicates: int = 0
     stream: StreamSource | None = None
     watch: CommitWatch | None = field(default_factory=_WATCH.get)  # the submitting request's
+    log: dict[str, list[LogFields]] | None = None  # per user, parallel to ``users[user]``: what to log once applied
 
 
 @dataclass
@@ -93,13 +105,15 @@ class _Counts:
     duplicates: int = 0
     unknown: int = 0
     out_of_order: int = 0
+    erased: int = 0
 
 
 @dataclass
 class _Merged:
-    """One user's events of a batch across posts: (post index, row, (mark field, entry id, epoch) or None)."""
+    """One user's events of a batch across posts: (post index, row, (mark field, entry id, epoch) or None, log
+    entry or None)."""
 
-    events: list[tuple[int, Row, tuple[str, str, int] | None]] = field(default_factory=list)
+    events: list[tuple[int, Row, tuple[str, str, int] | None, LogFields | None]] = field(default_factory=list)
     fresh: list[Row] = field(default_factory=list)  # what the last compute applied (online evaluation)
 
 
@@ -119,10 +133,17 @@ class EventBatcher(MicroBatcher[Post, IngestResult]):
         max_wait_ms: float,
         max_queue: int,
         max_delay_ms: float = math.inf,
+        *,
+        log: StreamLayout | None = None,
+        log_maxlen: int = 0,
     ) -> None:
         super().__init__(max_size, max_wait_ms, max_queue, max_delay_ms)
         self.model = model
         self.store = store
+        # The event log of posted events (the served version's batcher only; docs/lifecycle.md): each applied
+        # event of a post is XADDed to its user's stream partition by the user's compare-and-set.
+        self.log = log
+        self.log_maxlen = log_maxlen
 
     async def process(self, posts: Sequence[Post]) -> Sequence[IngestResult | BaseException]:
         for post in posts:  # no await before this: a post the batcher took is marked before its request can end
@@ -186,14 +207,18 @@ class EventBatcher(MicroBatcher[Post, IngestResult]):
             src = post.stream
             for user, rows in post.users.items():
                 if src is None:
-                    merged[user].events.extend((p, r, None) for r in rows)
+                    logs = (post.log or {}).get(user) if self.log is not None else None
+                    if logs is None:
+                        merged[user].events.extend((p, r, None, None) for r in rows)
+                    else:
+                        merged[user].events.extend((p, r, None, e) for r, e in zip(rows, logs, strict=True))
                     continue
                 fields = marks.setdefault(user, [])
                 if src.mark_field not in fields:
                     fields.append(src.mark_field)
                 entries = src.entries[user]
                 merged[user].events.extend(
-                    (p, r, (src.mark_field, e, src.epoch)) for r, e in zip(rows, entries, strict=True)
+                    (p, r, (src.mark_field, e, src.epoch), None) for r, e in zip(rows, entries, strict=True)
                 )
 
         def compute(snaps: dict[str, Snapshot]) -> Mapping[str, Write]:
@@ -201,12 +226,17 @@ class EventBatcher(MicroBatcher[Post, IngestResult]):
             with span("hytrec.batch", path=self.name, requests=len(posts), users=len(snaps)):
                 return self._compute(snaps, merged, counts)
 
-        asked = {u: ids for u, m in merged.items() if (ids := [r[2] for _, r, _ in m.events if r[2] is not None])}
+        asked = {u: ids for u, m in merged.items() if (ids := [r[2] for _, r, _, _ in m.events if r[2] is not None])}
         commits = await self.store.update_many(list(merged), compute, event_ids=asked, marks=marks)
         for c in commits.values():
             metrics.CAS_ATTEMPTS.observe(c.attempts)
+            if c.erased:  # refused at or below the user's erasure tombstone: nothing of the user was applied
+                for per_post in counts:
+                    if c.user_id in per_post:
+                        old = per_post[c.user_id]
+                        per_post[c.user_id] = _Counts(duplicates=old.duplicates, erased=old.applied)
         if self.on_applied is not None:
-            await self.on_applied({u: merged[u].fresh for u in commits})
+            await self.on_applied({u: merged[u].fresh for u, c in commits.items() if not c.erased})
 
     def _compute(
         self, snaps: dict[str, Snapshot], merged: dict[str, _Merged], counts: list[dict[str, _Counts]]
@@ -215,15 +245,17 @@ class EventBatcher(MicroBatcher[Post, IngestResult]):
         users, states, todo = [], [], []
         writes: dict[str, Write] = {}
         new_marks: dict[str, dict[str, Mark]] = {}
+        logs: dict[str, tuple[LogFields, ...]] = {}
         for u, snap in snaps.items():
             for per_post in counts:  # a recomputed user (it lost a race) is counted afresh
                 per_post.pop(u, None)
             seen = set(snap.applied)
             fresh: list[Row] = []
+            to_log: list[LogFields] = []
             state = decode_snapshot(self.model, snap)  # None for a new user; CorruptStateError if undecodable
             last = float(state.last_ts[0]) if state is not None and int(state.count[0]) > 0 else None
             moved: dict[str, Mark] = {}
-            for p, (row, ts, eid), src in merged[u].events:
+            for p, (row, ts, eid), src, logged in merged[u].events:
                 c = counts[p].setdefault(u, _Counts())
                 if src is not None:
                     name, entry, epoch = src
@@ -243,6 +275,8 @@ class EventBatcher(MicroBatcher[Post, IngestResult]):
                 c.unknown += row == UNKNOWN_ROW
                 c.applied += 1
                 fresh.append((row, ts, eid))
+                if logged is not None:
+                    to_log.append(logged)
             merged[u].fresh = fresh
             if fresh:
                 users.append(u)
@@ -250,6 +284,8 @@ class EventBatcher(MicroBatcher[Post, IngestResult]):
                 todo.append(fresh)
                 if moved:
                     new_marks[u] = moved
+                if to_log:
+                    logs[u] = tuple(to_log)
             elif moved and snap.blob is not None:  # only event-id duplicates: the mark still moves past them
                 writes[u] = Write(snap.blob, (), 0, None, marks=moved)
         if not users:
@@ -258,7 +294,17 @@ class EventBatcher(MicroBatcher[Post, IngestResult]):
         for i, (u, ev) in enumerate(zip(users, todo, strict=True)):
             ids = tuple(eid for _, _, eid in ev if eid is not None)
             blob = self.model.encode(advanced.user(i))
-            writes[u] = Write(blob, ids, len(ev), max(t for _, t, _ in ev), marks=new_marks.get(u))
+            log = logs.get(u, ())
+            writes[u] = Write(
+                blob,
+                ids,
+                len(ev),
+                max(t for _, t, _ in ev),
+                marks=new_marks.get(u),
+                log=log,
+                log_key=self.log.of_user(u).stream if log and self.log is not None else None,
+                log_maxlen=self.log_maxlen,
+            )
         return writes
 
 
@@ -269,13 +315,16 @@ def _result(post: Post, per_user: dict[str, _Counts]) -> IngestResult:
         total.duplicates += c.duplicates
         total.unknown += c.unknown
         total.out_of_order += c.out_of_order
-    return IngestResult(
+        total.erased += c.erased
+    result = IngestResult(
         applied=total.applied,
         duplicates=total.duplicates,
         unknown_items=total.unknown,
         out_of_order=total.out_of_order,
         users=len(post.users),
     )
+    result._erased = total.erased  # noqa: SLF001 - stream entries refused by the erasure check (the consumer's)
+    return result
 
 
 class EventIngestor:
@@ -386,8 +435,12 @@ class EventIngestor:
         )
 
     def group(self, events: Sequence[Event]) -> Post:
-        """The post's events by user, in order; a repeated ``(user, event_id)`` inside the post is dropped."""
+        """The post's events by user, in order; a repeated ``(user, event_id)`` inside the post is dropped.
+
+        When the batcher logs posted events, each row carries its log entry's fields.
+        """
         users: dict[str, list[Row]] = {}
+        log: dict[str, list[LogFields]] | None = {} if self.batcher.log is not None else None
         seen: set[tuple[str, str]] = set()
         dups = 0
         for e in events:
@@ -397,7 +450,9 @@ class EventIngestor:
                     continue
                 seen.add((e.user_id, e.event_id))
             users.setdefault(e.user_id, []).append((self.model.row(e.item_id), e.ts, e.event_id))
-        return Post(users, dups)
+            if log is not None:
+                log.setdefault(e.user_id, []).append(wire.logged(e))
+        return Post(users, dups, log=log)
 
     async def ingest(self, events: Sequence[Event], deadline: float) -> IngestResult:
         """Apply a post; returns its counts. Raises the store's errors (nothing of a failed user is written).

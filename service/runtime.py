@@ -27,6 +27,7 @@ from hytrec.service.settings import Settings
 from hytrec.service.swap import VersionWatcher, probe, set_model_info
 from hytrec.service.versions import Mirror, load_version, open_mirror
 from hytrec.state_store import StateStore, StoreAuthError, StoreUnavailable, open_store
+from hytrec.streams.erasure import stream_layout
 
 T = TypeVar("T")
 log = logging.getLogger("hytrec.service")
@@ -206,7 +207,15 @@ class Lifecycle:
             catalogue,
             bool(s.never_again),
         )
-        events = EventBatcher(model, store, s.events_batch_max_size, s.events_batch_max_wait_ms, *limits)
+        events = EventBatcher(
+            model,
+            store,
+            s.events_batch_max_size,
+            s.events_batch_max_wait_ms,
+            *limits,
+            log=stream_layout(s) if s.log_posted_events else None,  # the served version logs; mirrors do not
+            log_maxlen=s.stream_maxlen,
+        )
         batcher.standing = events.standing = s.queue_standing_ms / 1000.0
         attribution = attach(s, store, events, model.item_id)
         impressions = attribution.impressions

@@ -9,6 +9,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     StrictBool,
     StringConstraints,
     WithJsonSchema,
@@ -97,6 +98,9 @@ class IngestResult(BaseModel):
     users: int
     counted_only: int = Field(0, description="Events of a count-only type: counted, not applied to the state.")
     never_again: int = Field(0, description="Events whose item entered the user's never-again set.")
+    # Stream entries refused because they are at or below the user's erasure tombstone (the consumer counts
+    # them; a post never has any). Private: not part of the API.
+    _erased: int = PrivateAttr(0)
 
 
 class ScoredItem(BaseModel):

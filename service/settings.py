@@ -183,6 +183,12 @@ class Settings(StoreSettings):
         "one they serve or consume with (dual write while a new version is prepared), each loaded from "
         "HYTREC_MODEL_ROOT.",
     )
+    log_posted_events: bool = Field(
+        True,
+        description="Append every event that `POST /v1/events` applies to its user's stream partition (marked "
+        "`origin=rest`) in the same compare-and-set as the state, so the event log (archive, export, backfill) "
+        "holds it; `hytrec consume` acknowledges such entries without applying them again.",
+    )
     versions_poll_s: float = Field(
         2.0, gt=0, description="How often a worker re-reads the desired versions, besides their pub/sub announcement."
     )

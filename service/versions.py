@@ -8,6 +8,7 @@ channel; every worker follows it (``VersionWatcher`` in service/swap.py). The ru
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,8 @@ from hytrec.service.paths import ModelPathError, resolve_model_path
 from hytrec.service.settings import Settings
 from hytrec.state_store import Runner, StateStore, open_store
 from hytrec.state_store.keys import KeySpace, check_name
+
+log = logging.getLogger("hytrec.streams")
 
 
 class VersionError(ValueError):
@@ -147,21 +150,47 @@ async def drop_version(client: Any, prefix: str, version: str, batch: int = 500)
 
 
 class MirrorSet:
-    """The dual-written versions of a ``hytrec consume`` process, following the desired ``write`` versions.
+    """The versions a ``hytrec consume`` process writes, following the desired versions as serving workers do.
 
-    Every ``HYTREC_VERSIONS_POLL_S`` it re-reads them (with HYTREC_WRITE_VERSIONS and the desired live version,
-    which is always written), opens the mirrors it lacks,
-    closes those no longer wanted, updates the ingestor's list in place (a batch uses the list it started
-    with) and reports what this process writes in the writers hash, as the service's workers do.
+    The consumed version (the consumer's ingestor) is the desired ``live`` version, or the ``--model`` version
+    while none is set; the others written are HYTREC_WRITE_VERSIONS and the desired ``write`` versions. The
+    ``--model`` version is written only while it is one of these, so after ``hytrec versions set --live V2`` and
+    ``--write ''`` a consumer started on V1 writes V2 alone, without a restart. On every announcement
+    (pub/sub) and every ``HYTREC_VERSIONS_POLL_S`` it re-reads them, opens the versions it lacks (from
+    HYTREC_MODEL_ROOT), points the consumer at the consumed version's ingestor and its list of mirrors (a batch
+    uses the ingestor and list it started with; a retried one the new ones, which the marks make idempotent),
+    closes the versions no longer written, and reports what it writes in the writers hash.
     """
 
-    def __init__(self, settings: Settings, primary: EventIngestor, client: Any, run: Runner, name: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        primary: EventIngestor,
+        client: Any,
+        run: Runner,
+        name: str,
+        consumer: Any = None,
+        on_switch: Any = None,
+    ) -> None:
         self.s = settings
-        self.primary = primary
+        self.own = primary  # the --model version's ingestor (its store also holds the consumer's connection)
+        self.primary = primary  # the ingestor of the version consumed now
         self.client = client
         self.run = run
         self.name = name
+        self.consumer = consumer  # whose ``ingestor`` follows ``primary``
+        self.on_switch = on_switch  # called with the new primary ingestor (the online evaluation's hook)
         self.mirrors: dict[str, Mirror] = {}
+        self._as_mirror = EventIngestor(primary.model, primary.batcher, False, counted=False)
+        self._heads: dict[str, EventIngestor] = {primary.model.version: primary}
+        self.written: list[str] = [primary.model.version]
+
+    def _head(self, version: str) -> EventIngestor:
+        """The counted ingestor of a version consumed (the --model one, or a mirror's model and batcher)."""
+        if version not in self._heads:
+            m = self.mirrors[version]
+            self._heads[version] = EventIngestor(m.model, m.batcher, self.s.strict_items)
+        return self._heads[version]
 
     async def refresh(self) -> None:
         import time
@@ -169,35 +198,75 @@ class MirrorSet:
         from hytrec.service.swap import read_desired, writers_key
 
         desired = await read_desired(self.client, self.s.key_prefix)
-        version = self.primary.model.version
-        wanted = [*self.s.write_version_list(), *desired.write, *([desired.live] if desired.live else [])]
-        want = [v for v in dict.fromkeys(wanted) if v != version]  # the live version is always written
+        own = self.own.model.version
+        live = desired.live or own
+        want = list(dict.fromkeys([live, *self.s.write_version_list(), *desired.write]))
         for v in want:
-            if v not in self.mirrors:
+            if v != own and v not in self.mirrors:
                 self.mirrors[v] = await open_mirror(self.s, v, self.run)
-        gone = [v for v in self.mirrors if v not in want]
-        self.primary.mirrors = [self.mirrors[v].ingestor for v in want]
-        for v in gone:
+        head = self._head(live)
+        others = [self._as_mirror if v == own else self.mirrors[v].ingestor for v in want if v != live]
+        for ing in self._heads.values():
+            if ing is not head:
+                ing.mirrors = []
+        head.mirrors = others
+        if head is not self.primary:
+            log.info("consumer %s now consumes with %s (was %s)", self.name, live, self.primary.model.version)
+            self.primary.batcher.on_applied = None  # the hook follows the consumed version (``on_switch``)
+            self.primary = head
+            if self.consumer is not None:
+                self.consumer.ingestor = head
+            if self.on_switch is not None:
+                self.on_switch(head)
+        for v in [v for v in self.mirrors if v not in want]:
+            self._heads.pop(v, None)
             await self.mirrors.pop(v).close()
-        written = ",".join([version, *want])
-        value = f"{version} {written} {int(time.time() * 1000)}"
+        self.written = want
+        value = f"{live} {','.join(want)} {int(time.time() * 1000)}"
         await self.client.hset(writers_key(self.s.key_prefix), f"consumer-{self.name}", value)
 
     async def follow(self) -> None:
+        """Until cancelled: refresh on every announcement of the desired versions and every poll period. The
+        channel is read without blocking every 50 ms (as the serving workers' watcher does); on a cluster
+        client, which has no pub/sub here, only the poll runs."""
         import asyncio
-        import logging
 
-        while True:
-            await asyncio.sleep(self.s.versions_poll_s)
-            try:
-                await self.refresh()
-            except Exception as exc:  # noqa: BLE001 - keep consuming with the mirrors it has
-                logging.getLogger("hytrec.streams").warning("write versions not refreshed: %s", exc)
+        from hytrec.service.swap import announce_channel
+
+        pubsub = None
+        with contextlib.suppress(Exception):
+            pubsub = self.client.pubsub()
+            await pubsub.subscribe(announce_channel(self.s.key_prefix))
+        loop = asyncio.get_running_loop()
+        due = loop.time() + self.s.versions_poll_s
+        try:
+            while True:
+                announced = False
+                if pubsub is not None:
+                    try:
+                        msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.0)
+                        announced = msg is not None
+                    except Exception:  # noqa: BLE001 - the poll still follows the desired versions
+                        pubsub = None
+                if announced or loop.time() >= due:
+                    try:
+                        await self.refresh()
+                    except Exception as exc:  # noqa: BLE001 - keep consuming with the versions it has
+                        log.warning("write versions not refreshed: %s", exc)
+                    due = loop.time() + self.s.versions_poll_s
+                await asyncio.sleep(0.05)
+        finally:
+            if pubsub is not None:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
 
     async def close(self) -> None:
         from hytrec.service.swap import writers_key
 
-        self.primary.mirrors = []
+        for ing in self._heads.values():
+            ing.mirrors = []
+        if self.consumer is not None:
+            self.consumer.ingestor = self.own
         for m in self.mirrors.values():
             await m.close()
         self.mirrors.clear()

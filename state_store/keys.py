@@ -4,6 +4,8 @@
 ``<prefix>:<model_version>:{u:<user_id>}:d``  zset  recent event ids and write tokens (score = version)
 ``<prefix>:{u:<user_id>}:v``                  set   model versions that hold state for the user (erasure)
 ``<prefix>:{u:<user_id>}:n``                  zset  the user's "never again" items (score = event ts), bounded
+``<prefix>:erased:{<slot tag>}``             hash  user id -> entry id of the user's erasure, for the users of one
+                                              slot (the tag hashes to that slot; no key names the user)
 ``<prefix>:{catalogue}:hidden``               set   item ids hidden from every answer (any model version)
 ``<prefix>:{catalogue}:hidden:ver``           int   bumped by every change of the hidden set (workers poll it)
 
@@ -13,7 +15,9 @@ script may touch them all on a Redis Cluster. See docs/state_store.md.
 
 from __future__ import annotations
 
+import binascii
 import re
+from functools import lru_cache
 
 _USER_FORBIDDEN = re.compile(r"[{}\s]")
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -36,6 +40,26 @@ def check_name(name: str, what: str) -> str:
     return name
 
 
+@lru_cache(maxsize=1)
+def _slot_tags() -> tuple[str, ...]:
+    """For each of the 16384 Cluster slots, a short tag hashing to it (built once, ~0.1 s)."""
+    tags: dict[int, str] = {}
+    k = 0
+    while len(tags) < 16384:
+        tag = f"t{k}"
+        tags.setdefault(binascii.crc_hqx(tag.encode(), 0) % 16384, tag)
+        k += 1
+    return tuple(tags[s] for s in range(16384))
+
+
+def tombstone_key(prefix: str, user_id: str) -> str:
+    """The hash holding the user's erasure position (field: the user id), in the user's hash slot so the
+    compare-and-set can read it on a cluster too; its name carries a slot tag, not the user id, so an erasure
+    leaves no key named after the user."""
+    slot = binascii.crc_hqx(f"u:{check_user_id(user_id)}".encode(), 0) % 16384
+    return f"{check_name(prefix, 'key prefix')}:erased:{{{_slot_tags()[slot]}}}"
+
+
 class KeySpace:
     """Builds and parses the keys of one (prefix, model version) namespace."""
 
@@ -55,6 +79,10 @@ class KeySpace:
     def versions(self, user_id: str) -> str:
         """Key of the user's set of model versions holding state (shared by every version's namespace)."""
         return f"{self.prefix}:{{u:{check_user_id(user_id)}}}:v"
+
+    def tombstone(self, user_id: str) -> str:
+        """Key of the user's erasure position, read inside the compare-and-set (streams/erasure.py)."""
+        return tombstone_key(self.prefix, user_id)
 
     def never(self, user_id: str) -> str:
         """Key of the user's bounded "never again" item set (item ids: shared by every model version)."""

@@ -33,6 +33,11 @@ CAS_REPLAYED = Counter(
     "hytrec_store_cas_replayed_total",
     "Writes found already committed when a connection retry re-sent them (counted once, applied once).",
 )
+CAS_ERASED = Counter(
+    "hytrec_store_cas_erased_total",
+    "Writes refused by the compare-and-set script because their stream mark is at or below the user's erasure "
+    "tombstone (a write racing a DELETE: nothing written).",
+)
 CORRUPT_VALUES = Counter("hytrec_store_corrupt_values_total", "Stored values that failed to decode or were malformed.")
 
 # The error counter exists from the start (at 0) for each round trip and the usual failure kinds, so an alert on

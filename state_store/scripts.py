@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import hashlib
 
-# KEYS: state hash, dedup zset, the user's set of model versions holding state (for erasure).
+# KEYS: state hash, dedup zset, the user's set of model versions holding state (for erasure), the erasure hash
+#       of the user's slot (field: the user id), and (only when the write logs events) the log stream.
 # ARGV: expected ver, blob, now ms, ttl ms (0 = none), dedup window, events in this write ('=N': set the
 #       count to N instead of adding), last ts ('' = none), write token, model version, M (stream marks),
-#       M triples (mark field, entry id 'ms-seq', fencing epoch), event ids...
+#       L (events to log), log MAXLEN (0 = no trimming), M triples (mark field, entry id 'ms-seq', fencing
+#       epoch), L log entries (F, then F field/value pairs each), event ids...
 # A stream mark field holds '<entry id> <epoch>': the last stream entry applied to the user from one partition
 # and the lease epoch of the consumer that wrote it (docs/streams.md).
-# Returns {status, version}:
+# The erasure hash holds the entry id of the user's erasure (streams/erasure.py): a write that moves a mark to
+# an entry at or below it applies events from before the erasure, and is refused, so a write racing a DELETE
+# cannot bring the user back. The logged events are XADDed (with MAXLEN ~) in the same script as the state, so
+# the event log holds exactly the events committed (docs/lifecycle.md).
+# Returns {status, version, logged entry ids...}:
 #   1 committed at version | 2 this token already committed (a re-sent write) | 0 version moved on
 #  -1 an event id is already applied | -2 the stored version is not an integer
 #  -3 fenced: a consumer holding a newer lease of the partition already wrote the user's mark
 #  -4 the write would not move a stream mark forward (a caller bug: nothing is written); a replacing write
 #     ('=N', a backfill) may rewrite the state at the stored mark, never below it.
+#  -5 erased: the write's stream mark is at or below the user's erasure tombstone (nothing is written)
 CAS = """
 local cur = redis.call('HMGET', KEYS[1], 'ver', 'tok', 'n', 'lts')
 local ver = 0
@@ -26,13 +33,27 @@ end
 if cur[2] == ARGV[8] then return {2, ver} end
 if ver ~= tonumber(ARGV[1]) then return {0, ver} end
 local nm = tonumber(ARGV[10])
+local nl = tonumber(ARGV[11])
 local replace = string.sub(ARGV[6], 1, 1) == '='
-local e0 = 11 + 3 * nm
+local m0 = 13
+local l0 = m0 + 3 * nm
+local e0 = l0
+for _ = 1, nl do e0 = e0 + 1 + 2 * tonumber(ARGV[e0]) end
 local function entry(id)
   local dash = string.find(id, '-', 1, true)
   return tonumber(string.sub(id, 1, dash - 1)), tonumber(string.sub(id, dash + 1))
 end
-for i = 11, e0 - 1, 3 do
+if nm > 0 then
+  local stone = redis.call('HGET', KEYS[4], string.match(KEYS[1], '{u:(.*)}:s$'))
+  if stone then
+    local sms, sseq = entry(stone)
+    for i = m0, l0 - 1, 3 do
+      local ms, seq = entry(ARGV[i + 1])
+      if ms < sms or (ms == sms and seq <= sseq) then return {-5, ver} end
+    end
+  end
+end
+for i = m0, l0 - 1, 3 do
   local old = redis.call('HGET', KEYS[1], ARGV[i])
   if old then
     local sp = string.find(old, ' ', 1, true)
@@ -63,7 +84,7 @@ if lts then
 else
   redis.call('HSET', KEYS[1], 'blob', ARGV[2], 'ver', nv, 'ts', ARGV[3], 'tok', ARGV[8], 'n', n)
 end
-for i = 11, e0 - 1, 3 do
+for i = m0, l0 - 1, 3 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1] .. ' ' .. ARGV[i + 2])
 end
 redis.call('SADD', KEYS[3], ARGV[9])
@@ -87,7 +108,22 @@ if ttl > 0 then
   redis.call('PEXPIRE', KEYS[2], ttl)
   redis.call('PEXPIRE', KEYS[3], ttl)
 end
-return {1, nv}
+local out = {1, nv}
+local j = l0
+for _ = 1, nl do
+  local nf = tonumber(ARGV[j])
+  local args = {KEYS[5]}
+  if tonumber(ARGV[12]) > 0 then
+    args[#args + 1] = 'MAXLEN'
+    args[#args + 1] = '~'
+    args[#args + 1] = ARGV[12]
+  end
+  args[#args + 1] = '*'
+  for k = j + 1, j + 2 * nf do args[#args + 1] = ARGV[k] end
+  out[#out + 1] = redis.call('XADD', unpack(args))
+  j = j + 1 + 2 * nf
+end
+return out
 """
 
 CAS_SHA = hashlib.sha1(CAS.encode()).hexdigest()
@@ -108,4 +144,4 @@ return {row, flags}
 
 READ_SHA = hashlib.sha1(READ.encode()).hexdigest()
 
-COMMITTED, REPLAYED, CONFLICT, DUPLICATE, MALFORMED, FENCED, MARK_BEHIND = 1, 2, 0, -1, -2, -3, -4
+COMMITTED, REPLAYED, CONFLICT, DUPLICATE, MALFORMED, FENCED, MARK_BEHIND, ERASED = 1, 2, 0, -1, -2, -3, -4, -5

@@ -32,6 +32,7 @@ from hytrec.state_store.scripts import (
     COMMITTED,
     CONFLICT,
     DUPLICATE,
+    ERASED,
     FENCED,
     MALFORMED,
     MARK_BEHIND,
@@ -128,6 +129,11 @@ class Write:
     last_ts: float | None = None
     replace_count: bool = False  # True: n_events and last_ts replace the stored ones (backfill) instead of adding
     marks: Mapping[str, Mark] | None = None  # stream marks to move forward in the same compare-and-set
+    # The event log: entries (field/value pairs) XADDed to ``log_key`` in the same script as the state (on a
+    # cluster, whose script cannot reach the stream's slot, in one pipeline right after the commit).
+    log: tuple[tuple[tuple[str, str], ...], ...] = ()
+    log_key: str | None = None
+    log_maxlen: int = 0  # approximate MAXLEN of the log stream (0: no trimming)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +144,8 @@ class Commit:
     version: int
     event_ids: tuple[str, ...]
     attempts: int
+    logged: tuple[str, ...] = ()  # the entry ids of the events this write logged (``Write.log``)
+    erased: bool = False  # refused: the write's stream mark is at or below the user's erasure tombstone
 
 
 Compute = Callable[[dict[str, Snapshot]], Mapping[str, Write]]
@@ -288,24 +296,27 @@ class StateStore:
         return (await self.get_many([user_id]))[user_id]
 
     # ---------------------------------------------------------------- writes
-    async def _cas(self, writes: dict[str, tuple[int, Write, str]]) -> dict[str, tuple[int, int]]:
-        """Send one compare-and-set per user, pipelined; return {user: (status, version)}."""
+    async def _cas(self, writes: dict[str, tuple[int, Write, str]]) -> dict[str, tuple[int, int, tuple[str, ...]]]:
+        """Send one compare-and-set per user, pipelined; return {user: (status, version, logged entry ids)}."""
         now_ms = str(int(time.time() * 1000))
         users = list(writes)
         with self._guard("cas", len(users)):
             pending = users
-            out: dict[str, tuple[int, int]] = {}
+            out: dict[str, tuple[int, int, tuple[str, ...]]] = {}
             for _ in range(2):  # the second pass only runs after the server lost its script cache
                 pipe = self._pipeline()
                 for u in pending:
                     expected, w, token = writes[u]
                     n = len(w.event_ids) if w.n_events is None else w.n_events
+                    logged = w.log if (w.log_key and not self.cluster) else ()
                     pipe.execute_command(
                         "EVALSHA",
                         CAS_SHA,
-                        3,
+                        5 if logged else 4,
                         *self.keys.keys(u),
                         self.keys.versions(u),
+                        self.keys.tombstone(u),
+                        *([w.log_key] if logged else []),
                         expected,
                         w.blob,
                         now_ms,
@@ -316,7 +327,10 @@ class StateStore:
                         token,
                         self.model_version,
                         len(w.marks or ()),
+                        len(logged),
+                        w.log_maxlen,
                         *[a for name, m in (w.marks or {}).items() for a in (name, m.entry_id, m.epoch)],
+                        *[a for entry in logged for a in (len(entry), *(x for pair in entry for x in pair))],
                         *w.event_ids,
                     )
                 results = await pipe.execute(raise_on_error=False)
@@ -324,12 +338,29 @@ class StateStore:
                 missing = [u for u, r in zip(pending, results, strict=True) if isinstance(r, rex.NoScriptError)]
                 for u, r in zip(pending, results, strict=True):
                     if not isinstance(r, rex.NoScriptError):
-                        out[u] = (int(r[0]), int(r[1]))
+                        out[u] = (int(r[0]), int(r[1]), tuple(_str(x) for x in r[2:]))
                 if not missing:
                     return out
                 await self._load_scripts()
                 pending = missing
             raise StoreError("redis keeps losing the compare-and-set script")
+
+    async def _log_after(
+        self, users: list[str], writes: dict[str, tuple[int, Write, str]], commits: dict[str, Commit]
+    ) -> None:
+        """Cluster only: XADD the logged events of committed writes in one pipeline (the stream's slot is not the
+        user's, so the script cannot). A crash between the commit and this pipeline loses those log entries."""
+        with self._guard("log", len(users)):
+            pipe = self._pipeline()
+            for u in users:
+                w = writes[u][1]
+                for entry in w.log:
+                    pipe.xadd(w.log_key, dict(entry), maxlen=w.log_maxlen or None, approximate=True)
+            ids = iter(await pipe.execute())
+        for u in users:
+            c = commits[u]
+            logged = tuple(_str(next(ids)) for _ in writes[u][1].log)
+            commits[u] = Commit(c.user_id, c.version, c.event_ids, c.attempts, logged)
 
     async def _load_scripts(self) -> None:
         for script in (CAS, READ):
@@ -358,7 +389,9 @@ class StateStore:
 
         ``marks`` names, per user, stream mark fields to read (``Snapshot.marks``); a ``Write.marks`` moves
         them forward in the same script, which refuses (``FencedError``) a write whose lease epoch is older
-        than the stored one's: a consumer that lost its partition cannot overwrite its successor's work.
+        than the stored one's: a consumer that lost its partition cannot overwrite its successor's work, and
+        refuses one whose mark is at or below the user's erasure tombstone: that user's commit comes back with
+        ``erased`` set and nothing written. ``Write.log`` events are appended to the event log by the same script.
         """
         return await self._update(user_ids, compute, event_ids, self._runner, marks)
 
@@ -396,11 +429,17 @@ class StateStore:
             if not writes:
                 return commits
             lost: list[str] = []
-            for u, (status, version) in (await self._cas(writes)).items():
+            late_log: list[str] = []  # cluster: committed writes whose events are logged after the script
+            for u, (status, version, logged) in (await self._cas(writes)).items():
                 if status in (COMMITTED, REPLAYED):
                     if status == REPLAYED:
                         metrics.CAS_REPLAYED.inc()
-                    commits[u] = Commit(u, version, writes[u][1].event_ids, attempt + 1)
+                    commits[u] = Commit(u, version, writes[u][1].event_ids, attempt + 1, logged)
+                    if self.cluster and writes[u][1].log and writes[u][1].log_key:
+                        late_log.append(u)
+                elif status == ERASED:
+                    metrics.CAS_ERASED.inc()
+                    commits[u] = Commit(u, 0, (), attempt + 1, erased=True)
                 elif status == MALFORMED:
                     metrics.CORRUPT_VALUES.inc()
                     raise CorruptStateError(u, self.model_version, "stored version is not an integer")
@@ -415,6 +454,8 @@ class StateStore:
                     elif status != CONFLICT:
                         raise StoreError(f"unexpected compare-and-set status {status}")
                     lost.append(u)
+            if late_log:
+                await self._log_after(late_log, writes, commits)
             if not lost:
                 return commits
             todo = lost
@@ -532,6 +573,10 @@ class StateStore:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+def _str(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 async def _direct(fn: Callable[[], T]) -> T:

@@ -28,6 +28,7 @@ def consume(
     totals as JSON on stdout at exit.
     """
     import asyncio
+    import contextlib
     import logging
     import signal
     from concurrent.futures import ThreadPoolExecutor
@@ -35,7 +36,7 @@ def consume(
     from hytrec.model.serving import ServingModel
     from hytrec.service.commands import _set_env
     from hytrec.service.events import EventBatcher, EventIngestor
-    from hytrec.service.online_eval import attach
+    from hytrec.service.online_eval import Attribution, attach
     from hytrec.service.runtime import settle_heap
     from hytrec.service.settings import Settings
     from hytrec.service.versions import MirrorSet
@@ -78,7 +79,12 @@ def consume(
             never_max=s.never_again_max,
         )
         consumer = Consumer(s, store, ingestor, consumer_id, until_idle=until_idle)
-        mirrors = MirrorSet(s, ingestor, store.client, run, consumer.id)  # the dual write (docs/lifecycle.md)
+
+        def switched(head: EventIngestor) -> None:  # the online evaluation follows the consumed version
+            head.batcher.on_applied = Attribution(attribution.impressions, head.model.item_id).observe
+
+        # The versions written follow the desired versions, the consumed one included (docs/lifecycle.md).
+        mirrors = MirrorSet(s, ingestor, store.client, run, consumer.id, consumer, switched)
         await mirrors.refresh()
         follow = asyncio.create_task(mirrors.follow())
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -87,13 +93,15 @@ def consume(
             totals = await consumer.run()
         finally:
             follow.cancel()
-            written = [serving.version, *mirrors.mirrors]
+            with contextlib.suppress(BaseException):  # its subscription closes before the mirrors do
+                await asyncio.wait_for(follow, 5)
+            consumed, written = mirrors.primary.model.version, list(mirrors.written)
             await mirrors.close()
             await batcher.stop()
             await attribution.drain(timeout=2.0)
             await store.close()
             executor.shutdown(wait=False, cancel_futures=True)
-        return {"consumer": consumer.id, "model_version": serving.version, "write_versions": written} | totals.as_dict()
+        return {"consumer": consumer.id, "model_version": consumed, "write_versions": written} | totals.as_dict()
 
     try:  # cheaper per Redis round trip than the default loop
         import uvloop

@@ -162,6 +162,7 @@ class Totals:
     duplicates: int = 0
     dead_letter: int = 0
     trimmed: int = 0
+    logged: int = 0  # entries the service logged after applying them (POST /v1/events): acknowledged only
     batches: int = 0
     first_batch: float | None = None  # time.monotonic() when the read of the first non-empty batch began
     last_ack: float | None = None
@@ -176,6 +177,7 @@ class Totals:
             "duplicates": self.duplicates,
             "dead_letter": self.dead_letter,
             "trimmed": self.trimmed,
+            "logged": self.logged,
             "batches": self.batches,
             "busy_seconds": round(span, 3),
             "events_per_s": round((self.applied + self.duplicates) / span, 1) if span > 0 else None,
@@ -463,7 +465,11 @@ class Consumer:
         good: list[Event] = []
         ids: list[str] = []
         dead: list[tuple[str, dict, str]] = []
+        logged: list[str] = []
         for eid, fields in entries:
+            if wire.is_logged(fields):  # the service applied it before logging it: acknowledged, not applied
+                logged.append(eid)
+                continue
             try:
                 event = wire.decode(fields)
                 if partition_of(event.user_id, self.layout.n) != part.index:
@@ -477,7 +483,7 @@ class Consumer:
                 continue
             good.append(event)
             ids.append(eid)
-        return good, ids, dead
+        return good, ids, dead, logged
 
     async def _drop_erased(self, good: list[Event], ids: list[str]) -> tuple[list[Event], list[str], list[str]]:
         """Leave out the entries at or below their user's erasure tombstone (acknowledged, never applied)."""
@@ -494,22 +500,23 @@ class Consumer:
         part = lease.part
         start = time.monotonic()
         metrics.BATCH_SIZE.observe(len(entries))
-        good, ids, dead = self._validate(part, entries)
+        good, ids, dead, logged = self._validate(part, entries)
         good, ids, gone = await self._drop_erased(good, ids)
         present = {eid for eid, _ in entries}
         trimmed = [i for i in claimed if i not in present]
-        ack = [*ids, *gone, *(d[0] for d in dead), *trimmed]
+        ack = [*ids, *gone, *logged, *(d[0] for d in dead), *trimmed]
         attempt = 0
         while True:
             if not lease.alive():
                 raise LeaseLost
             try:
-                applied = dups = 0
+                applied = dups = refused = 0
                 if good:
                     result = await self.ingestor.ingest_entries(
                         good, ids, part.mark_field, lease.epoch, loop_time() + 3600
                     )
                     applied, dups = result.applied, result.duplicates
+                    refused = result._erased  # noqa: SLF001 - erased inside the compare-and-set (a DELETE raced it)
                 if dead:
                     pipe = self.client.pipeline(transaction=False) if not self.store.cluster else self.client.pipeline()
                     for eid, fields, reason in dead:
@@ -547,8 +554,10 @@ class Consumer:
         t.trimmed += len(trimmed)
         t.batches += 1
         t.last_ack, t.last_ack_unix = time.monotonic(), time.time()
+        t.logged += len(logged)
         for outcome, n in (
-            ("erased", len(gone)),
+            ("erased", len(gone) + refused),
+            ("logged", len(logged)),
             ("applied", applied),
             ("duplicate", dups),
             ("dead_letter", len(dead)),

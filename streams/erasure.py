@@ -3,7 +3,11 @@
 A tombstone is one field of the hash ``<prefix>:tombstones``: ``<user id>`` = ``"<entry id> <deleted ms>"``.
 The entry id is the last id generated in the user's stream partition when the user was erased, so every entry
 of that user at or below it is an *earlier* event: the consumer acknowledges it without applying it, and the
-archive, ``hytrec export`` and ``hytrec backfill --from-stream`` leave it out. Entries produced after the
+archive, ``hytrec export`` and ``hytrec backfill --from-stream`` leave it out. The position is also kept in the
+erasure hash of the user's slot ``<prefix>:erased:{<slot tag>}`` (field: the user id), which the state's
+compare-and-set reads: a write that would move the
+user's mark to an entry at or below it is refused, so a batch read before the erasure and committed after it
+never brings the user back. Entries produced after the
 erasure have higher ids: they are a new history of the same id. Retention of the raw events: docs/lifecycle.md.
 """
 
@@ -17,6 +21,7 @@ from typing import Any
 from redis import exceptions as rex
 
 from hytrec.state_store import entry_key
+from hytrec.state_store.keys import tombstone_key
 from hytrec.streams.partition import StreamLayout
 
 
@@ -69,6 +74,9 @@ async def write_tombstone(client: Any, layout: StreamLayout, user_id: str) -> To
     except rex.ResponseError:  # no such stream yet: nothing of the user was ever produced
         last = "0-0"
     stone = Tombstone(last, int(time.time() * 1000))
+    # The user's own copy of the position, in the user's hash slot: the state's compare-and-set refuses a write
+    # whose stream mark is at or below it (a consumer batch racing this erasure), state_store/scripts.py.
+    await client.hset(tombstone_key(layout.prefix, user_id), user_id, last)
     await client.hset(tombstones_key(layout.prefix), user_id, stone.encode())
     return stone
 

@@ -1,7 +1,8 @@
 """The wire format of a stream entry, and its validation into the service's ``Event``.
 
 An entry holds either flat fields ``user_id``, ``item_id``, ``ts`` and optional ``event_id``, ``event_type``,
-or one field ``json`` holding the same object. Validation is the REST path's own (``schemas.Event``), so an
+or one field ``json`` holding the same object. An entry that the service logged after applying a posted event also
+has ``origin`` = ``rest`` (``logged``). Validation is the REST path's own (``schemas.Event``), so an
 entry is accepted exactly when the same event would be accepted by ``POST /v1/events``.
 """
 
@@ -16,6 +17,10 @@ from pydantic import ValidationError
 from hytrec.service.schemas import Event
 
 FIELDS = ("user_id", "item_id", "ts", "event_id", "event_type")
+# An entry the service logged after applying it (``POST /v1/events``, docs/lifecycle.md): ``origin`` = ``rest``.
+# The consumer acknowledges it without applying it again; the archive, export and backfill read it as any entry.
+ORIGIN = "origin"
+REST = "rest"
 
 
 class BadEntry(ValueError):
@@ -32,6 +37,23 @@ def encode(event: Event | Mapping[str, Any]) -> dict[str, str]:
     return {k: (repr(float(v)) if k == "ts" else str(v)) for k, v in data.items() if v is not None}
 
 
+def logged(event: Event) -> tuple[tuple[str, str], ...]:
+    """The fields of the log entry of an event the service applied (what the compare-and-set XADDs)."""
+    out = [("user_id", event.user_id), ("item_id", event.item_id), ("ts", repr(float(event.ts)))]
+    if event.event_id is not None:
+        out.append(("event_id", event.event_id))
+    if event.event_type is not None:
+        out.append(("event_type", event.event_type))
+    out.append((ORIGIN, REST))
+    return tuple(out)
+
+
+def is_logged(fields: Mapping[Any, Any]) -> bool:
+    """Whether an entry was logged by the service after applying it (so it must not be applied again)."""
+    value = fields.get(ORIGIN, fields.get(ORIGIN.encode()))
+    return value is not None and _text(value) == REST
+
+
 def _text(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
@@ -44,6 +66,8 @@ def decode(fields: Mapping[Any, Any] | None) -> Event:
         raw = {_text(k): _text(v) for k, v in fields.items()}
     except UnicodeDecodeError as exc:
         raise BadEntry(f"not UTF-8: {exc}") from exc
+    if raw.get(ORIGIN) == REST:  # a logged entry: the event's own fields besides
+        del raw[ORIGIN]
     try:
         if "json" in raw:
             if len(raw) != 1:

@@ -4,7 +4,12 @@ and the dual write (docs/lifecycle.md). Real Redis, real consumers in process, r
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import os
 import random
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -20,6 +25,8 @@ from hytrec.model.checkpoint import save_checkpoint
 from hytrec.model.serving import ServingModel
 from hytrec.service.backfill import Backfill
 from hytrec.service.events import EventBatcher, EventIngestor
+from hytrec.service.microbatch import loop_time
+from hytrec.service.schemas import Event
 from hytrec.service.settings import Settings
 from hytrec.service.versions import add_version, open_mirrors
 from hytrec.state_store import open_store
@@ -28,7 +35,7 @@ from hytrec.streams.archive import Archive, iter_log, write_training_file
 from hytrec.streams.consumer import Consumer
 from hytrec.streams.erasure import load_tombstones
 from tests.helpers_model import make_model
-from tests.service_fixtures import N_ITEMS, Checkpoint
+from tests.service_fixtures import N_ITEMS, REPO, Checkpoint
 from tests.test_app import running
 
 
@@ -74,11 +81,23 @@ def _events(users: dict[str, int], seed: int, tag: str, t0: float = 1.7e9) -> li
 
 
 def _counts(url: str, prefix: str, version: str, users) -> dict[str, int]:
-    c = redis.Redis.from_url(url)
+    c = redis.Redis.from_url(url, socket_timeout=30)
     try:
         return {u: int(c.hget(f"{prefix}:{version}:{{u:{u}}}:s", "n") or 0) for u in users}
     finally:
         c.close()
+
+
+def _run(body, timeout: float = 240.0) -> None:
+    """Run a test body with a bound, so a stuck step fails the test (naming the bound) instead of hanging it."""
+
+    async def bounded() -> None:
+        try:
+            await asyncio.wait_for(body(), timeout)
+        except TimeoutError:
+            pytest.fail(f"test body did not finish within {timeout:.0f} s")
+
+    asyncio.run(bounded())
 
 
 class Running:
@@ -110,9 +129,9 @@ class Running:
         self.consumer.stop()
         await asyncio.wait_for(self.task, 30)
         for m in self.mirrors:
-            await m.close()
-        await self.batcher.stop()
-        await self.store.close()
+            await asyncio.wait_for(m.close(), 15)
+        await asyncio.wait_for(self.batcher.stop(), 15)
+        await asyncio.wait_for(self.store.close(), 15)
 
 
 def test_deleted_user_does_not_come_back_through_consumer_archive_export_or_backfill(
@@ -122,7 +141,7 @@ def test_deleted_user_does_not_come_back_through_consumer_archive_export_or_back
     s = _settings(root, v1, redis_standalone_url)
     url, prefix = redis_standalone_url, s.key_prefix
     users = [f"u{i}" for i in range(6)]
-    sync = redis.Redis.from_url(url)
+    sync = redis.Redis.from_url(url, socket_timeout=30)
     producer = StreamProducer.from_settings(s)
     arch_dir = tmp_path / "archive"
 
@@ -180,7 +199,7 @@ def test_deleted_user_does_not_come_back_through_consumer_archive_export_or_back
         assert _counts(url, prefix, v2, users) == {"u0": 10, "u1": 5, "u2": 15, "u3": 0, "u4": 10, "u5": 10}
 
     try:
-        asyncio.run(body())
+        _run(body)
     finally:
         producer.close()
         sync.close()
@@ -194,7 +213,7 @@ def test_backfill_from_a_stream_range_equals_streaming_the_same_events(
     url, prefix = redis_standalone_url, s.key_prefix
     lengths = {f"p{i}": n for i, n in enumerate([1, 3, 17, 63, 64, 65, 130, 200, 7, 90, 400, 2])}
     producer = StreamProducer.from_settings(s)
-    sync = redis.Redis.from_url(url)
+    sync = redis.Redis.from_url(url, socket_timeout=30)
     model = ServingModel.load(root / v1)
 
     async def body() -> None:
@@ -229,7 +248,7 @@ def test_backfill_from_a_stream_range_equals_streaming_the_same_events(
             )
 
     try:
-        asyncio.run(body())
+        _run(body)
     finally:
         producer.close()
         sync.close()
@@ -245,7 +264,7 @@ def test_backfill_racing_a_live_consumers_dual_write_gives_exact_history_lengths
     prefix = s.key_prefix
     users = [f"r{i}" for i in range(40)]
     producer = StreamProducer.from_settings(s)
-    sync = redis.Redis.from_url(url)
+    sync = redis.Redis.from_url(url, socket_timeout=30)
     m2 = ServingModel.load(root / v2)
     sent: Counter = Counter()
     rng = random.Random(7)
@@ -275,11 +294,14 @@ def test_backfill_racing_a_live_consumers_dual_write_gives_exact_history_lengths
             await asyncio.sleep(0.3)
             store = await open_store(dual, v2)
             try:
-                report = await Backfill(m2, store, asyncio.to_thread).from_stream(sync, producer.layout, None, {})
+                report = await asyncio.wait_for(
+                    Backfill(m2, store, asyncio.to_thread).from_stream(sync, producer.layout, None, {}), 120
+                )
             finally:
                 await asyncio.sleep(0.3)
                 stop.set()
-                await asyncio.to_thread(thread.join)
+                await asyncio.to_thread(thread.join, 30)
+                assert not thread.is_alive(), "the producing thread did not stop"
                 await store.close()
             want = {u: sent[u] for u in users}
             await c.wait(lambda: _counts(url, prefix, v1, users) == want and _counts(url, prefix, v2, users) == want)
@@ -290,7 +312,250 @@ def test_backfill_racing_a_live_consumers_dual_write_gives_exact_history_lengths
             assert int(state.count[0]) == sent[u]
 
     try:
-        asyncio.run(body())
+        _run(body)
+    finally:
+        producer.close()
+        sync.close()
+
+
+def _logged(sync: redis.Redis, layout) -> list[tuple[str, dict]]:  # noqa: ANN001
+    """Every entry the service logged (``origin=rest``), over all partitions."""
+    out = []
+    for part in layout.partitions:
+        for eid, fields in sync.xrange(part.stream):
+            f = {k.decode(): v.decode() for k, v in fields.items()}
+            if f.get("origin") == "rest":
+                out.append((eid.decode(), f))
+    return out
+
+
+def test_posted_events_are_logged_once_exported_and_a_backfill_from_the_log_equals_the_live_state(
+    model_root: tuple[Path, str, str], redis_standalone_url: str, tmp_path: Path
+) -> None:
+    """POST /v1/events lands in the event log exactly once per applied event (a resent post and a rejected one
+    log nothing), ``hytrec export`` writes it, a consumer of the same stream does not apply it again, and a
+    backfill from the log rebuilds the live states (same top-10)."""
+    root, v1, _ = model_root
+    url = redis_standalone_url
+    s = _settings(root, v1, url, strict_items=True)
+    prefix = s.key_prefix
+    users = [f"w{i}" for i in range(8)]
+    posts = _events(dict.fromkeys(users, 30), 3, "r")  # 240 events, event ids r1..r30 per user
+    no_ids = [{"user_id": "w1", "item_id": "5", "ts": 1.7e9 + 100}]
+    sync = redis.Redis.from_url(url, socket_timeout=30)
+    producer = StreamProducer.from_settings(s)
+    model = ServingModel.load(root / v1)
+    want = {u: 30 for u in users} | {"w1": 32}
+
+    async def body() -> None:
+        async with running(s) as (client, _):
+            for k in range(0, len(posts), 40):
+                r = await client.post("/v1/events", json={"events": posts[k : k + 40]})
+                assert r.status_code == 200 and r.json()["applied"] == 40, r.text
+            again = await client.post("/v1/events", json={"events": posts[:40]})  # a resent post
+            assert again.status_code == 200 and again.json()["applied"] == 0 and again.json()["duplicates"] == 40
+            bad = [{"user_id": "w0", "item_id": "no-such-item", "ts": 1.7e9 + 50, "event_id": "x1"}, posts[0]]
+            bad[1] = {**bad[1], "event_id": "x2"}
+            rejected = await client.post("/v1/events", json={"events": bad})  # strict mode: nothing applied
+            assert rejected.status_code == 422
+            for _ in range(2):  # no event id: each post is a new event, applied and logged
+                assert (await client.post("/v1/events", json={"events": no_ids})).json()["applied"] == 1
+        assert _counts(url, prefix, v1, users) == want
+        logged = _logged(sync, producer.layout)
+        assert Counter(f["user_id"] for _, f in logged) == want
+        ids = [(f["user_id"], f["event_id"]) for _, f in logged if "event_id" in f]
+        assert len(ids) == len(set(ids)) == 240 and not any(e.startswith("x") for _, e in ids)
+        for eid, f in logged:  # each in its user's partition
+            assert any(eid == e.decode() for e, _ in sync.xrange(producer.layout.of_user(f["user_id"]).stream))
+
+        async with Running(s) as c:  # the consumer acknowledges them and applies none
+            await c.wait(lambda: c.consumer.totals.logged == len(logged))
+            assert c.consumer.totals.applied == 0
+        assert _counts(url, prefix, v1, users) == want
+
+        env = {
+            **os.environ,
+            "HYTREC_REDIS_URL": url,
+            "HYTREC_KEY_PREFIX": prefix,
+            "HYTREC_STREAM_PARTITIONS": "2",
+            "PYTHONPATH": str(REPO),
+        }
+        out = tmp_path / "train.tsv.gz"
+        res = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "hytrec.cli", "export", "--out", str(out)],
+            env=env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert res.returncode == 0, res.stderr[-2000:]
+        assert json.loads(res.stdout)["events"] == sum(want.values())
+        u, items, _ = read_events(out)
+        assert Counter(u.tolist()) == want
+
+        copy = await open_store(s, "rebuilt")  # same model, another key namespace
+        try:
+            report = await Backfill(model, copy, asyncio.to_thread).from_stream(sync, producer.layout, None, {})
+        finally:
+            await copy.close()
+        assert report.users == len(users) and report.events == sum(want.values())
+        for user in users:
+            live = model.decode(sync.hget(f"{prefix}:{v1}:{{u:{user}}}:s", "blob"))
+            built = model.decode(sync.hget(f"{prefix}:rebuilt:{{u:{user}}}:s", "blob"))
+            torch.testing.assert_close(live.tadn, built.tadn, rtol=1e-4, atol=1e-4)
+            now = [1.7e9 + 1000]
+            top = [model.recommend(st, now, 10, [True])[0].item_ids for st in (live, built)]
+            assert top[0] == top[1], user
+
+    try:
+        _run(body)
+    finally:
+        producer.close()
+        sync.close()
+
+
+def test_a_stream_write_racing_a_delete_is_refused_inside_the_compare_and_set(
+    model_root: tuple[Path, str, str], redis_standalone_url: str
+) -> None:
+    """A consumer batch read before ``DELETE /v1/users/{id}`` and committed after it must not bring the user
+    back: the erasure lands between the batch's read and its compare-and-set (deterministically, from inside
+    the store's runner), and the write is refused by the script, for a user with a state and a new one."""
+    from hytrec.state_store import entry_key
+    from hytrec.streams.erasure import stream_layout, write_tombstone
+
+    root, v1, _ = model_root
+    url = redis_standalone_url
+    s = _settings(root, v1, url)
+    prefix = s.key_prefix
+    layout = stream_layout(s)
+    model = ServingModel.load(root / v1)
+    producer = StreamProducer.from_settings(s)
+    sync = redis.Redis.from_url(url, socket_timeout=30)
+
+    async def body() -> None:
+        base = await open_store(s, v1)
+        ing = EventIngestor(model, EventBatcher(model, base, 64, 0.0, 64), False)
+        ing.batcher.start()
+        old = _events({"old": 5}, 1, "a")
+        entries = producer.add(old)  # "old" has a state built from its first 3 entries
+        part = layout.of_user("old")
+        first = await ing.ingest_entries(
+            [Event(**e) for e in old[:3]], entries[:3], part.mark_field, 1, loop_time() + 60
+        )
+        assert first.applied == 3
+        fresh = _events({"new": 4}, 2, "b")
+        fresh_ids = producer.add(fresh)
+        await ing.batcher.stop()
+        await base.close()
+
+        erase_next: list[str] = []  # erased by the next compute, between the batch's read and its CAS
+
+        async def racing(fn):  # noqa: ANN001, ANN202
+            while erase_next:
+                user = erase_next.pop()
+                await write_tombstone(store.client, layout, user)
+                await store.delete_user(user)
+            return await asyncio.to_thread(fn)
+
+        store = await open_store(s, v1, runner=racing)
+        batcher = EventBatcher(model, store, 64, 0.0, 64)
+        batcher.start()
+        ing = EventIngestor(model, batcher, False)
+        try:
+            erase_next.append("old")  # a state before: the delete moves its version, the retry is refused
+            late = await ing.ingest_entries(
+                [Event(**e) for e in old[3:]], entries[3:], part.mark_field, 1, loop_time() + 60
+            )
+            assert not erase_next and late.applied == 0 and late._erased == 2
+            erase_next.append("new")  # no state before: the version check alone would let the write in
+            mark = layout.of_user("new").mark_field
+            res = await ing.ingest_entries([Event(**e) for e in fresh], fresh_ids, mark, 1, loop_time() + 60)
+            assert not erase_next and res.applied == 0 and res._erased == 4
+            assert sync.exists(f"{prefix}:{v1}:{{u:old}}:s", f"{prefix}:{v1}:{{u:new}}:s") == 0
+            # an entry produced after the erasure is a new history: applied
+            after = _events({"old": 1}, 3, "c", t0=1.8e9)
+            after_ids = producer.add(after)
+            assert entry_key(after_ids[0]) > entry_key(entries[-1])
+            res = await ing.ingest_entries([Event(**e) for e in after], after_ids, part.mark_field, 1, loop_time() + 60)
+            assert res.applied == 1 and _counts(url, prefix, v1, ["old"]) == {"old": 1}
+        finally:
+            await batcher.stop()
+            await store.close()
+
+    try:
+        _run(body)
+    finally:
+        producer.close()
+        sync.close()
+
+
+def test_a_consumer_follows_the_desired_versions_without_a_restart(
+    model_root: tuple[Path, str, str], redis_standalone_url: str
+) -> None:
+    """A consumer started on v1 consumes with v2 once v2 is the desired live version and stops writing v1 once
+    v1 leaves the write set, then goes back: each change is followed from its announcement (the poll period is
+    far longer than the test), and every produced event is held once by the versions written at the time."""
+    from hytrec.service.swap import set_desired, writers_key
+    from hytrec.service.versions import MirrorSet
+
+    root, v1, v2 = model_root
+    url = redis_standalone_url
+    s = _settings(root, v1, url, versions_poll_s=600.0, stream_batch_size=50)
+    prefix = s.key_prefix
+    users = [f"f{i}" for i in range(6)]
+    producer = StreamProducer.from_settings(s)
+    sync = redis.Redis.from_url(url, socket_timeout=30)
+    t0 = [1.7e9]
+
+    def produce(n: int) -> None:
+        producer.add(_events(dict.fromkeys(users, n), int(t0[0]) % 97, f"e{int(t0[0])}-", t0=t0[0]))
+        t0[0] += 1000
+
+    async def body() -> None:
+        async with Running(s) as c:
+            mirrors = MirrorSet(s, c.consumer.ingestor, c.store.client, asyncio.to_thread, c.consumer.id, c.consumer)
+            await mirrors.refresh()
+            follow = asyncio.create_task(mirrors.follow())
+            me = f"consumer-{c.consumer.id}"
+
+            def writes() -> str:
+                raw = sync.hget(writers_key(prefix), me)
+                return " ".join(raw.decode().split()[:2]) if raw else ""
+
+            try:
+                produce(10)
+                await c.wait(lambda: _counts(url, prefix, v1, users) == dict.fromkeys(users, 10), 30)
+                assert writes() == f"{v1} {v1}"
+
+                await set_desired(c.store.client, prefix, live=v2, write=[v1])  # promote, v1 still written
+                await c.wait(lambda: writes() == f"{v2} {v2},{v1}", 15)
+                assert c.consumer.ingestor.model.version == v2
+                produce(5)
+                await c.wait(lambda: _counts(url, prefix, v1, users) == dict.fromkeys(users, 15), 30)
+                await c.wait(lambda: _counts(url, prefix, v2, users) == dict.fromkeys(users, 5), 30)
+
+                await set_desired(c.store.client, prefix, write=[])  # v1 no longer written: no restart needed
+                await c.wait(lambda: writes() == f"{v2} {v2}", 15)
+                produce(4)
+                await c.wait(lambda: _counts(url, prefix, v2, users) == dict.fromkeys(users, 9), 30)
+                await asyncio.sleep(0.5)
+                assert _counts(url, prefix, v1, users) == dict.fromkeys(users, 15)
+
+                await set_desired(c.store.client, prefix, live=v1, write=[v2])  # and back (a rollback)
+                await c.wait(lambda: writes() == f"{v1} {v1},{v2}", 15)
+                produce(2)
+                await c.wait(lambda: _counts(url, prefix, v1, users) == dict.fromkeys(users, 17), 30)
+                await c.wait(lambda: _counts(url, prefix, v2, users) == dict.fromkeys(users, 11), 30)
+            finally:
+                follow.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await follow
+                await mirrors.close()
+
+    try:
+        _run(body)
     finally:
         producer.close()
         sync.close()

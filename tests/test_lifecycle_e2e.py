@@ -138,7 +138,7 @@ def test_new_checkpoint_from_training_to_all_traffic_by_the_runbook(
         consumers.append(p)
         return p
 
-    sync = redis.Redis.from_url(redis_standalone_url)
+    sync = redis.Redis.from_url(redis_standalone_url, socket_timeout=30)
     producer, load = Producer(s), Load(server.url, 20)
     timeline: list[tuple[str, float]] = []
 
@@ -208,7 +208,8 @@ def test_new_checkpoint_from_training_to_all_traffic_by_the_runbook(
         )
         time.sleep(2)
         producer.stop.set()
-        producer.join()
+        producer.join(30)
+        assert not producer.is_alive(), "the producer thread did not stop"
         _wait(lambda: counts(v2) == {u: producer.sent[u] for u in USERS}, 90, "v2 holds every produced event once")
         step("drop v1")
         dropped = _cli(["versions", "drop", v1], cli_env)

@@ -63,6 +63,18 @@ async def open_loop(url: str, path_of, rate: float, seconds: float, rng: random.
     return out
 
 
+def _run(body, timeout: float = 180.0):  # noqa: ANN001, ANN202
+    """Run a test body with a bound, so a stuck step fails the test (naming the bound) instead of hanging it."""
+
+    async def bounded():  # noqa: ANN202
+        try:
+            return await asyncio.wait_for(body(), timeout)
+        except TimeoutError:
+            pytest.fail(f"test body did not finish within {timeout:.0f} s")
+
+    return asyncio.run(bounded())
+
+
 def _wait_workers(url: str, n: int, timeout: float = 60.0) -> None:
     """Until ``n`` distinct workers have answered /readyz 200 (the supervisor's first ready one is not all)."""
     seen: set[str] = set()
@@ -120,7 +132,7 @@ def test_swap_under_open_loop_load_no_failed_request_and_each_worker_switches_on
                 assert bad.status_code == 422 and bad.json()["errors"][0]["field"] == "candidate"
             return await load
 
-        answers = asyncio.run(body())
+        answers = _run(body)
         failed = [a for a in answers if a["status"] != 200]
         by_worker: dict[str, list[dict]] = defaultdict(list)
         for a in answers:
@@ -221,7 +233,7 @@ def test_canary_share_is_honoured_and_sticky_and_shadow_logs_both(
             assert line["live"]["version"] == v1 and line["candidate"]["version"] == v2
             assert len(line["live"]["items"]) == 3 and len(line["candidate"]["items"]) == 3
 
-    asyncio.run(body())
+    _run(body)
 
 
 def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -251,8 +263,8 @@ def test_versions_drop_removes_the_versions_keys_and_refuses_the_live_one(
         await set_desired(store.client, s.key_prefix, live=v1)
         await store.close()
 
-    asyncio.run(body())
-    c = redis.Redis.from_url(redis_standalone_url)
+    _run(body)
+    c = redis.Redis.from_url(redis_standalone_url, socket_timeout=30)
     p = s.key_prefix
     try:
         assert len(list(c.scan_iter(f"{p}:{v2}:*", count=1000))) == 240  # state + dedup set of 120 users

@@ -197,7 +197,7 @@ def test_dedup_applied_ids_are_reported_and_never_reapplied(redis_url: str) -> N
         # the script re-checks: a write with an applied id is refused even at the right version
         snap = await store.get("u")
         res = await store._cas({"u": (snap.version, Write(encode(b"!"), ("e2",)), "tok-dup")})
-        assert res["u"] == (DUPLICATE, snap.version)
+        assert res["u"][:2] == (DUPLICATE, snap.version)
         # an id the caller did not announce is caught by the script, then re-read and skipped
         before = metric(m.CAS_DUPLICATES)
         with pytest.raises(ValueError, match="re-applies"):
@@ -222,8 +222,8 @@ def test_dedup_window_is_bounded(redis_url: str) -> None:
 def test_resent_write_is_recognised_not_applied_twice(redis_url: str) -> None:
     async def body(store) -> None:
         w = Write(encode(b"once"), (), n_events=1)
-        assert (await store._cas({"u": (0, w, "tok-1")}))["u"] == (COMMITTED, 1)
-        assert (await store._cas({"u": (0, w, "tok-1")}))["u"] == (REPLAYED, 1)
+        assert (await store._cas({"u": (0, w, "tok-1")}))["u"][:2] == (COMMITTED, 1)
+        assert (await store._cas({"u": (0, w, "tok-1")}))["u"][:2] == (REPLAYED, 1)
         snap = await store.get("u")
         assert (snap.version, snap.event_count) == (1, 1)
 
@@ -423,5 +423,57 @@ def test_default_dedup_window_stays_compact(redis_url: str) -> None:
         key = store.keys.dedup("u")
         assert await store.client.zcard(key) == window
         assert await store.client.object("encoding", key) in (b"ziplist", b"listpack")
+
+    run(redis_url, body)
+
+
+def test_logged_events_and_the_erasure_check_in_the_compare_and_set(redis_url: str) -> None:
+    """``Write.log`` appends the write's events to the log stream once per commit (not for a refused or a
+    re-sent write), on a cluster too; a write whose stream mark is at or below the user's erasure position is
+    refused (``erased``) and writes nothing, while one above it commits."""
+    from hytrec.state_store import Mark
+    from hytrec.state_store.keys import tombstone_key
+    from hytrec.streams.partition import StreamLayout
+
+    layout = StreamLayout("hytrec", f"s{uuid.uuid4().hex[:8]}", 2)
+
+    async def body(store) -> None:
+        users = [f"lg{i}" for i in range(6)]
+        stream = {u: layout.of_user(u).stream for u in users}
+
+        def logged(snaps, tag="a"):  # noqa: ANN001, ANN202
+            return {
+                u: Write(
+                    encode(tag.encode()),
+                    (f"{tag}-{u}",),
+                    log=((("user_id", u), ("item_id", "7"), ("ts", "1.0"), ("event_id", f"{tag}-{u}")),),
+                    log_key=stream[u],
+                    log_maxlen=1000,
+                )
+                for u in snaps
+            }
+
+        commits = await store.update_many(users, logged, event_ids={u: [f"a-{u}"] for u in users})
+        assert all(len(c.logged) == 1 for c in commits.values())
+        entries = [e for part in layout.partitions for e in await store.client.xrange(part.stream)]
+        assert sorted(f[b"user_id"].decode() for _, f in entries) == users
+
+        # the same event ids again: refused by the de-dup check, recomputed without them, nothing logged
+        def again(snaps):  # noqa: ANN001, ANN202
+            return {u: Write(encode(b"b"), (), n_events=0) for u in snaps if snaps[u].applied}
+
+        await store.update_many(users, again, event_ids={u: [f"a-{u}"] for u in users})
+        assert sum([await store.client.xlen(p.stream) for p in layout.partitions]) == len(users)
+
+        # erasure at entry 100-0 of the user's partition: a mark at or below it is refused, above it commits
+        u = users[0]
+        await store.client.hset(tombstone_key("hytrec", u), u, "100-0")
+        mark = layout.of_user(u).mark_field
+        for entry, erased in (("99-5", True), ("100-0", True), ("100-1", False)):
+            w = Write(encode(entry.encode()), (), n_events=1, marks={mark: Mark(entry, 1)})
+            c = (await store.update_many([u], lambda snaps, w=w: {u: w}, marks={u: [mark]}))[u]
+            assert c.erased is erased, entry
+        assert payload(await store.get(u)) == b"100-1"
+        await store.client.delete(tombstone_key("hytrec", u), *(p.stream for p in layout.partitions))
 
     run(redis_url, body)
