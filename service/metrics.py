@@ -72,7 +72,7 @@ MICROBATCH_COMPUTE = Histogram(
 SHED = Counter(
     "hytrec_shed_total",
     "Requests answered 503 overloaded without being served, by path and reason: queue_full (the batcher's bounded "
-    "queue), queue_delay (its oldest request waited over HYTREC_MAX_QUEUE_DELAY_MS), deadline "
+    "queue), queue_delay (requests waited over HYTREC_MAX_QUEUE_DELAY_MS for HYTREC_QUEUE_STANDING_MS), deadline "
     "(HYTREC_REQUEST_TIMEOUT_MS passed while queued or running), in_flight (over HYTREC_MAX_IN_FLIGHT requests at "
     "once).",
     ["path", "reason"],
