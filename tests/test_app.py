@@ -449,3 +449,35 @@ def test_the_product_posts_are_shed_before_their_body_is_parsed(
             assert (await client.post("/v1/users/qp/rank", **bad)).status_code == 400  # drained: parsed again
 
     run(body)
+
+
+def test_the_hot_routes_answers_match_their_documented_schemas(
+    service_checkpoint: Checkpoint, redis_standalone_url: str
+) -> None:
+    """The events and recommendations routes answer with their models' own serializer, past FastAPI's response
+    validation: their JSON must still validate against the ``response_model`` the OpenAPI document names."""
+    from hytrec.service.schemas import IngestResult, Recommendations
+
+    s = settings_for(service_checkpoint, redis_standalone_url)
+
+    async def body() -> None:
+        async with running(s) as (client, _):
+            posted = await client.post("/v1/events", json={"events": events("schema", 3)})
+            assert posted.status_code == 200 and posted.headers["content-type"] == "application/json"
+            ingest = IngestResult.model_validate_json(posted.content)
+            assert ingest.applied == 3
+            for query in ("", "?k=3&exclude_seen=false"):
+                got = await client.get(f"/v1/users/schema/recommendations{query}")
+                assert got.status_code == 200 and got.headers["content-type"] == "application/json"
+                answer = Recommendations.model_validate_json(got.content)
+                assert answer.user_id == "schema" and answer.had_state and answer.history_length == 3
+                assert len(answer.items) == (3 if query else 10)
+            doc = (await client.get("/openapi.json")).json()["paths"]
+            for path, method, name in (
+                ("/v1/events", "post", "IngestResult"),
+                ("/v1/users/{user_id}/recommendations", "get", "Recommendations"),
+            ):
+                schema = doc[path][method]["responses"]["200"]["content"]["application/json"]["schema"]
+                assert schema == {"$ref": f"#/components/schemas/{name}"}
+
+    run(body)
