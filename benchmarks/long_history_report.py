@@ -6,7 +6,12 @@ ratio, ``paired_bootstrap`` for the difference) on each run's ``test_ranks.npy``
 ``test_ranks_unfiltered.npy`` (nothing filtered). It reads files only, so a table can be redrawn without
 training again::
 
-    python -m hytrec.benchmarks.long_history_report RUN_DIR... [--baseline recent-softmax] [--json OUT]
+    python -m hytrec.benchmarks.long_history_report RUN_DIR... [--baseline recent-softmax]
+        [--json OUT --gap GAP --label TEXT]
+    python -m hytrec.benchmarks.long_history_report --plot OUT.png TABLE.json...
+
+``--json`` keeps the rows with the scenario's gap and a label; ``--plot`` draws, from such files, each model's
+HR@10 ratio to the baseline with its CI against the gap, one panel per protocol.
 """
 
 from __future__ import annotations
@@ -133,18 +138,69 @@ def render(rows: list[dict[str, Any]], baseline: str) -> str:
     return "\n".join(markdown_table(header, body, "llrrrrlll"))
 
 
+def write_plot(tables: list[dict[str, Any]], path: Path, goal: float = 1.15, cap: float = 6.0) -> None:
+    """Ratio to the baseline against the gap (log x), filtered and unfiltered panels; whiskers: the 95% CIs
+    (an infinite upper bound is drawn to ``cap`` with an arrow head)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
+    models = sorted({r["model"] for t in tables for r in t["rows"] if r["ratio filtered"] is not None})
+    colors = dict(zip(models, ["tab:blue", "tab:green", "black", "tab:purple", "tab:red"], strict=False))
+    for ax, protocol, title in zip(axes, PROTOCOLS, ("seen items filtered", "nothing filtered"), strict=True):
+        for k, model in enumerate(models):
+            for t in tables:
+                for r in t["rows"]:
+                    ci = r[f"ratio {protocol}"]
+                    if r["model"] != model or ci is None or any(math.isnan(v) for v in ci):
+                        continue
+                    x = t["gap"] * 1.08 ** (k - (len(models) - 1) / 2)  # side by side at one gap
+                    y, lo, hi = (min(v, cap) for v in ci)
+                    ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], fmt="o", capsize=4, color=colors[model])
+                    if math.isinf(ci[2]):
+                        ax.annotate("", (x, cap), (x, cap * 0.9), arrowprops={"arrowstyle": "->"})
+            ax.plot([], [], "o", color=colors[model], label=model)
+        ax.axhline(1.0, color="0.5", lw=1)
+        ax.axhline(goal, color="0.5", lw=1, ls="--")
+        ax.set_xscale("log")
+        gaps = sorted({t["gap"] for t in tables})
+        ax.set_xticks(gaps, [f"{g:,}" for g in gaps])
+        ax.set_xlim(min(gaps) / 2, max(gaps) * 2)
+        ax.set_xlabel("dormancy gap (events)")
+        ax.set_title(title, fontsize=10)
+    axes[0].set_ylabel("HR@10 / recent-softmax HR@10")
+    axes[0].legend(fontsize=8, loc="upper left")
+    fig.suptitle(
+        "; ".join(f"gap {t['gap']:,}: {t['label']}" for t in tables) + f" (dashed: the {goal}x goal)", fontsize=9
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="run directories of one data file")
+    parser.add_argument("runs", nargs="*", type=Path, help="run directories of one data file (or, with --plot, tables)")
     parser.add_argument("--baseline", default="recent-softmax", help="model type compared against")
     parser.add_argument("--resamples", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, help="also write the rows as JSON")
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON, with --gap and --label")
+    parser.add_argument("--gap", type=int, help="the scenario's dormancy gap (events), kept in the JSON")
+    parser.add_argument("--label", default="", help="what the runs were (scenario, users, seed), kept in the JSON")
+    parser.add_argument("--plot", type=Path, help="draw the ratios of the JSON tables given as arguments")
     args = parser.parse_args(argv)
+    if args.plot:
+        write_plot([json.loads(p.read_text()) for p in args.runs], args.plot)
+        return
+    if not args.runs:
+        parser.error("give run directories")
     rows = compare([load_run(p) for p in args.runs], args.baseline, n=args.resamples, seed=args.seed)
     print(render(rows, args.baseline))
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2))
+        table = {"gap": args.gap, "label": args.label, "baseline": args.baseline, "resamples": args.resamples}
+        args.json.write_text(json.dumps({**table, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -53,8 +53,18 @@ def test_unpaired_runs_are_refused(tmp_path: Path) -> None:
 def test_cli_writes_the_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     base = _write_run(tmp_path / "rs", "recent-softmax", [0, 20, 20, 20], [20] * 4)
     cand = _write_run(tmp_path / "h", "hytrec", [0, 0, 20, 20], [20] * 4)
-    main([str(base), str(cand), "--json", str(tmp_path / "rows.json"), "--resamples", "100"])
+    main([str(base), str(cand), "--json", str(tmp_path / "rows.json"), "--resamples", "100", "--gap", "1000"])
     assert "HR@10 ratio vs recent-softmax" in capsys.readouterr().out
-    rows = json.loads((tmp_path / "rows.json").read_text())
+    table = json.loads((tmp_path / "rows.json").read_text())
+    assert table["gap"] == 1000
+    rows = table["rows"]
     assert [r["model"] for r in rows] == ["recent-softmax", "hytrec"]
     assert np.isnan(rows[1]["ratio unfiltered"][0])  # 0 / 0: no hit for either model
+
+
+def test_plot_from_tables(tmp_path: Path) -> None:
+    base = _write_run(tmp_path / "rs", "recent-softmax", [0, 20, 20, 20], [0, 20, 20, 20])
+    cand = _write_run(tmp_path / "h", "hytrec", [0, 0, 20, 20], [20, 20, 20, 20])
+    main([str(base), str(cand), "--json", str(tmp_path / "t.json"), "--gap", "100", "--label", "test"])
+    main(["--plot", str(tmp_path / "p.png"), str(tmp_path / "t.json")])
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
