@@ -90,6 +90,7 @@ def compare(runs: list[Run], baseline: str, n: int = 1000, seed: int = 0) -> lis
             row[f"HR@10 {protocol}"] = float(hr.mean())
             row[f"NDCG@10 {protocol}"] = float(per_user_metrics(ranks)["NDCG@10"].mean())
             is_base = run is base[0]
+            row[f"baseline hits {protocol}"] = int(hr_ref.sum())
             row[f"ratio {protocol}"] = None if is_base else paired_bootstrap_ratio(hr, hr_ref, n=n, seed=seed)
             row[f"diff {protocol}"] = None if is_base else paired_bootstrap(hr, hr_ref, n=n, seed=seed)
         rows.append(row)
@@ -106,6 +107,12 @@ def _ci(x: tuple[float, float, float] | None, signed: bool = False) -> str:
         return f"{v:+.4f}".replace("-", "−") if signed else f"{v:.3f}"
 
     return f"{f(x[0])} [{f(x[1])}, {f(x[2])}]"
+
+
+def _ratio(row: dict[str, Any], protocol: str) -> str:
+    if row[f"ratio {protocol}"] is not None and not row[f"baseline hits {protocol}"]:
+        return "undefined (the baseline has no hit)"
+    return _ci(row[f"ratio {protocol}"])
 
 
 def render(rows: list[dict[str, Any]], baseline: str) -> str:
@@ -129,9 +136,9 @@ def render(rows: list[dict[str, Any]], baseline: str) -> str:
             f"{r['HR@10 filtered']:.4f}",
             f"{r['NDCG@10 filtered']:.4f}",
             f"{r['HR@10 unfiltered']:.4f}",
-            _ci(r["ratio filtered"]),
+            _ratio(r, "filtered"),
             _ci(r["diff filtered"], signed=True),
-            _ci(r["ratio unfiltered"]),
+            _ratio(r, "unfiltered"),
         ]
         for r in rows
     ]
@@ -149,6 +156,7 @@ def write_plot(tables: list[dict[str, Any]], path: Path, goal: float = 1.15, cap
     fig, axes = plt.subplots(1, 2, figsize=(10, 4.2), sharey=True)
     models = sorted({r["model"] for t in tables for r in t["rows"] if r["ratio filtered"] is not None})
     colors = dict(zip(models, ["tab:blue", "tab:green", "black", "tab:purple", "tab:red"], strict=False))
+    drawn = dict.fromkeys(PROTOCOLS, 0)
     for ax, protocol, title in zip(axes, PROTOCOLS, ("seen items filtered", "nothing filtered"), strict=True):
         for k, model in enumerate(models):
             for t in tables:
@@ -156,12 +164,25 @@ def write_plot(tables: list[dict[str, Any]], path: Path, goal: float = 1.15, cap
                     ci = r[f"ratio {protocol}"]
                     if r["model"] != model or ci is None or any(math.isnan(v) for v in ci):
                         continue
+                    if r.get(f"baseline hits {protocol}", 1) == 0:  # x / 0: no ratio to draw
+                        continue
+                    drawn[protocol] += 1
                     x = t["gap"] * 1.08 ** (k - (len(models) - 1) / 2)  # side by side at one gap
                     y, lo, hi = (min(v, cap) for v in ci)
                     ax.errorbar([x], [y], yerr=[[y - lo], [hi - y]], fmt="o", capsize=4, color=colors[model])
                     if math.isinf(ci[2]):
                         ax.annotate("", (x, cap), (x, cap * 0.9), arrowprops={"arrowstyle": "->"})
             ax.plot([], [], "o", color=colors[model], label=model)
+        if not drawn[protocol]:
+            ax.text(
+                0.5,
+                0.5,
+                "no ratio: the baseline has no hit\nor it was not computed",
+                ha="center",
+                transform=ax.transAxes,
+                fontsize=9,
+                color="0.3",
+            )
         ax.axhline(1.0, color="0.5", lw=1)
         ax.axhline(goal, color="0.5", lw=1, ls="--")
         ax.set_xscale("log")
@@ -171,7 +192,7 @@ def write_plot(tables: list[dict[str, Any]], path: Path, goal: float = 1.15, cap
         ax.set_xlabel("dormancy gap (events)")
         ax.set_title(title, fontsize=10)
     axes[0].set_ylabel("HR@10 / recent-softmax HR@10")
-    axes[0].legend(fontsize=8, loc="upper left")
+    axes[0].legend(fontsize=8, loc="upper right")
     fig.suptitle(
         "; ".join(f"gap {t['gap']:,}: {t['label']}" for t in tables) + f" (dashed: the {goal}x goal)", fontsize=9
     )
