@@ -201,9 +201,12 @@ class WindowAttentionBlock(nn.Module):
     def attend(self, x: Tensor, keys: Tensor, valid: Tensor) -> Tensor:
         """x (..., d) queries; keys (..., W, d) the window of inputs ending with x itself, oldest first;
         valid (..., W). Returns the block's output (..., d)."""
-        q = self._heads(self.q_proj(self.norm1(x)))
         kn = self.norm1(keys)
-        k, v = self._heads(self.k_proj(kn)), self._heads(self.v_proj(kn))
+        return self._attend_kv(x, self._heads(self.k_proj(kn)), self._heads(self.v_proj(kn)), valid)
+
+    def _attend_kv(self, x: Tensor, k: Tensor, v: Tensor, valid: Tensor) -> Tensor:
+        """``attend`` given the window's projected keys and values k, v (..., W, H, d_h)."""
+        q = self._heads(self.q_proj(self.norm1(x)))
         scores = torch.einsum("...hd,...jhd->...hj", q, k) * self.head_dim**-0.5
         scores = scores + self.pos_bias.flip(0).T  # slot j of W holds the event W - 1 - j back
         scores = scores.masked_fill(~valid[..., None, :], float("-inf"))
@@ -213,9 +216,31 @@ class WindowAttentionBlock(nn.Module):
 
     def forward(self, x: Tensor, valid: Tensor, prev: Tensor, prev_valid: Tensor) -> Tensor:
         """Parallel form over (B, L, d) continuing ``prev`` (B, W, d), the inputs of the W events before x
-        (``prev_valid`` (B, W) marks the slots that hold one); ``valid`` (B, L) marks real events."""
-        w = self.window
-        seq = torch.cat([prev, x], dim=1)[:, 1:]  # query t's window is positions t .. t + W - 1 of seq
-        ok = torch.cat([prev_valid, valid], dim=1)[:, 1:]
-        keys = seq.unfold(1, w, 1).movedim(-1, -2)  # (B, L, W, d)
-        return self.attend(x, keys, ok.unfold(1, w, 1))
+        (``prev_valid`` (B, W) marks the slots that hold one); ``valid`` (B, L) marks real events.
+
+        The same function as ``attend`` on every window, computed blockwise for speed: norm and key/value
+        projections act on each position once, and each block of W queries attends to the 2W keys of its own
+        and the previous block with a band mask (offsets 0 .. W-1), in two batched matmuls. A query always
+        sees itself, so a padding position gets a finite output instead of a softmax over nothing."""
+        w, (b, n, d) = self.window, x.shape
+        n_blocks = -(-n // w)
+        pad = n_blocks * w - n
+        xp = F.pad(x, (0, 0, 0, pad))
+        full = torch.cat([prev, xp], dim=1)  # (B, W + n_blocks W, d): query t sits at position W + t
+        ok = torch.cat([prev_valid, F.pad(valid, (0, pad))], dim=1).view(b, n_blocks + 1, w)
+        kn = self.norm1(full)
+        k = self._heads(self.k_proj(kn)).view(b, n_blocks + 1, w, self.n_heads, self.head_dim)
+        v = self._heads(self.v_proj(kn)).view(b, n_blocks + 1, w, self.n_heads, self.head_dim)
+        k, v = torch.cat([k[:, :-1], k[:, 1:]], dim=2), torch.cat([v[:, :-1], v[:, 1:]], dim=2)  # (B, C, 2W, H, dh)
+        ok = torch.cat([ok[:, :-1], ok[:, 1:]], dim=2)  # (B, C, 2W)
+        q = self._heads(self.q_proj(self.norm1(xp))).view(b, n_blocks, w, self.n_heads, self.head_dim)
+        scores = torch.einsum("bcihd,bcjhd->bchij", q, k) * self.head_dim**-0.5
+        i, j = torch.arange(w, device=x.device)[:, None], torch.arange(2 * w, device=x.device)[None, :]
+        offset = w + i - j  # how many events key j lies before query i
+        band = (offset >= 0) & (offset < w)
+        scores = scores + self.pos_bias[offset.clamp(0, w - 1)].permute(2, 0, 1)  # (H, W, 2W)
+        allowed = (band & ok[:, :, None, None, :]) | (offset == 0)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        out = torch.einsum("bchij,bcjhd->bcihd", torch.softmax(scores, dim=-1), v).reshape(b, n_blocks * w, d)[:, :n]
+        y = x + self.dropout(self.o_proj(out))
+        return y + self.ffn(self.norm2(y))
