@@ -84,6 +84,10 @@ class KeySpace:
         """Key of the user's erasure position, read inside the compare-and-set (streams/erasure.py)."""
         return tombstone_key(self.prefix, user_id)
 
+    def lock(self, user_id: str) -> str:
+        """Key of the user's contention lock (a writer that lost a compare-and-set race goes next; short-lived)."""
+        return f"{self._head}{check_user_id(user_id)}}}:l"
+
     def never(self, user_id: str) -> str:
         """Key of the user's bounded "never again" item set (item ids: shared by every model version)."""
         return f"{self.prefix}:{{u:{check_user_id(user_id)}}}:n"

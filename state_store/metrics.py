@@ -19,6 +19,10 @@ BATCH_USERS = Histogram(
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
 )
 REDIS_ERRORS = Counter("hytrec_store_redis_errors_total", "Redis errors seen by the state store.", ["op", "kind"])
+CAS_LOCKS = Counter(
+    "hytrec_store_cas_locks_total",
+    "Per-user contention locks taken by a compare-and-set retry (the retry then goes before the other writers).",
+)
 CAS_RETRIES = Counter(
     "hytrec_store_cas_retries_total", "Per-user compare-and-set attempts that lost a race and were retried."
 )

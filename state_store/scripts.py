@@ -5,7 +5,8 @@ from __future__ import annotations
 import hashlib
 
 # KEYS: state hash, dedup zset, the user's set of model versions holding state (for erasure), the erasure hash
-#       of the user's slot (field: the user id), and (only when the write logs events) the log stream.
+#       of the user's slot (field: the user id), the user's contention lock, and (only when the write logs
+#       events) the log stream.
 # ARGV: expected ver, blob, now ms, ttl ms (0 = none), dedup window, events in this write ('=N': set the
 #       count to N instead of adding), last ts ('' = none), write token, model version, M (stream marks),
 #       L (events to log), log MAXLEN (0 = no trimming), M triples (mark field, entry id 'ms-seq', fencing
@@ -23,6 +24,9 @@ import hashlib
 #  -4 the write would not move a stream mark forward (a caller bug: nothing is written); a replacing write
 #     ('=N', a backfill) may rewrite the state at the stored mark, never below it.
 #  -5 erased: the write's stream mark is at or below the user's erasure tombstone (nothing is written)
+# The contention lock (a plain key, set with SET NX PX by a writer that already lost a race for the user,
+# holding its attempt's token prefix): while another writer holds it, a write answers 0 as if the version had
+# moved on; the holder's commit deletes it. Locks only decide who goes next (liveness): safety is the version.
 CAS = """
 local cur = redis.call('HMGET', KEYS[1], 'ver', 'tok', 'n', 'lts')
 local ver = 0
@@ -31,6 +35,8 @@ if cur[1] then
   if not ver then return {-2, 0} end
 end
 if cur[2] == ARGV[8] then return {2, ver} end
+local lk = redis.call('GET', KEYS[5])
+if lk and string.sub(ARGV[8], 1, #lk) ~= lk then return {0, ver} end
 if ver ~= tonumber(ARGV[1]) then return {0, ver} end
 local nm = tonumber(ARGV[10])
 local nl = tonumber(ARGV[11])
@@ -88,6 +94,7 @@ for i = m0, l0 - 1, 3 do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1] .. ' ' .. ARGV[i + 2])
 end
 redis.call('SADD', KEYS[3], ARGV[9])
+if lk then redis.call('DEL', KEYS[5]) end
 if window > 0 and #ARGV >= e0 then
   -- trim first, so a set kept within zset-max-listpack-entries stays in the compact encoding
   local first = math.max(e0, #ARGV - window + 1)
@@ -112,7 +119,7 @@ local out = {1, nv}
 local j = l0
 for _ = 1, nl do
   local nf = tonumber(ARGV[j])
-  local args = {KEYS[5]}
+  local args = {KEYS[6]}
   if tonumber(ARGV[12]) > 0 then
     args[#args + 1] = 'MAXLEN'
     args[#args + 1] = '~'
@@ -143,5 +150,11 @@ return {row, flags}
 """
 
 READ_SHA = hashlib.sha1(READ.encode()).hexdigest()
+
+# Releases a contention lock still held by this token prefix (its holder's write did not commit).
+UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
 
 COMMITTED, REPLAYED, CONFLICT, DUPLICATE, MALFORMED, FENCED, MARK_BEHIND, ERASED = 1, 2, 0, -1, -2, -3, -4, -5

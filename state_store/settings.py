@@ -47,6 +47,12 @@ class StoreSettings(BaseSettings):
         2.0, ge=0, description="Base of the compare-and-set backoff (full jitter, doubling per retry)."
     )
     cas_backoff_cap_ms: float = Field(50.0, ge=0, description="Cap of the compare-and-set backoff.")
+    cas_lock_ms: int = Field(
+        250,
+        ge=1,
+        description="A writer that lost a compare-and-set race for a user takes the user's lock for this long, so its "
+        "retry goes next instead of racing the other processes again (a hot user's writers cannot starve).",
+    )
     user_ttl_s: int | None = Field(None, ge=1, description="Expire a user this long after its last write.")
     dedup_window: int = Field(
         128,

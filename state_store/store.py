@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from base64 import b64encode
@@ -39,6 +40,7 @@ from hytrec.state_store.scripts import (
     READ,
     READ_SHA,
     REPLAYED,
+    UNLOCK,
 )
 from hytrec.state_store.settings import StoreSettings
 
@@ -312,10 +314,11 @@ class StateStore:
                     pipe.execute_command(
                         "EVALSHA",
                         CAS_SHA,
-                        5 if logged else 4,
+                        6 if logged else 5,
                         *self.keys.keys(u),
                         self.keys.versions(u),
                         self.keys.tombstone(u),
+                        self.keys.lock(u),
                         *([w.log_key] if logged else []),
                         expected,
                         w.blob,
@@ -408,61 +411,103 @@ class StateStore:
         commits: dict[str, Commit] = {}
         attempts = self.settings.cas_max_retries + 1
         for attempt in range(attempts):
+            prefix = b64encode(os.urandom(12)).decode()  # write tokens: unique per attempt and user
+            locked: list[str] = []
             if attempt:
                 await asyncio.sleep(self._cas_backoff.compute(attempt - 1))
-            snaps = await self._read(todo, asked, _CAS_FIELDS, marks)
-            for s in snaps.values():
-                if s.corrupt is not None:
-                    raise CorruptStateError(s.user_id, self.model_version, s.corrupt)
-            result = await run(lambda snaps=snaps: compute(snaps))
-            writes: dict[str, tuple[int, Write, str]] = {}
-            prefix = b64encode(os.urandom(12)).decode()  # write tokens: unique per attempt and user
-            for u, w in (result or {}).items():
-                if u not in snaps:
-                    raise ValueError(f"compute returned a write for user {u!r} it was not asked about")
-                if len(set(w.event_ids)) != len(w.event_ids):
-                    raise ValueError(f"write for user {u!r} repeats an event id")
-                again = snaps[u].applied.intersection(w.event_ids)
-                if again:
-                    raise ValueError(f"write for user {u!r} re-applies event ids {sorted(again)}")
-                writes[u] = (snaps[u].version, w, f"{prefix}{len(writes)}")
-            if not writes:
+                locked = await self._lock(todo, prefix)  # users lost before: this retry goes next where it can
+            try:
+                done = await self._attempt(todo, asked, compute, run, marks, prefix, attempt, commits)
+            finally:
+                if locked:  # a commit deleted its lock already; this frees the others (an erased or replayed write)
+                    await self._unlock(locked, prefix)
+            if done is None:
                 return commits
-            lost: list[str] = []
-            late_log: list[str] = []  # cluster: committed writes whose events are logged after the script
-            for u, (status, version, logged) in (await self._cas(writes)).items():
-                if status in (COMMITTED, REPLAYED):
-                    if status == REPLAYED:
-                        metrics.CAS_REPLAYED.inc()
-                    commits[u] = Commit(u, version, writes[u][1].event_ids, attempt + 1, logged)
-                    if self.cluster and writes[u][1].log and writes[u][1].log_key:
-                        late_log.append(u)
-                elif status == ERASED:
-                    metrics.CAS_ERASED.inc()
-                    commits[u] = Commit(u, 0, (), attempt + 1, erased=True)
-                elif status == MALFORMED:
-                    metrics.CORRUPT_VALUES.inc()
-                    raise CorruptStateError(u, self.model_version, "stored version is not an integer")
-                elif status == FENCED:
-                    raise FencedError(u, ",".join(writes[u][1].marks or ()))
-                elif status == MARK_BEHIND:
-                    raise StoreError(f"write for user {u!r} does not move its stream mark forward")
-                else:
-                    if status == DUPLICATE:
-                        metrics.CAS_DUPLICATES.inc()
-                        asked[u] = list(dict.fromkeys([*asked[u], *writes[u][1].event_ids]))
-                    elif status != CONFLICT:
-                        raise StoreError(f"unexpected compare-and-set status {status}")
-                    lost.append(u)
-            if late_log:
-                await self._log_after(late_log, writes, commits)
-            if not lost:
-                return commits
-            todo = lost
+            todo = done
             if attempt + 1 < attempts:
-                metrics.CAS_RETRIES.inc(len(lost))
+                metrics.CAS_RETRIES.inc(len(todo))
         metrics.CAS_CONFLICTS_EXHAUSTED.inc(len(todo))
         raise ConflictError(todo, attempts, commits)
+
+    async def _lock(self, user_ids: Sequence[str], prefix: str) -> list[str]:
+        """Take the contention lock of each user that is free; the users whose lock this attempt holds."""
+        pipe = self._pipeline()
+        for u in user_ids:
+            pipe.set(self.keys.lock(u), prefix, nx=True, px=self.settings.cas_lock_ms)
+        with self._guard("lock", len(user_ids)):
+            got = await pipe.execute()
+        metrics.CAS_LOCKS.inc(sum(1 for g in got if g))
+        return [u for u, g in zip(user_ids, got, strict=True) if g]
+
+    async def _unlock(self, user_ids: Sequence[str], prefix: str) -> None:
+        """Release the locks this attempt still holds (only where the lock still holds its prefix); best effort:
+        a lock left behind expires after ``cas_lock_ms``."""
+        if not user_ids:
+            return
+        with contextlib.suppress(rex.RedisError, StoreError, OSError):
+            pipe = self._pipeline()
+            for u in user_ids:
+                pipe.eval(UNLOCK, 1, self.keys.lock(u), prefix)
+            await pipe.execute()
+
+    async def _attempt(
+        self,
+        todo: list[str],
+        asked: dict[str, list[str]],
+        compute: Compute,
+        run: Runner,
+        marks: Mapping[str, Sequence[str]] | None,
+        prefix: str,
+        attempt: int,
+        commits: dict[str, Commit],
+    ) -> list[str] | None:
+        """One read-compute-write of ``todo``, filling ``commits``; the users that lost (None: nothing left)."""
+        snaps = await self._read(todo, asked, _CAS_FIELDS, marks)
+        for s in snaps.values():
+            if s.corrupt is not None:
+                raise CorruptStateError(s.user_id, self.model_version, s.corrupt)
+        result = await run(lambda snaps=snaps: compute(snaps))
+        writes: dict[str, tuple[int, Write, str]] = {}
+        for u, w in (result or {}).items():
+            if u not in snaps:
+                raise ValueError(f"compute returned a write for user {u!r} it was not asked about")
+            if len(set(w.event_ids)) != len(w.event_ids):
+                raise ValueError(f"write for user {u!r} repeats an event id")
+            again = snaps[u].applied.intersection(w.event_ids)
+            if again:
+                raise ValueError(f"write for user {u!r} re-applies event ids {sorted(again)}")
+            writes[u] = (snaps[u].version, w, f"{prefix}{len(writes)}")
+        if not writes:
+            return None
+        lost: list[str] = []
+        late_log: list[str] = []  # cluster: committed writes whose events are logged after the script
+        for u, (status, version, logged) in (await self._cas(writes)).items():
+            if status in (COMMITTED, REPLAYED):
+                if status == REPLAYED:
+                    metrics.CAS_REPLAYED.inc()
+                commits[u] = Commit(u, version, writes[u][1].event_ids, attempt + 1, logged)
+                if self.cluster and writes[u][1].log and writes[u][1].log_key:
+                    late_log.append(u)
+            elif status == ERASED:
+                metrics.CAS_ERASED.inc()
+                commits[u] = Commit(u, 0, (), attempt + 1, erased=True)
+            elif status == MALFORMED:
+                metrics.CORRUPT_VALUES.inc()
+                raise CorruptStateError(u, self.model_version, "stored version is not an integer")
+            elif status == FENCED:
+                raise FencedError(u, ",".join(writes[u][1].marks or ()))
+            elif status == MARK_BEHIND:
+                raise StoreError(f"write for user {u!r} does not move its stream mark forward")
+            else:
+                if status == DUPLICATE:
+                    metrics.CAS_DUPLICATES.inc()
+                    asked[u] = list(dict.fromkeys([*asked[u], *writes[u][1].event_ids]))
+                elif status != CONFLICT:
+                    raise StoreError(f"unexpected compare-and-set status {status}")
+                lost.append(u)
+        if late_log:
+            await self._log_after(late_log, writes, commits)
+        return lost or None
 
     async def put(self, user_id: str, blob: bytes, *, n_events: int = 0, last_ts: float | None = None) -> Commit:
         """Overwrite one user's state, event count and latest timestamp whatever its version (backfill)."""
@@ -481,7 +526,8 @@ class StateStore:
         with self._guard("delete", 1):
             versions = {v.decode() if isinstance(v, bytes) else v for v in await self.client.smembers(registry)}
             versions.add(self.model_version)
-            keys = [k for v in sorted(versions) for k in self.keys.of_version(v).keys(user_id)]
+            spaces = [self.keys.of_version(v) for v in sorted(versions)]
+            keys = [k for ks in spaces for k in (*ks.keys(user_id), ks.lock(user_id))]
             pipe = self._pipeline()
             pipe.exists(self.keys.state(user_id))
             pipe.delete(*keys, registry, self.keys.never(user_id))

@@ -256,12 +256,17 @@ def test_conflicts_are_retried_for_the_losers_only(redis_url: str) -> None:
 
 
 def test_conflicts_exhausted_raise_with_the_commits_that_landed(redis_url: str) -> None:
+    """Every attempt at "a" loses: something moves its version during each compute. It has to be a writer outside
+    the protocol (a bare HINCRBY), since a writer using the script is held off by the lock a retry takes."""
+
     async def body(store) -> None:
         loop = asyncio.get_running_loop()
+        await store.put("a", encode(b"seed"))
 
         def compute(snaps):
             if "a" in snaps:
-                asyncio.run_coroutine_threadsafe(store.put("a", encode(b"other")), loop).result()
+                bump = store.client.hincrby(store.keys.state("a"), "ver", 1)
+                asyncio.run_coroutine_threadsafe(bump, loop).result()
             return append(b"1")(snaps)
 
         before = metric(m.CAS_CONFLICTS_EXHAUSTED)

@@ -176,3 +176,31 @@ def test_concurrent_writers_real_model(redis_standalone_url: str) -> None:
     except ImportError as exc:  # the model core is written in parallel
         pytest.skip(f"model core not importable: {exc}")
     check_concurrent_writers(redis_standalone_url, "model")
+
+
+def test_a_held_contention_lock_makes_other_writers_wait_and_the_holders_commit_frees_it(redis_url: str) -> None:
+    """While another writer holds a user's lock, a compare-and-set loses as if the version had moved on (even
+    with the right version); the waiting writer's retry takes the lock once it is free, commits, and its commit
+    deletes the lock. A writer of another user is not held up."""
+    mv = f"lock-{uuid.uuid4().hex[:8]}"
+    settings = StoreSettings(redis_url=redis_url, cas_max_retries=200, cas_backoff_ms=1, cas_backoff_cap_ms=5)
+
+    async def main() -> None:
+        store = await open_store(settings, mv)
+        try:
+            lock = store.keys.lock(USER)
+            assert lock.split("}")[0] == store.keys.state(USER).split("}")[0]  # one hash slot with the state
+            await store.client.set(lock, "someone-else", px=300)
+            other = await store.update_many(["free-user"], lambda s: {"free-user": Write(b"x", ("f1",))})
+            assert other["free-user"].attempts == 1
+            start = asyncio.get_running_loop().time()
+            done = await store.update_many([USER], lambda s: {USER: Write(b"y", ("e1",))})
+            waited = asyncio.get_running_loop().time() - start
+            assert done[USER].attempts > 1 and waited >= 0.2  # refused until the foreign lock expired
+            assert await store.client.exists(lock) == 0  # the retry took the lock and its commit deleted it
+            snap = await store.get(USER)
+            assert snap is not None and snap.blob == b"y"
+        finally:
+            await store.close()
+
+    asyncio.run(main())
