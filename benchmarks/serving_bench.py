@@ -411,9 +411,10 @@ def sec_ingestion(lab: Lab) -> dict[str, Any]:
 
 
 def sec_hot_user(lab: Lab) -> dict[str, Any]:
-    s, out, items = lab.s, {}, lab.items[0]
+    s, out = lab.s, {}
     for workers in s.workers:
         srv, user = lab.shared(workers, warm=False), f"hot-w{workers}"
+        items = lab.items[0]  # read by the first server started (a section run alone has none before)
         n, base = s.hot_writers * s.hot_posts, time.time()
         bodies = [events_body([(user, items[j % len(items)], base + j * 1e-3, f"h{j}")]) for j in range(n)]
         res = _loop(post_events(srv.url, bodies, s.hot_writers, strict=False))
