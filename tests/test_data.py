@@ -57,6 +57,21 @@ def test_many_ties_keep_file_order(tmp_path: Path) -> None:
     assert d.vocab.decode(d.items) == [f"i{k}" for k in range(50)]
 
 
+def test_a_tie_seed_shuffles_only_equal_timestamps_and_repeats_per_seed(tmp_path: Path) -> None:
+    # two users interleaved; u gets 50 events at t=100 between a first and a last event
+    rows = ["u\tfirst\t1\n", "v\tv0\t5\n"] + [f"u\ti{k}\t100\n" for k in range(50)] + ["u\tlast\t200\n"]
+    path = write(tmp_path / "t.tsv", HEADER + "".join(rows))
+    a, b, c = (Interactions.from_file(path, tie_seed=s) for s in (7, 7, 8))
+    order = a.vocab.decode(a.sequence(0)[0])
+    assert order[0] == "first" and order[-1] == "last"  # only the tied events move
+    assert sorted(order[1:-1]) == sorted(f"i{k}" for k in range(50))
+    assert order[1:-1] != [f"i{k}" for k in range(50)]  # not file order (50! orders: 1 in 3e64 by chance)
+    assert a.sequence(0)[1].tolist() == [1.0] + [100.0] * 50 + [200.0]
+    assert np.array_equal(a.items, b.items)  # same seed, same order
+    assert not np.array_equal(a.items, c.items)
+    assert a.vocab.decode(a.sequence(1)[0]) == ["v0"]
+
+
 def test_column_order_extra_columns_and_crlf(tmp_path: Path) -> None:
     text = "timestamp\trating\titem_id\tuser_id\r\n3\t5\tx\t7\r\n1\t4\ty\t7\r\n"
     d = Interactions.from_file(write(tmp_path / "c.tsv", text))

@@ -211,3 +211,32 @@ def test_eval_request_time_probe(tmp_path, log_file) -> None:
     assert outs[0]["metrics"] == outs[1]["metrics"]  # no time input: same ranking
     bad = runner.invoke(app, ["eval", "--model", str(tmp_path), "--data", str(log_file), "--request-time", "now"])
     assert bad.exit_code != 0
+
+
+def test_a_tie_seed_is_used_in_training_and_by_eval_of_its_checkpoint(tmp_path, log_file) -> None:
+    """`--tie-seed` orders a second's events by a seeded permutation; `hytrec eval` of that checkpoint reuses it."""
+    from typer.testing import CliRunner
+
+    from hytrec.cli import app
+    from hytrec.eventlog import read_events
+
+    users, items, ts = read_events(log_file)
+    tied = tmp_path / "tied.tsv"  # timestamps cut to the day: most of a user's events now tie
+    tied.write_text(
+        "user_id\titem_id\ttimestamp\n"
+        + "".join(f"{u}\t{i}\t{int(t // 86400 * 86400)}\n" for u, i, t in zip(users, items, ts, strict=True))
+    )
+    split_file, split_seeded = (leave_one_out(Interactions.from_file(tied, tie_seed=s)) for s in (None, 11))
+    assert not np.array_equal(split_file.test.targets, split_seeded.test.targets)  # the ties matter here
+    result = train(tied, tmp_path / "run", small_cfg(epochs=1, tie_seed=11), quiet=True)
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["tie_seed"] == 11
+    runner = CliRunner()
+    outs = {}
+    for extra in ([], ["--tie-seed", "11"], ["--tie-seed", "12"]):
+        res = runner.invoke(app, ["eval", "--model", str(tmp_path / "run"), "--data", str(tied), "--json", *extra])
+        assert res.exit_code == 0, res.output
+        outs[tuple(extra)] = json.loads(res.output)
+    assert outs[()]["tie_seed"] == 11 and outs[()]["metrics"]["all"] == pytest.approx(result["test"]["all"])
+    assert outs[("--tie-seed", "11")]["metrics"] == outs[()]["metrics"]
+    assert outs[("--tie-seed", "12")]["tie_seed"] == 12
+    assert outs[("--tie-seed", "12")]["metrics"]["all"] != outs[()]["metrics"]["all"]

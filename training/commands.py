@@ -214,6 +214,14 @@ def evaluate(
             help="Write the target ranks (seen items excluded) as .npy, like a training run's test_ranks.npy",
         ),
     ] = None,
+    tie_seed: Annotated[
+        int | None,
+        typer.Option(
+            "--tie-seed",
+            help="Order equal timestamps by this seed's permutation (default: the checkpoint's own training "
+            "tie seed from its train_config.json, else file order)",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Full-ranking HR/NDCG@10/50/500, overall and per history-length bucket (seen items excluded and not)."""
@@ -226,7 +234,9 @@ def evaluate(
 
     t0 = time.perf_counter()
     ckpt = load_checkpoint(model)
-    interactions = Interactions.from_file(data, vocab=ckpt.vocab)
+    if tie_seed is None and (model / "train_config.json").exists():
+        tie_seed = json.loads((model / "train_config.json").read_text()).get("tie_seed")
+    interactions = Interactions.from_file(data, vocab=ckpt.vocab, tie_seed=tie_seed)
     eval_set = getattr(leave_one_out(interactions), split.value)
     if request_time is RequestTime.LAST_EVENT:
         h = eval_set.history
@@ -245,6 +255,7 @@ def evaluate(
         "split": split.value,
         "request_time": request_time.value,
         "state": f"streamed, stored as {stream_state.value}" if stream_state else "parallel form",
+        "tie_seed": tie_seed,
         "users": len(eval_set),
         "seconds": round(time.perf_counter() - t0, 2),
         "metrics": filtered.summary,

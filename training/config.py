@@ -136,6 +136,13 @@ class TrainConfig:
     )
     negatives: int = field(default=1024, metadata=_help("Negatives per batch of the sampled softmax."))
     seed: int = field(default=0, metadata=_help("Random seed (weights, batch order, dropout)."))
+    tie_seed: int | None = field(
+        default=None,
+        metadata=_help(
+            "Order a user's events with equal timestamps by a random permutation drawn from this seed, in "
+            "training and in the run's evaluation (default: file order)."
+        ),
+    )
     threads: int = field(
         default=0,
         metadata=_help("Torch intra-op threads (0: torch's default; docs/results.md ran 1 per run, 2 at a time)."),

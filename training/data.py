@@ -2,7 +2,10 @@
 
 Files are read by :func:`hytrec.eventlog.read_events` (format described there). Layout in memory
 (:class:`Interactions`): one sequence per user in CSR form: vocab rows ``items[offsets[u]:offsets[u+1]]``
-and ``timestamps`` over the same slice, each user's events sorted by time with ties kept in file order.
+and ``timestamps`` over the same slice, each user's events sorted by time with ties kept in file order, or,
+given a ``tie_seed``, in a seeded random order. Some public files order a second's events by item id, which a model
+can learn (42 % of ML-1M test events share their second with the event before), so a random tie order checks
+that a result does not lean on it.
 Item rows come from :class:`hytrec.model.vocab.Vocab` (padding, unknown, then the items).
 """
 
@@ -41,13 +44,13 @@ class Interactions:
     vocab: Vocab
 
     @classmethod
-    def from_file(cls, path: str | Path, vocab: Vocab | None = None) -> Interactions:
+    def from_file(cls, path: str | Path, vocab: Vocab | None = None, tie_seed: int | None = None) -> Interactions:
         """Load a file; build the vocabulary from its items unless ``vocab`` is given (then unknown -> UNKNOWN_ROW).
 
-        Users keep their order of first appearance in the file.
+        Users keep their order of first appearance in the file. ``tie_seed``: see :meth:`from_events`.
         """
         users, items, ts = read_events(path)
-        return cls.from_events(users, items, ts, vocab)
+        return cls.from_events(users, items, ts, vocab, tie_seed=tie_seed)
 
     @classmethod
     def from_events(
@@ -56,8 +59,14 @@ class Interactions:
         items: Sequence[str] | np.ndarray,
         timestamps: Sequence[float] | np.ndarray,
         vocab: Vocab | None = None,
+        tie_seed: int | None = None,
     ) -> Interactions:
-        """Build from parallel arrays of events in file order (see :meth:`from_file`)."""
+        """Build from parallel arrays of events in file order (see :meth:`from_file`).
+
+        A user's events with equal timestamps keep file order, or, with ``tie_seed``, the order of one random
+        permutation of the file's lines drawn from that seed: the same order for every run given the same
+        file and seed, so training and evaluation see one sequence.
+        """
         users = np.asarray(users, dtype=str)
         items = np.asarray(items, dtype=str)
         ts = np.asarray(timestamps, dtype=np.float64)
@@ -70,7 +79,11 @@ class Interactions:
         rank = np.empty(len(uniq), dtype=np.int64)
         rank[by_first] = np.arange(len(uniq))
         code = rank[inverse.ravel()]
-        order = np.lexsort((ts, code))  # stable: equal (user, ts) keep file order
+        if tie_seed is None:
+            order = np.lexsort((ts, code))  # stable: equal (user, ts) keep file order
+        else:
+            tiebreak = np.random.default_rng(tie_seed).permutation(len(ts))
+            order = np.lexsort((tiebreak, ts, code))
         counts = np.bincount(code, minlength=len(uniq))
         offsets = np.zeros(len(uniq) + 1, dtype=np.int64)
         np.cumsum(counts, out=offsets[1:])

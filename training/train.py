@@ -231,7 +231,7 @@ def _train(data_path: Path, out: Path, cfg: TrainConfig, world: distributed.Worl
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)  # the batch order: the same generator on every rank
-    data = Interactions.from_file(data_path)
+    data = Interactions.from_file(data_path, tie_seed=cfg.tie_seed)
     split = leave_one_out(data)
     popularity = item_popularity(split)
     model, _ = build_model(str(cfg.model_type), cfg.model_config(data.vocab.n_items))
