@@ -157,3 +157,24 @@ def test_the_results_page_figures_can_be_redrawn_from_its_tables() -> None:
     ml1m = {b.model: b for b in found["results_ml1m.png"].bars}
     assert set(ml1m) == {"hytrec", "sasrec"} and all(b.seeds == 3 and b.std is not None for b in ml1m.values())
     assert found["results_beauty.png"].counts[2:] == [0, 0]
+
+
+def test_the_repeat_aware_protocol_gets_its_own_comparison_when_every_run_has_it(runs: list[Path], tmp_path) -> None:
+    """`test_ranks_unfiltered.npy` in every compared run adds a second bootstrap table, from those ranks."""
+    import shutil
+
+    text = report(runs)
+    assert "per-user metrics, 95% CI:" in text and "repeat-aware" not in text  # no run has the file yet
+    copies = []
+    for run in runs:
+        copy = tmp_path / run.name
+        shutil.copytree(run, copy)
+        ranks = np.load(run / "test_ranks.npy")
+        # the candidate hits every user's target at rank 0 unfiltered; the baseline never does
+        np.save(copy / "test_ranks_unfiltered.npy", np.zeros_like(ranks) if "hytrec" in run.name else ranks + 100)
+        copies.append(copy)
+    text = report(copies)
+    filtered, unfiltered = text.split("nothing excluded (repeat-aware):")
+    row = next(line for line in unfiltered.splitlines() if line.startswith("| all (") and "HR@10" in line)
+    assert "| +1.0000 [+1.0000, +1.0000] |" in row
+    assert "| +1.0000 [" not in filtered  # the filtered table still reads test_ranks.npy

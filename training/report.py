@@ -63,7 +63,14 @@ def load_run(run: Path) -> dict[str, Any]:
     metrics = json.loads((run / "metrics.json").read_text())
     log_path = run / "log.jsonl"  # absent for a run rebuilt from a published checkpoint
     log = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
-    return {**metrics, "dir": str(run), "ranks": np.load(run / "test_ranks.npy"), "log": log}
+    unfiltered = run / "test_ranks_unfiltered.npy"  # the repeat-aware protocol; runs before it lack the file
+    return {
+        **metrics,
+        "dir": str(run),
+        "ranks": np.load(run / "test_ranks.npy"),
+        "ranks_unfiltered": np.load(unfiltered) if unfiltered.exists() else None,
+        "log": log,
+    }
 
 
 def _mean_std(values: list[float]) -> str:
@@ -120,36 +127,48 @@ def report(runs: list[Path], baseline: str = "sasrec", candidate: str = "hytrec"
         lines.append(f"| {model_type} | " + " | ".join(cells) + " |")
 
     if baseline in by_type and candidate in by_type:
-        lines += [
-            "",
-            f"Paired bootstrap over users (1000 resamples), {candidate} vs {baseline}, seed-averaged "
-            "per-user metrics, 95% CI:",
-            "",
-        ]
-        lines += ["| group | metric | difference [95% CI] | ratio [95% CI] |", "|---|---|---|---|"]
-        per = {
-            t: {m: np.mean([per_user_metrics(r["ranks"])[m] for r in by_type[t]], axis=0) for m in METRICS[:2]}
-            for t in (candidate, baseline)
-        }
-        groups = [("all", np.ones(len(buckets), bool)), (">=500", buckets >= 2)] + [
-            (b, buckets == i) for i, b in enumerate(BUCKET_LABELS)
-        ]
-        for name, sel in groups:
-            if not sel.any():
-                continue
-            for m in METRICS[:2]:
-                a, b = per[candidate][m][sel], per[baseline][m][sel]
-                d, lo, hi = paired_bootstrap(a, b)
-                r, rlo, rhi = paired_bootstrap_ratio(a, b)
-                lines.append(
-                    f"| {name} (n={int(sel.sum())}) | {m} | {d:+.4f} [{lo:+.4f}, {hi:+.4f}] "
-                    f"| {_ratio(r)} [{_ratio(rlo)}, {_ratio(rhi)}] |"
-                )
+        protocols = [("ranks", "seen items excluded")]
+        if all(r["ranks_unfiltered"] is not None for t in (candidate, baseline) for r in by_type[t]):
+            protocols.append(("ranks_unfiltered", "nothing excluded (repeat-aware)"))
+        for key, protocol in protocols:
+            lines += [
+                "",
+                f"Paired bootstrap over users (1000 resamples), {candidate} vs {baseline}, seed-averaged "
+                f"per-user metrics, 95% CI" + ("" if key == "ranks" else f"; {protocol}") + ":",
+                "",
+            ]
+            lines += _bootstrap_rows(by_type, candidate, baseline, buckets, key)
     if plot is not None:
         title = f"{FIGURE_ALT}: {Path(data_file).parent.name}/{Path(data_file).name}"
         save_figure(bucket_figure(bars_from_runs(by_type), counts, title=title), plot)
         lines += ["", f"![{FIGURE_ALT}]({plot.name})"]
     return "\n".join(lines)
+
+
+def _bootstrap_rows(
+    by_type: dict[str, list[dict[str, Any]]], candidate: str, baseline: str, buckets: np.ndarray, key: str
+) -> list[str]:
+    """Table rows of candidate − baseline (and their ratio) per user group, on the ranks stored under ``key``."""
+    rows = ["| group | metric | difference [95% CI] | ratio [95% CI] |", "|---|---|---|---|"]
+    per = {
+        t: {m: np.mean([per_user_metrics(r[key])[m] for r in by_type[t]], axis=0) for m in METRICS[:2]}
+        for t in (candidate, baseline)
+    }
+    groups = [("all", np.ones(len(buckets), bool)), (">=500", buckets >= 2)] + [
+        (b, buckets == i) for i, b in enumerate(BUCKET_LABELS)
+    ]
+    for name, sel in groups:
+        if not sel.any():
+            continue
+        for m in METRICS[:2]:
+            a, b = per[candidate][m][sel], per[baseline][m][sel]
+            d, lo, hi = paired_bootstrap(a, b)
+            r, rlo, rhi = paired_bootstrap_ratio(a, b)
+            rows.append(
+                f"| {name} (n={int(sel.sum())}) | {m} | {d:+.4f} [{lo:+.4f}, {hi:+.4f}] "
+                f"| {_ratio(r)} [{_ratio(rlo)}, {_ratio(rhi)}] |"
+            )
+    return rows
 
 
 def bucket_figure(
