@@ -1,0 +1,200 @@
+"""Online evaluation of a candidate (docs/online_eval.md, docs/lifecycle.md): over the in-process app, a real
+Redis and the lifecycle's two checkpoints, a canary share and shadow scoring at once.
+
+The canary's answers must be impressions with source ``canary`` and the candidate's version; in shadow mode the
+candidate's answer to a live user must be a ``shadow`` impression beside the served one (never replacing it,
+never served); each event must count once per (version, source) it followed, in the Prometheus counters and in
+``hytrec impressions export`` + ``compare`` (real processes), and ``compare`` must apply the documented rule:
+a planted gain of the canary is found "better" with the Newcombe interval of the counts this test makes itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import redis
+
+from hytrec.service import metrics, swap
+from hytrec.service.impressions import newcombe
+from hytrec.service.online_eval import Impression, latest_key
+from hytrec.service.settings import Settings
+from hytrec.service.swap import canary_bucket, set_desired
+from tests.service_fixtures import N_ITEMS, REPO
+from tests.test_app import running
+from tests.test_lifecycle import model_root  # noqa: F401 - the fixture
+
+T0 = 1.7e9
+ARMS = ("model", "popularity", "canary", "shadow")
+
+
+def counters(versions: tuple[str, ...]) -> dict[tuple[str, str, str], float]:
+    out = {}
+    for v in versions:
+        for src in ARMS:
+            out[v, src, "attributed"] = metrics.ONLINE_ATTRIBUTED.labels(v, src)._value.get()
+            out[v, src, "hits10"] = metrics.ONLINE_HITS.labels(v, src, "10")._value.get()
+    for outcome in ("attributed", "no_impression"):
+        out["-", "-", outcome] = metrics.ONLINE_EVENTS.labels(outcome)._value.get()
+    return out
+
+
+def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
+    full = {**os.environ, **env, "PYTHONPATH": str(REPO)}
+    return subprocess.run(
+        [sys.executable, "-m", "hytrec.cli", *args], cwd=REPO, env=full, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_canary_and_shadow_impressions_are_attributed_side_by_side_and_compared_by_the_rule(
+    model_root: tuple[Path, str, str],  # noqa: F811
+    redis_standalone_url: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    root, v1, v2 = model_root
+    s = Settings(
+        model=root / v1,
+        model_root=root,
+        redis_url=redis_standalone_url,
+        key_prefix=f"oc{uuid.uuid4().hex[:10]}",
+        versions_poll_s=0.2,
+        write_versions=v2,  # REST dual-writes the candidate, so it has every user's state
+        impression_sample=1.0,
+        request_timeout_ms=30_000.0,
+        max_queue_delay_ms=30_000.0,
+    )
+    users = [f"oc{i}" for i in range(60)]
+    rounds = 5
+    rng = random.Random(7)
+    caplog.set_level(logging.INFO, logger="hytrec.shadow")
+    log_rows: list[tuple[str, str, float]] = []
+    expected: Counter[tuple[str, str, str]] = Counter()
+    served_by: dict[str, str] = {}
+
+    async def body() -> dict:
+        async with running(s) as (client, app):
+            lc = app.state.lifecycle
+            warm = [{"user_id": u, "item_id": str(j + 1), "ts": T0 + j} for u in users for j in range(3)]
+            assert (await client.post("/v1/events", json={"events": warm})).status_code == 200
+            log_rows.extend((e["user_id"], e["item_id"], e["ts"]) for e in warm)
+            await lc.runtime.attribution.drain()
+            await set_desired(lc.runtime.store.client, s.key_prefix, candidate=v2, canary=0.5, shadow=True)
+            deadline = time.monotonic() + 30
+            while not (lc.runtime.candidate is not None and lc.runtime.canary == 0.5 and lc.runtime.shadow):
+                assert time.monotonic() < deadline, "the candidate was not installed"
+                await asyncio.sleep(0.05)
+            rt = lc.runtime
+            before = counters((v1, v2))
+            for r in range(rounds):
+                ts = T0 + 100 + 60 * r
+                answers = {}
+                for u in users:
+                    res = await client.get(
+                        f"/v1/users/{u}/recommendations", params={"k": 10, "exclude_seen": "false", "at": ts}
+                    )
+                    assert res.status_code == 200, res.text
+                    answers[u] = res.json()
+                while swap._SHADOWS:  # noqa: SLF001 - every shadow of this round scored before its events
+                    await asyncio.sleep(0.01)
+                shadows = {}
+                for rec in caplog.records:
+                    if rec.name == "hytrec.shadow":
+                        line = json.loads(rec.getMessage())
+                        if line["request_time"] == ts:
+                            shadows[line["user_id"]] = line["candidate"]["items"]
+                events = []
+                for u, a in answers.items():
+                    ids = [i["item_id"] for i in a["items"]]
+                    canary = canary_bucket(u) < 0.5
+                    assert a["model_version"] == (v2 if canary else v1) and not a["fallback"]
+                    served_by.setdefault(u, a["model_version"])
+                    # planted: a canary user's next item is one it was served half the time, a live user's 15 %
+                    item = rng.choice(ids) if rng.random() < (0.5 if canary else 0.15) else str(rng.randint(1, N_ITEMS))
+                    events.append({"user_id": u, "item_id": item, "ts": ts})
+                    log_rows.append((u, item, ts))
+                    arm = (v2, "canary") if canary else (v1, "model")
+                    expected[(*arm, "attributed")] += 1
+                    expected[(*arm, "hits10")] += item in ids
+                    if not canary:  # the shadow scores live users only
+                        assert len(shadows[u]) == 10
+                        expected[v2, "shadow", "attributed"] += 1
+                        expected[v2, "shadow", "hits10"] += item in shadows[u]
+                assert set(shadows) == {u for u in users if canary_bucket(u) >= 0.5}
+                await rt.impressions.flush()  # half the attributions then read Redis, half the queued ones
+                posted = await client.post("/v1/events", json={"events": events})
+                assert posted.status_code == 200 and posted.json()["applied"] == len(events), posted.text
+                await rt.attribution.drain()
+                await rt.impressions.flush()
+            after = counters((v1, v2))
+            sync = redis.Redis.from_url(redis_standalone_url)
+            try:  # the shadow impression sits beside the served one, of the same request
+                for u in users[:10]:
+                    served = Impression.decode(u, sync.get(latest_key(s.key_prefix, u)))
+                    shadow = sync.get(latest_key(s.key_prefix, u, shadow=True))
+                    if canary_bucket(u) < 0.5:
+                        assert (served.model_version, served.source, shadow) == (v2, "canary", None)
+                    else:
+                        sh = Impression.decode(u, shadow)
+                        assert (served.model_version, served.source) == (v1, "model")
+                        assert (sh.model_version, sh.source, sh.ts) == (v2, "shadow", served.ts)
+            finally:
+                sync.close()
+            return {k: after[k] - before[k] for k in after}
+
+    async def bounded() -> dict:
+        return await asyncio.wait_for(body(), 240)
+
+    got = asyncio.run(bounded())
+    n_events = rounds * len(users)
+    assert got["-", "-", "attributed"] == n_events and got["-", "-", "no_impression"] == 0
+    for key in [k for k in got if k[0] != "-"]:
+        assert got[key] == expected[key], (key, got[key], expected[key])
+    assert expected[v1, "model", "attributed"] + expected[v2, "canary", "attributed"] == n_events
+    assert expected[v2, "shadow", "attributed"] == expected[v1, "model", "attributed"] > 0
+
+    # offline: the export and the documented comparison, as separate processes
+    env = {"HYTREC_REDIS_URL": redis_standalone_url, "HYTREC_KEY_PREFIX": s.key_prefix}
+    imps = tmp_path / "imps.jsonl"
+    done = _cli(["impressions", "export", "-o", str(imps)], env)
+    assert done.returncode == 0, done.stderr
+    exported = [json.loads(x) for x in imps.read_text().splitlines()]
+    assert Counter((r["model_version"], r["source"]) for r in exported) == {
+        (v1, "model"): expected[v1, "model", "attributed"],
+        (v2, "canary"): expected[v2, "canary", "attributed"],
+        (v2, "shadow"): expected[v2, "shadow", "attributed"],
+    }
+    tsv = tmp_path / "events.tsv"
+    tsv.write_text("user_id\titem_id\ttimestamp\n" + "".join(f"{u}\t{i}\t{t!r}\n" for u, i, t in log_rows))
+    done = _cli(["impressions", "compare", str(imps), str(tsv), "--baseline", f"{v1}:model", "--json"], env)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["no_impression"] == 3 * len(users)  # the warm-up events came before any impression
+    arms = {(a["version"], a["source"]): a for a in report["arms"]}
+    assert set(arms) == {(v1, "model"), (v2, "canary"), (v2, "shadow")}
+    for (v, src), a in arms.items():
+        assert (a["attributed"], a["hits"]) == (expected[v, src, "attributed"], expected[v, src, "hits10"])
+    base = (expected[v1, "model", "hits10"], expected[v1, "model", "attributed"])
+    verdicts = {c["candidate"]: c for c in report["comparisons"]}
+    for src in ("canary", "shadow"):
+        c = verdicts[f"{v2}:{src}"]
+        low, high = newcombe(expected[v2, src, "hits10"], expected[v2, src, "attributed"], *base)
+        assert c["baseline"] == f"{v1}:model"
+        assert (c["low"], c["high"]) == pytest.approx((low, high), abs=1e-12)
+        assert c["decision"] == ("better" if low > 0 else "worse" if high < 0 else "undecided")
+    assert verdicts[f"{v2}:canary"]["decision"] == "better"  # the planted gain: 0.5 against 0.15 of next items
+    print(
+        "canary/shadow attribution:",
+        {f"{v}:{src}": (a["attributed"], a["hits"], round(a["hr"], 4)) for (v, src), a in arms.items()},
+        {k: (round(c["low"], 4), round(c["high"], 4), c["decision"]) for k, c in verdicts.items()},
+    )
