@@ -80,7 +80,8 @@ def test_canary_and_shadow_impressions_are_attributed_side_by_side_and_compared_
     caplog.set_level(logging.INFO, logger="hytrec.shadow")
     log_rows: list[tuple[str, str, float]] = []
     expected: Counter[tuple[str, str, str]] = Counter()
-    served_by: dict[str, str] = {}
+    env = {"HYTREC_REDIS_URL": redis_standalone_url, "HYTREC_KEY_PREFIX": s.key_prefix}
+    imps = tmp_path / "imps.jsonl"
 
     async def body() -> dict:
         async with running(s) as (client, app):
@@ -118,7 +119,6 @@ def test_canary_and_shadow_impressions_are_attributed_side_by_side_and_compared_
                     ids = [i["item_id"] for i in a["items"]]
                     canary = canary_bucket(u) < 0.5
                     assert a["model_version"] == (v2 if canary else v1) and not a["fallback"]
-                    served_by.setdefault(u, a["model_version"])
                     # planted: a canary user's next item is one it was served half the time, a live user's 15 %
                     item = rng.choice(ids) if rng.random() < (0.5 if canary else 0.15) else str(rng.randint(1, N_ITEMS))
                     events.append({"user_id": u, "item_id": item, "ts": ts})
@@ -148,6 +148,14 @@ def test_canary_and_shadow_impressions_are_attributed_side_by_side_and_compared_
                         sh = Impression.decode(u, shadow)
                         assert (served.model_version, served.source) == (v1, "model")
                         assert (sh.model_version, sh.source, sh.ts) == (v2, "shadow", served.ts)
+                # the export (a process of its own) before an erasure, which takes the shadow impression too
+                done = await asyncio.to_thread(_cli, ["impressions", "export", "-o", str(imps)], env)
+                assert done.returncode == 0, done.stderr
+                live_user = next(u for u in users if canary_bucket(u) >= 0.5)
+                keys = [latest_key(s.key_prefix, live_user), latest_key(s.key_prefix, live_user, shadow=True)]
+                assert sync.exists(*keys) == 2
+                assert (await client.delete(f"/v1/users/{live_user}")).status_code == 200
+                assert sync.exists(*keys) == 0
             finally:
                 sync.close()
             return {k: after[k] - before[k] for k in after}
@@ -164,10 +172,6 @@ def test_canary_and_shadow_impressions_are_attributed_side_by_side_and_compared_
     assert expected[v2, "shadow", "attributed"] == expected[v1, "model", "attributed"] > 0
 
     # offline: the export and the documented comparison, as separate processes
-    env = {"HYTREC_REDIS_URL": redis_standalone_url, "HYTREC_KEY_PREFIX": s.key_prefix}
-    imps = tmp_path / "imps.jsonl"
-    done = _cli(["impressions", "export", "-o", str(imps)], env)
-    assert done.returncode == 0, done.stderr
     exported = [json.loads(x) for x in imps.read_text().splitlines()]
     assert Counter((r["model_version"], r["source"]) for r in exported) == {
         (v1, "model"): expected[v1, "model", "attributed"],
