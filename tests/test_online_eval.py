@@ -494,3 +494,19 @@ def test_delete_user_erases_the_users_impressions(redis_standalone_url: str) -> 
             assert r.exists(latest_key(s.key_prefix, kept))
 
     run(body)
+
+
+def test_the_cost_benchmarks_in_process_part_runs(tmp_path: Any) -> None:
+    """``hytrec bench online-eval``'s in-process costs (docs/online_eval.md quotes them) run on the current
+    answer schema; a sampled answer costs more than an unsampled one (the append against the hash alone)."""
+    from hytrec.benchmarks.online_eval_bench import micro_costs
+
+    got = asyncio.run(micro_costs(tmp_path / "micro", n=2_000))
+    assert set(got) == {
+        "record_us_sample_0",
+        "record_us_sample_1",
+        "writer_us_per_impression_8_per_pipeline",
+        "writer_us_per_impression_256_per_pipeline",
+    }
+    assert 0 < got["record_us_sample_0"] < got["record_us_sample_1"]
+    assert all(v > 0 for v in got.values())
