@@ -510,3 +510,41 @@ def test_the_cost_benchmarks_in_process_part_runs(tmp_path: Any) -> None:
     }
     assert 0 < got["record_us_sample_0"] < got["record_us_sample_1"]
     assert all(v > 0 for v in got.values())
+
+
+def test_a_sampled_request_costs_one_pipelined_command_and_an_unsampled_one_none() -> None:
+    """The hot-path claim, counted by Redis itself (``INFO commandstats`` of a server of its own): N sampled
+    answers cost N ``SET`` and one ``XADD`` per background write; unsampled answers cost no command at all."""
+    server = RedisServer().start()
+
+    async def body() -> None:
+        client = aioredis.Redis.from_url(server.url)
+
+        async def calls() -> dict[str, int]:
+            stats = await client.info("commandstats")
+            return {k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items()}
+
+        n, per = 500, 64
+        for sample, users in ((0.0, range(n)), (1.0, range(n))):
+            imp_log = ImpressionLog(
+                client, "c", sample=sample, max_k=10, window_s=60, log_max=10_000, flush_max=per, buffer=10_000
+            )
+            before = await calls()
+            for u in users:
+                imp_log.record(answer(f"user{u}", u, 1_700_000_000.0))
+            await imp_log.flush()
+            after = await calls()
+            spent = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+            spent.pop("info", None)
+            if sample == 0.0:
+                assert spent == {}, spent
+            else:
+                writes = -(-n // per)
+                assert spent["set"] == n and spent["xadd"] == writes, spent
+                assert set(spent) <= {"set", "xadd", "pfadd", "expire"}, spent
+        await client.aclose()
+
+    try:
+        run(body)
+    finally:
+        server.stop()
