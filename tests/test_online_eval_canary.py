@@ -202,3 +202,111 @@ def test_canary_and_shadow_impressions_are_attributed_side_by_side_and_compared_
         {f"{v}:{src}": (a["attributed"], a["hits"], round(a["hr"], 4)) for (v, src), a in arms.items()},
         {k: (round(c["low"], 4), round(c["high"], 4), c["decision"]) for k, c in verdicts.items()},
     )
+
+
+def test_two_served_workers_count_canary_and_shadow_as_the_offline_comparison_does(
+    model_root: tuple[Path, str, str],  # noqa: F811
+    redis_standalone_url: str,
+    tmp_path: Path,
+) -> None:
+    """The same over a real ``hytrec serve`` with 2 workers (an answer and the next event may reach different
+    workers: attribution then reads Redis), modes set by ``hytrec versions set``: the served arms' counters on
+    /metrics equal the test's counts from the answers, and every arm's, the shadow's included, equals what
+    ``hytrec impressions compare`` finds offline in the exported log."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.service_fixtures import Checkpoint, ServiceProcess, service_env
+
+    root, v1, v2 = model_root
+    env = service_env(
+        Checkpoint(root / v1, v1, []),
+        redis_standalone_url,
+        workers=2,
+        model_root=root,
+        write_versions=v2,
+        impression_sample=1.0,
+        versions_poll_s=0.3,
+        request_timeout_ms=30000,
+        max_queue_delay_ms=30000,
+    )
+    cli_env = {k: env[k] for k in ("HYTREC_REDIS_URL", "HYTREC_KEY_PREFIX")} | {"HYTREC_MODEL_ROOT": str(root)}
+    users = [f"op{i}" for i in range(40)]
+    canary_users = {u for u in users if canary_bucket(u) < 0.5}
+    assert 0 < len(canary_users) < len(users)
+    rng = random.Random(11)
+    server = ServiceProcess(env, tmp_path).start()
+    expected: Counter[tuple[str, str, str]] = Counter()
+    log_rows: list[tuple[str, str, float]] = []
+    close = {"Connection": "close"}  # each request on a new connection: both workers answer
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            warm = [{"user_id": u, "item_id": str(j + 1), "ts": T0 + j} for u in users for j in range(3)]
+            assert http.post("/v1/events", json={"events": warm}).status_code == 200
+            log_rows.extend((e["user_id"], e["item_id"], e["ts"]) for e in warm)
+            done = _cli(["versions", "set", "--candidate", v2, "--canary", "0.5", "--shadow"], cli_env)
+            assert done.returncode == 0, done.stderr
+            probe, workers, streak = sorted(canary_users)[0], set(), 0
+            deadline = time.monotonic() + 60
+            while streak < 30 or len(workers) < 2:  # every worker serves the canary (and so the shadow)
+                assert time.monotonic() < deadline, "the workers did not take the candidate"
+                r = http.get(f"/v1/users/{probe}/recommendations", params={"at": T0 + 50}, headers=close)
+                ok = r.status_code == 200 and r.json()["model_version"] == v2
+                streak = streak + 1 if ok else 0
+                workers |= {r.headers["x-hytrec-worker"]} if ok else set()
+            time.sleep(0.5)  # the probe's impressions written before its user's first event below
+            for rnd in range(3):
+                ts = T0 + 100 + 60 * rnd
+                events = []
+                for u in users:
+                    params = {"k": 10, "exclude_seen": "false", "at": ts}
+                    r = http.get(f"/v1/users/{u}/recommendations", params=params, headers=close)
+                    assert r.status_code == 200, r.text
+                    ids = [i["item_id"] for i in r.json()["items"]]
+                    arm = (v2, "canary") if u in canary_users else (v1, "model")
+                    assert r.json()["model_version"] == arm[0]
+                    p = 0.5 if u in canary_users else 0.15
+                    item = rng.choice(ids) if rng.random() < p else str(rng.randint(1, N_ITEMS))
+                    events.append({"user_id": u, "item_id": item, "ts": ts})
+                    log_rows.append((u, item, ts))
+                    expected[(*arm, "attributed")] += 1
+                    expected[(*arm, "hits")] += item in ids
+                time.sleep(1.0)  # impressions (100 ms gather) and shadows written by both workers
+                posted = http.post("/v1/events", json={"events": events}, headers=close)
+                assert posted.status_code == 200 and posted.json()["applied"] == len(events), posted.text
+            time.sleep(1.0)  # the attribution reads of the last batch
+            text = http.get("/metrics").text
+        got: Counter[tuple[str, str, str]] = Counter()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                lab = sample.labels
+                if sample.name == "hytrec_online_attributed_total":
+                    got[lab["version"], lab["source"], "attributed"] += sample.value
+                elif sample.name == "hytrec_online_hits_total" and lab.get("k") == "10":
+                    got[lab["version"], lab["source"], "hits"] += sample.value
+                elif sample.name == "hytrec_online_events_total":
+                    got["-", "-", lab["outcome"]] += sample.value
+        n = len(users) * 3
+        assert got["-", "-", "attributed"] == n and got["-", "-", "no_impression"] == len(warm)
+        for arm in ((v1, "model"), (v2, "canary")):
+            for what in ("attributed", "hits"):
+                assert got[(*arm, what)] == expected[(*arm, what)], (arm, what, got, expected)
+        assert got[v2, "shadow", "attributed"] == expected[v1, "model", "attributed"]
+        imps = tmp_path / "imps.jsonl"
+        done = _cli(["impressions", "export", "-o", str(imps)], cli_env)
+        assert done.returncode == 0, done.stderr
+        tsv = tmp_path / "events.tsv"
+        tsv.write_text("user_id\titem_id\ttimestamp\n" + "".join(f"{u}\t{i}\t{t!r}\n" for u, i, t in log_rows))
+        done = _cli(["impressions", "compare", str(imps), str(tsv), "--baseline", f"{v1}:model", "--json"], cli_env)
+        assert done.returncode == 0, done.stderr
+        report = json.loads(done.stdout)
+        offline = {(a["version"], a["source"]): (a["attributed"], a["hits"]) for a in report["arms"]}
+        online = {
+            (v, src): (got[v, src, "attributed"], got[v, src, "hits"])
+            for v, src in ((v1, "model"), (v2, "canary"), (v2, "shadow"))
+        }
+        print("two workers, online = offline:", online, report["comparisons"])
+        assert offline == online
+        assert {c["candidate"]: c["decision"] for c in report["comparisons"]}[f"{v2}:canary"] == "better"
+    finally:
+        server.stop()
