@@ -129,7 +129,7 @@ def attribute(impression: Impression | None, item_id: str | None, ts: float, win
 
 def latest_key(prefix: str, user_id: str, shadow: bool = False) -> str:
     """The user's latest-impression key (``shadow``: of the candidate's answer not served), in the user's hash
-    slot (beside its state keys), so one ``MGET`` reads both on a Redis Cluster too."""
+    slot (beside its state keys): both are read, and erased, on the same node of a Redis Cluster."""
     return f"{prefix}:{{u:{check_user_id(user_id)}}}:{'is' if shadow else 'i'}"
 
 
@@ -396,14 +396,23 @@ class ImpressionLog:
 
     async def latest(self, user_ids: Sequence[str]) -> dict[str, Pair]:
         """Each user's latest (served, shadow) impressions: this worker's queued ones, else the stored ones
-        (one pipeline, one ``MGET`` of the user's two keys each). The queued ones are taken before the read:
-        one written meanwhile is in Redis, and one queued meanwhile answered a later request."""
+        (one pipeline, one ``MGET`` of the user's two keys each; two ``GET`` on a Redis Cluster). The queued
+        ones are taken before the read: one written meanwhile is in Redis, one queued meanwhile answered a later
+        request."""
         held = {u: (self._pending.get(u), self._pending_shadow.get(u)) for u in user_ids}
         pipe = self._pipeline()
         for u in user_ids:
-            pipe.mget(latest_key(self.prefix, u), latest_key(self.prefix, u, True))
+            keys = latest_key(self.prefix, u), latest_key(self.prefix, u, True)
+            if self.cluster:  # redis-py's cluster pipeline refuses MGET (even within one slot)
+                pipe.get(keys[0])
+                pipe.get(keys[1])
+            else:
+                pipe.mget(*keys)
+        replies = await pipe.execute() if user_ids else []
+        if self.cluster:
+            replies = list(zip(replies[::2], replies[1::2], strict=True))
         out: dict[str, Pair] = {}
-        for u, raws in zip(user_ids, await pipe.execute() if user_ids else [], strict=True):
+        for u, raws in zip(user_ids, replies, strict=True):
             stored = tuple(None if raw is None else Impression.decode(u, raw) for raw in raws)
             out[u] = held[u][0] or stored[0], held[u][1] or stored[1]
         return out

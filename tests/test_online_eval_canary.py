@@ -310,3 +310,72 @@ def test_two_served_workers_count_canary_and_shadow_as_the_offline_comparison_do
         assert {c["candidate"]: c["decision"] for c in report["comparisons"]}[f"{v2}:canary"] == "better"
     finally:
         server.stop()
+
+
+def test_served_and_shadow_impressions_are_read_together_and_erased_on_standalone_and_cluster(
+    redis_url: str,
+) -> None:
+    """Both keys of a user share its hash slot, so the attribution's ``MGET`` and the erasure's ``DEL`` work on
+    a Redis Cluster too; a shadow of an earlier request is not taken as beside the latest served one."""
+    from hytrec.service.online_eval import ImpressionLog, beside
+    from hytrec.service.schemas import Recommendations, ScoredItem
+    from hytrec.state_store import StoreSettings, open_store
+
+    def rec(user: str, version: str, ts: float, fallback: bool = False) -> Recommendations:
+        items = [ScoredItem(item_id=str(j), score=1.0) for j in range(1, 6)]
+        return Recommendations(
+            user_id=user,
+            items=items,
+            model_version=version,
+            history_length=1,
+            fallback="popularity" if fallback else False,
+            request_time=ts,
+            had_state=not fallback,
+            filtered_out=0,
+            exhausted=False,
+        )
+
+    async def body() -> None:
+        prefix = f"ob{uuid.uuid4().hex[:8]}"
+        store = await open_store(StoreSettings(redis_url=redis_url, key_prefix=prefix))
+        log = ImpressionLog(
+            store.client,
+            prefix,
+            sample=1.0,
+            max_k=10,
+            window_s=600,
+            log_max=1000,
+            flush_max=16,
+            buffer=1000,
+            cluster=store.cluster,
+        )
+        users = [f"sc{i}" for i in range(20)]
+        try:
+            for u in users:
+                assert log.record(rec(u, "v1", T0)).source == "model"
+                assert log.record(rec(u, "v2", T0), source="shadow").source == "shadow"
+            assert log.record(rec("sc0", "v2", T0 + 5), source="canary").source == "canary"
+            assert log.record(rec("sc1", "v2", T0 + 5, fallback=True), source="canary").source == "popularity"
+            assert [i.source for i in log.pending("sc2")] == ["model", "shadow"]  # all there is to know
+            log.record(rec("solo", "v1", T0))
+            assert log.pending("solo") is None  # shadows are being scored: Redis may hold its shadow, so ask
+            await log.flush()
+            got = await log.latest(users)
+            for u in users[2:]:
+                served, shadow = got[u]
+                assert (served.model_version, served.source, shadow.model_version, shadow.source) == (
+                    "v1",
+                    "model",
+                    "v2",
+                    "shadow",
+                )
+                assert beside(shadow, served) is shadow
+            served, shadow = got["sc0"]
+            assert served.source == "canary" and beside(shadow, served) is None  # the shadow of an earlier request
+            await log.erase("sc3")
+            assert (await log.latest(["sc3"]))["sc3"] == (None, None)
+            assert (await log.latest(["sc4"]))["sc4"][1] is not None
+        finally:
+            await store.close()
+
+    asyncio.run(asyncio.wait_for(body(), 60))
