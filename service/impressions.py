@@ -7,7 +7,8 @@ and writes JSON Lines, one impression a line::
      "source": "model", "items": ["12", "7", ...]}
 
 ``entry`` is the stream id of the background write that carried it (``--since`` resumes after one), ``ts``
-the request time (unix seconds), ``items`` the ids served, best first.
+the request time (unix seconds), ``items`` the ids served, best first (``source`` ``shadow``: scored, never
+shown to the user, so not an exposure).
 
 **Compare** (``hytrec impressions compare``) attributes an event log (the dataset TSV, ``hytrec.eventlog``)
 to an exported log with the service's own rule (``online_eval.attribute``: each event to the user's latest
