@@ -89,6 +89,9 @@ async def micro_costs(data_dir: Path, n: int = 20_000) -> dict[str, float]:
             history_length=1,
             fallback=False,
             request_time=1.7e9,
+            had_state=True,
+            filtered_out=0,
+            exhausted=False,
         )
         for u in range(n)
     ]

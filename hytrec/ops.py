@@ -263,8 +263,9 @@ def online_panels(ts: Any, q: Any, w: str) -> list[Any]:
             "Online HR@10 and MRR@10 by version and source",
             "percentunit",
             "Of sampled users' events within HYTREC_ATTRIBUTION_WINDOW_S after an impression: the share whose item "
-            "was in the top 10 served, and the mean reciprocal rank. Compare versions with `hytrec impressions "
-            "compare`, not by eye.",
+            "was in the top 10 served, and the mean reciprocal rank. Sources: model, popularity (fallback), canary "
+            "(the candidate's share of users), shadow (the candidate's answer to live requests, not served). Compare "
+            "versions with `hytrec impressions compare`, not by eye.",
             q(f"{hits} / {attributed}", "HR@10 {{version}} {{source}}"),
             q(f"{rr} / {attributed}", "MRR@10 {{version}} {{source}}"),
         ),

@@ -7,15 +7,17 @@ and writes JSON Lines, one impression a line::
      "source": "model", "items": ["12", "7", ...]}
 
 ``entry`` is the stream id of the background write that carried it (``--since`` resumes after one), ``ts``
-the request time (unix seconds), ``items`` the ids served, best first.
+the request time (unix seconds), ``items`` the ids served, best first (``source`` ``shadow``: scored, never
+shown to the user, so not an exposure).
 
 **Compare** (``hytrec impressions compare``) attributes an event log (the dataset TSV, ``hytrec.eventlog``)
 to an exported log with the service's own rule (``online_eval.attribute``: each event to the user's latest
-impression at or before it, within the window), then per (model version, source) arm computes HR@k with a
-Wilson score interval, MRR@k, and against the baseline arm the difference of HR@k with Newcombe's hybrid
-score interval (method 10 of Newcombe 1998, built from the two Wilson intervals). **The rule**: a candidate is
-better when the interval's lower bound is above 0, worse when its upper bound is below 0, otherwise the
-sample cannot tell, and the interval's half-width is the smallest difference this sample could have shown.
+served impression at or before it, within the window, and to the shadow impression of that same request too),
+then per (model version, source) arm computes HR@k with a Wilson score interval, MRR@k, and against the
+baseline arm the difference of HR@k with Newcombe's hybrid score interval (method 10 of Newcombe 1998, built
+from the two Wilson intervals). **The rule**: a candidate is better when the interval's lower bound is above
+0, worse when its upper bound is below 0, otherwise the sample cannot tell, and the interval's half-width is the
+smallest difference this sample could have shown.
 It treats events as independent; several events per user make the true interval wider (docs/online_eval.md).
 """
 
@@ -34,7 +36,7 @@ from typing import Annotated, Any, TextIO
 
 import typer
 
-from hytrec.service.online_eval import Impression, attribute, log_key
+from hytrec.service.online_eval import Impression, attribute, beside, log_key
 
 # ----------------------------------------------------------------------------------------- statistics
 
@@ -118,10 +120,15 @@ def attribute_log(
     window_s: float,
     k: int = 10,
 ) -> Attributed:
-    """Attribute each (user, item, ts) event to the user's latest impression at or before ``ts``."""
+    """Attribute each (user, item, ts) event to the user's latest served impression at or before ``ts``, and to
+    the shadow impression of that same request if there is one (``online_eval.beside``), as the service does."""
     by_user: dict[str, list[Impression]] = defaultdict(list)
+    shadows: dict[tuple[str, float], Impression] = {}
     for imp in impressions:
-        by_user[imp.user_id].append(imp)
+        if imp.source == "shadow":
+            shadows[imp.user_id, imp.ts] = imp
+        else:
+            by_user[imp.user_id].append(imp)
     for imps in by_user.values():
         imps.sort(key=lambda i: i.ts)
     arms: dict[tuple[str, str], Arm] = {}
@@ -134,18 +141,23 @@ def attribute_log(
         while i < len(imps) and imps[i].ts <= ts:
             i += 1
         cursor[user] = i
-        imp = imps[i - 1] if i else None
-        rank = attribute(imp, item, ts, window_s)
-        if imp is None or rank is None:
+        served = imps[i - 1] if i else None
+        rank = attribute(served, item, ts, window_s)
+        if served is None or rank is None:
             none += 1
             continue
-        key = (imp.model_version, imp.source)
-        arm = arms.setdefault(key, Arm(*key))
-        arm.attributed += 1
-        seen_users[key].add(user)
-        if 0 < rank <= k:
-            arm.hits += 1
-            arm.rr += 1.0 / rank
+        shadow = beside(shadows.get((user, served.ts)), served)
+        for imp in (served, shadow):
+            rank = attribute(imp, item, ts, window_s)
+            if imp is None or rank is None:
+                continue
+            key = (imp.model_version, imp.source)
+            arm = arms.setdefault(key, Arm(*key))
+            arm.attributed += 1
+            seen_users[key].add(user)
+            if 0 < rank <= k:
+                arm.hits += 1
+                arm.rr += 1.0 / rank
     for key, arm in arms.items():
         arm.users = len(seen_users[key])
     return Attributed(arms, none)

@@ -20,6 +20,12 @@ pipelined ``GET`` per batch by a task of its own (the events batch does not wait
 its item is the r-th id served. Duplicates (event ids or stream marks already applied) are not applied, so
 never counted twice.
 
+**Canary and shadow** (service/swap.py). An answer the candidate served to its canary share is recorded with
+source ``canary``; in shadow mode the candidate's answer to the same request, not served, is recorded with
+source ``shadow`` under a key of its own (``<prefix>:{u:<user>}:is``), so it never replaces the served one. An
+event is attributed to the served impression as above and, when the user's shadow impression is of the same
+request (the same request time), to the shadow one too: the two arms are scored on the very same events.
+
 The one rule both paths (and ``hytrec impressions compare``, offline) apply is :func:`attribute`.
 See docs/online_eval.md.
 """
@@ -45,7 +51,10 @@ from hytrec.state_store import check_user_id
 
 log = logging.getLogger("hytrec.service")
 
-SOURCES = ("model", "popularity")  # canary and shadow come with the model-lifecycle work
+# One applied event of a user, as the events batcher hands it over: (item row, timestamp, event id or None).
+AppliedRow = tuple[int, float, str | None]
+
+SOURCES = ("model", "popularity", "canary", "shadow")  # canary, shadow: the candidate's (service/swap.py)
 HOUR = 3600
 _PERSON = b"hytrec-imp"  # the hash's personalisation: sampling is independent of other uses of the user id
 _SPAN = 1 << 64
@@ -101,6 +110,10 @@ class Impression:
         }
 
 
+# A user's latest served impression and latest shadow impression (either may be missing).
+Pair = tuple[Impression | None, Impression | None]
+
+
 def attribute(impression: Impression | None, item_id: str | None, ts: float, window_s: float) -> int | None:
     """How an event counts: None (no preceding impression within the window), 0 (a miss) or its rank (1-based).
 
@@ -114,9 +127,10 @@ def attribute(impression: Impression | None, item_id: str | None, ts: float, win
         return 0
 
 
-def latest_key(prefix: str, user_id: str) -> str:
-    """The user's latest-impression key, in the user's hash slot (beside its state keys)."""
-    return f"{prefix}:{{u:{check_user_id(user_id)}}}:i"
+def latest_key(prefix: str, user_id: str, shadow: bool = False) -> str:
+    """The user's latest-impression key (``shadow``: of the candidate's answer not served), in the user's hash
+    slot (beside its state keys): both are read, and erased, on the same node of a Redis Cluster."""
+    return f"{prefix}:{{u:{check_user_id(user_id)}}}:{'is' if shadow else 'i'}"
 
 
 def log_key(prefix: str) -> str:
@@ -144,12 +158,21 @@ def init_metrics(version: str) -> None:
         metrics.ONLINE_EVENTS.labels(outcome)
 
 
-def count(impression: Impression | None, rank: int | None) -> None:
-    """Count one event's attribution (:func:`attribute`) into the online metrics."""
+def beside(shadow: Impression | None, served: Impression | None) -> Impression | None:
+    """The shadow impression if it was scored for the same request as the served one (else None: a shadow of
+    an earlier request does not describe what the user was answered last)."""
+    return shadow if shadow is not None and served is not None and shadow.ts == served.ts else None
+
+
+def count(impression: Impression | None, rank: int | None, served: bool = True) -> None:
+    """Count one event's attribution (:func:`attribute`) into the online metrics (``served=False``: a shadow
+    impression's, which is not an event outcome of its own)."""
     if impression is None or rank is None:
-        metrics.ONLINE_EVENTS.labels("no_impression").inc()
+        if served:
+            metrics.ONLINE_EVENTS.labels("no_impression").inc()
         return
-    metrics.ONLINE_EVENTS.labels("attributed").inc()
+    if served:
+        metrics.ONLINE_EVENTS.labels("attributed").inc()
     v, s = impression.model_version, impression.source
     metrics.ONLINE_ATTRIBUTED.labels(v, s).inc()
     if rank:
@@ -191,6 +214,8 @@ class ImpressionLog:
         self.cluster = cluster
         self._queue: deque[Impression] = deque()
         self._pending: dict[str, Impression] = {}  # per user, the newest impression queued or being written
+        self._pending_shadow: dict[str, Impression] = {}  # the same, of shadow answers
+        self._shadow_until = 0.0  # monotonic time until which this worker's shadow impressions may be held
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -201,10 +226,14 @@ class ImpressionLog:
 
     # ------------------------------------------------------------------------------------ request path
     def record(self, answer: Recommendations, source: str | None = None) -> Impression | None:
-        """Queue the answer if its user is sampled (no I/O); returns the impression, None if not recorded."""
+        """Queue the answer if its user is sampled (no I/O); returns the impression, None if not recorded.
+
+        ``source``: None for the live version's answer, ``"canary"`` for the candidate's served to its share
+        (a served fallback answer is ``"popularity"`` either way), ``"shadow"`` for the candidate's answer not
+        served (kept apart: it never replaces the user's served impression)."""
         if not sampled(answer.user_id, self.sample):
             return None
-        src = source or ("popularity" if answer.fallback else "model")
+        src = "shadow" if source == "shadow" else "popularity" if answer.fallback else source or "model"
         if len(self._queue) >= self.buffer:
             metrics.IMPRESSIONS.labels(answer.model_version, src, "dropped").inc()
             return None
@@ -216,7 +245,11 @@ class ImpressionLog:
             tuple(i.item_id for i in answer.items[: self.max_k]),
         )
         self._queue.append(imp)
-        self._pending[imp.user_id] = imp
+        if src == "shadow":
+            self._pending_shadow[imp.user_id] = imp
+            self._shadow_until = time.monotonic() + self.window_s
+        else:
+            self._pending[imp.user_id] = imp
         self._idle.clear()
         self._wake.set()
         return imp
@@ -256,7 +289,7 @@ class ImpressionLog:
         pipe = self._pipeline()
         served: dict[tuple[str, str, int], set[str]] = {}
         for imp in batch:
-            pipe.set(latest_key(self.prefix, imp.user_id), imp.encode(), px=self.ttl_ms)
+            pipe.set(latest_key(self.prefix, imp.user_id, imp.source == "shadow"), imp.encode(), px=self.ttl_ms)
             served.setdefault((imp.model_version, imp.source, int(imp.ts // HOUR)), set()).update(imp.items)
         if self.log_entries:
             lines = "\n".join(imp.line() for imp in batch)
@@ -274,8 +307,9 @@ class ImpressionLog:
             log.warning("could not write %d impressions: %s", len(batch), exc)
         for imp in batch:
             metrics.IMPRESSIONS.labels(imp.model_version, imp.source, outcome).inc()
-            if self._pending.get(imp.user_id) is imp:
-                del self._pending[imp.user_id]
+            pending = self._pending_shadow if imp.source == "shadow" else self._pending
+            if pending.get(imp.user_id) is imp:
+                del pending[imp.user_id]
         for version, source, hour in served:
             self._newest_hour[version, source] = max(hour, self._newest_hour.get((version, source), hour))
 
@@ -316,9 +350,10 @@ class ImpressionLog:
         so an export ``--since`` an earlier entry lists those again). Returns the lines removed."""
         self._queue = deque(i for i in self._queue if i.user_id != user_id)
         self._pending.pop(user_id, None)
+        self._pending_shadow.pop(user_id, None)
         with contextlib.suppress(TimeoutError):  # a batch already taken from the queue is written first
             await asyncio.wait_for(self._idle.wait(), 2.0)
-        await self.client.delete(latest_key(self.prefix, user_id))
+        await self.client.delete(latest_key(self.prefix, user_id), latest_key(self.prefix, user_id, True))
         removed, start, key = 0, "-", log_key(self.prefix)
         while True:
             entries = await self.client.xrange(key, min=start, max="+", count=chunk)
@@ -347,25 +382,40 @@ class ImpressionLog:
             await asyncio.wait({self._task}, timeout=2.0)
 
     # ------------------------------------------------------------------------------------------ reads
-    def pending(self, user_id: str) -> Impression | None:
-        """The user's newest impression queued or being written by this worker, if any."""
-        return self._pending.get(user_id)
+    def pending(self, user_id: str) -> Pair | None:
+        """The user's newest (served, shadow) impressions queued or being written by this worker, when that is
+        all there is to know (None: ask Redis). While this worker scores shadows, a served impression without a
+        queued shadow one is not enough: the shadow one may be stored already."""
+        served = self._pending.get(user_id)
+        if served is None:
+            return None
+        shadow = self._pending_shadow.get(user_id)
+        if shadow is None and time.monotonic() < self._shadow_until:
+            return None
+        return served, shadow
 
-    async def latest(self, user_ids: Sequence[str]) -> dict[str, Impression | None]:
-        """Each user's latest impression: this worker's queued one, else the stored one (one pipeline)."""
-        out: dict[str, Impression | None] = {u: self._pending.get(u) for u in user_ids}
-        ask = [u for u, imp in out.items() if imp is None]
-        if ask:
-            pipe = self._pipeline()
-            for u in ask:
-                pipe.get(latest_key(self.prefix, u))
-            for u, raw in zip(ask, await pipe.execute(), strict=True):
-                out[u] = None if raw is None else Impression.decode(u, raw)
+    async def latest(self, user_ids: Sequence[str]) -> dict[str, Pair]:
+        """Each user's latest (served, shadow) impressions: this worker's queued ones, else the stored ones
+        (one pipeline, one ``MGET`` of the user's two keys each; two ``GET`` on a Redis Cluster). The queued
+        ones are taken before the read: one written meanwhile is in Redis, one queued meanwhile answered a later
+        request."""
+        held = {u: (self._pending.get(u), self._pending_shadow.get(u)) for u in user_ids}
+        pipe = self._pipeline()
+        for u in user_ids:
+            keys = latest_key(self.prefix, u), latest_key(self.prefix, u, True)
+            if self.cluster:  # redis-py's cluster pipeline refuses MGET (even within one slot)
+                pipe.get(keys[0])
+                pipe.get(keys[1])
+            else:
+                pipe.mget(*keys)
+        replies = await pipe.execute() if user_ids else []
+        if self.cluster:
+            replies = list(zip(replies[::2], replies[1::2], strict=True))
+        out: dict[str, Pair] = {}
+        for u, raws in zip(user_ids, replies, strict=True):
+            stored = tuple(None if raw is None else Impression.decode(u, raw) for raw in raws)
+            out[u] = held[u][0] or stored[0], held[u][1] or stored[1]
         return out
-
-
-# One applied event of a user, as the events batcher hands it over: (item row, timestamp, event id or None).
-AppliedRow = tuple[int, float, str | None]
 
 
 class Attribution:
@@ -384,9 +434,9 @@ class Attribution:
         rows = {u: r for u, r in rows.items() if r}
         if not rows:
             return
-        known = {u: imp for u in rows if (imp := self.impressions.pending(u)) is not None}
-        for u, imp in known.items():
-            self._count(imp, rows.pop(u))
+        known = {u: pair for u in rows if (pair := self.impressions.pending(u)) is not None}
+        for u, pair in known.items():
+            self._count(pair, rows.pop(u))
         if rows:
             task = asyncio.get_running_loop().create_task(self._read_and_count(rows))
             self._tasks.add(task)
@@ -401,9 +451,14 @@ class Attribution:
         for u, r in rows.items():
             self._count(latest[u], r)
 
-    def _count(self, imp: Impression | None, rows: list[AppliedRow]) -> None:
+    def _count(self, pair: Pair, rows: list[AppliedRow]) -> None:
+        served, shadow = pair[0], beside(pair[1], pair[0])
+        window = self.impressions.window_s
         for row, ts, _ in rows:
-            count(imp, attribute(imp, self.item_id(row), ts, self.impressions.window_s))
+            item = self.item_id(row)
+            count(served, attribute(served, item, ts, window))
+            if shadow is not None:
+                count(shadow, attribute(shadow, item, ts, window), served=False)
 
     async def drain(self, timeout: float | None = None) -> None:
         """Wait for the reads in flight (tests; shutdown, with a ``timeout``)."""

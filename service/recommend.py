@@ -83,7 +83,7 @@ class Recommender:
 
         ``deadline`` (``time.monotonic()``): past it the queued request is dropped (``Overloaded``).
         ``filters`` (None: only ``exclude_seen``) become a mask before the top-k, on either path.
-        ``impression=False``: an answer that is not served (shadow mode) is not logged for online evaluation.
+        ``impression=False``: the caller records the impression itself (canary and shadow: service/swap.py).
         """
         if filters is not None:
             self.check(filters)

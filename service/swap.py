@@ -14,7 +14,9 @@ longest any request may take). A probe that fails leaves the worker on what it s
 **Canary and shadow.** With a candidate and ``canary`` = s, a user whose ``crc32(user id) / 2^32 < s`` is
 served by the candidate (sticky: the same users for a given share, and a larger share keeps them). With
 ``shadow``, the live version serves and the candidate scores the same request in the background; both answers
-are logged (logger ``hytrec.shadow``, one JSON line) for offline comparison.
+are logged (logger ``hytrec.shadow``, one JSON line) for offline comparison. For online evaluation the live
+runtime's impression log records the canary's answers with source ``canary`` and the shadow's with source
+``shadow`` (service/online_eval.py), so the metrics carry both versions side by side.
 """
 
 from __future__ import annotations
@@ -163,11 +165,18 @@ async def recommend_routed(
     deadline: float,
     filters: Filters | None = None,
 ) -> Recommendations:
-    """Answer from the runtime the user is routed to; in shadow mode also score the candidate and log both."""
+    """Answer from the runtime the user is routed to; in shadow mode also score the candidate and log both.
+
+    Impressions go to the live runtime's log (the one its attribution reads first), a canary's with source
+    ``canary``."""
     serving = served_by(rt, user_id)
-    answer = await serving.recommender.recommend(user_id, k, exclude_seen, now, deadline, filters)
-    if rt.shadow and rt.candidate is not None and serving is rt:
-        task = asyncio.create_task(_shadow(rt.candidate, answer, user_id, k, exclude_seen, now, deadline, filters))
+    canary = serving is not rt
+    recommend = serving.recommender.recommend
+    answer = await recommend(user_id, k, exclude_seen, now, deadline, filters, impression=not canary)
+    if canary:
+        rt.impressions.record(answer, source="canary")
+    elif rt.shadow and rt.candidate is not None:
+        task = asyncio.create_task(_shadow(rt, answer, user_id, k, exclude_seen, now, deadline, filters))
         _SHADOWS.add(task)
         task.add_done_callback(_SHADOWS.discard)
     return answer
@@ -177,7 +186,7 @@ _SHADOWS: set[asyncio.Task] = set()
 
 
 async def _shadow(
-    cand: Runtime,
+    rt: Runtime,
     live: Recommendations,
     user_id: str,
     k: int,
@@ -186,8 +195,11 @@ async def _shadow(
     deadline: float,
     filters: Filters | None,
 ) -> None:
-    try:  # not served, so not an impression: online evaluation never attributes events to it
+    cand = rt.candidate
+    assert cand is not None
+    try:  # not served: recorded as a shadow impression, which never replaces the served one
         other = await cand.recommender.recommend(user_id, k, exclude_seen, now, deadline, filters, impression=False)
+        rt.impressions.record(other, source="shadow")
     except Exception as exc:  # noqa: BLE001 - a shadow never affects serving
         shadow_log.warning(json.dumps({"user_id": user_id, "candidate": cand.model.version, "error": str(exc)}))
         return

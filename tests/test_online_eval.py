@@ -145,6 +145,59 @@ def test_online_hr_equals_offline_next_item_hr_with_every_user_sampled(redis_sta
     run(body)
 
 
+def model_offline(model: Any, events: list[tuple[str, str, float]], k: int = 10) -> list[int]:
+    """Offline next-item evaluation with the checkpoint itself, no service: for each event, the user's state
+    built in one parallel pass over their earlier events (``ServingModel.build``), the unfiltered top-k at the
+    event's time (the popularity fallback before any event), and the event's rank in it (0: a miss)."""
+    history: dict[str, list[tuple[int, float]]] = {}
+    ranks = []
+    for user, item, ts in events:
+        past = history.setdefault(user, [])
+        if past:
+            state = model.build([r for r, _ in past], [t for _, t in past])
+            ids = model.recommend(state, [ts], k, [False])[0].item_ids
+        else:
+            ids = model.popular(k).item_ids
+        ranks.append(ids.index(item) + 1 if item in ids else 0)
+        past.append((model.row(item), ts))
+    return ranks
+
+
+def test_online_hr_agrees_with_the_checkpoints_own_offline_next_item_hr(redis_standalone_url: str) -> None:
+    """The independent check: online counters against HR@10 computed from the checkpoint alone (parallel
+    state build, float32, no Redis, no batcher), on the same log and request times."""
+    from hytrec.model.serving import ServingModel
+
+    events = synthetic_log(n_users=12, per_user=25, seed=3)
+    s = demo_settings(redis_standalone_url, impression_sample=1.0, attribution_window_s=10 * 365 * 86400)
+
+    async def body() -> tuple[dict[str, float], list]:
+        async with running(s) as (client, app):
+            rt = app.state.lifecycle.runtime
+            before = online(rt.model.version)
+            answers = await replay(client, app, events)
+            return delta(online(rt.model.version), before), answers
+
+    got, answers = asyncio.run(body())
+    ranks = model_offline(ServingModel.load(s.model), events)
+    n = len(events)
+    hits_off = sum(0 < r <= 10 for r in ranks)
+    hits_on = got["hits10/model"] + got["hits10/popularity"]
+    rr_off = sum(1.0 / r for r in ranks if r)
+    rr_on = got["rr/model"] + got["rr/popularity"]
+    assert got["attributed"] == n and hits_off > 0
+    served = [[i.item_id for i in rec.items] for _, _, rec in answers]
+    discordant = sum((item in ids) != (0 < r <= 10) for (_, item, _), ids, r in zip(events, served, ranks, strict=True))
+    se = math.sqrt(hits_off / n * (1 - hits_off / n) / n)
+    print(
+        f"online HR@10 {hits_on / n:.4f} MRR@10 {rr_on / n:.4f}; checkpoint offline HR@10 {hits_off / n:.4f} "
+        f"MRR@10 {rr_off / n:.4f}; {n} requests, se {se:.4f}, requests hit in one and not the other {discordant}"
+    )
+    # the served states are advanced one event at a time and stored (possibly float16): ties may reorder, so
+    # the agreement asked for is within the sampling error, not exact
+    assert abs(hits_on - hits_off) / n <= 2 * se and discordant <= 0.02 * n
+
+
 def test_online_hr_of_a_sample_is_the_offline_hr_of_the_sampled_users(redis_standalone_url: str) -> None:
     events = synthetic_log(n_users=40, per_user=12, seed=5)
     rate = 0.4
@@ -441,3 +494,57 @@ def test_delete_user_erases_the_users_impressions(redis_standalone_url: str) -> 
             assert r.exists(latest_key(s.key_prefix, kept))
 
     run(body)
+
+
+def test_the_cost_benchmarks_in_process_part_runs(tmp_path: Any) -> None:
+    """``hytrec bench online-eval``'s in-process costs (docs/online_eval.md quotes them) run on the current
+    answer schema; a sampled answer costs more than an unsampled one (the append against the hash alone)."""
+    from hytrec.benchmarks.online_eval_bench import micro_costs
+
+    got = asyncio.run(micro_costs(tmp_path / "micro", n=2_000))
+    assert set(got) == {
+        "record_us_sample_0",
+        "record_us_sample_1",
+        "writer_us_per_impression_8_per_pipeline",
+        "writer_us_per_impression_256_per_pipeline",
+    }
+    assert 0 < got["record_us_sample_0"] < got["record_us_sample_1"]
+    assert all(v > 0 for v in got.values())
+
+
+def test_a_sampled_request_costs_one_pipelined_command_and_an_unsampled_one_none() -> None:
+    """The hot-path claim, counted by Redis itself (``INFO commandstats`` of a server of its own): N sampled
+    answers cost N ``SET`` and one ``XADD`` per background write; unsampled answers cost no command at all."""
+    server = RedisServer().start()
+
+    async def body() -> None:
+        client = aioredis.Redis.from_url(server.url)
+
+        async def calls() -> dict[str, int]:
+            stats = await client.info("commandstats")
+            return {k.removeprefix("cmdstat_"): v["calls"] for k, v in stats.items()}
+
+        n, per = 500, 64
+        for sample, users in ((0.0, range(n)), (1.0, range(n))):
+            imp_log = ImpressionLog(
+                client, "c", sample=sample, max_k=10, window_s=60, log_max=10_000, flush_max=per, buffer=10_000
+            )
+            before = await calls()
+            for u in users:
+                imp_log.record(answer(f"user{u}", u, 1_700_000_000.0))
+            await imp_log.flush()
+            after = await calls()
+            spent = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)}
+            spent.pop("info", None)
+            if sample == 0.0:
+                assert spent == {}, spent
+            else:
+                writes = -(-n // per)
+                assert spent["set"] == n and spent["xadd"] == writes, spent
+                assert set(spent) <= {"set", "xadd", "pfadd", "expire"}, spent
+        await client.aclose()
+
+    try:
+        run(body)
+    finally:
+        server.stop()
