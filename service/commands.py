@@ -346,15 +346,29 @@ def versions_set(
 
 
 def versions_show() -> None:
-    """The desired versions, and what each worker and consumer reported serving and writing."""
+    """The desired versions, what each worker and consumer reported serving and writing, and the write versions
+    that no consumer writes (``unconsumed``: while posts are logged they get posted events from a consumer only)."""
     import json
+    import time
 
     from hytrec.service.swap import read_desired, writers_key
+    from hytrec.service.versions import unconsumed_versions
 
     async def body(client, s):  # noqa: ANN001, ANN202
         desired = await read_desired(client, s.key_prefix)
         raw = await client.hgetall(writers_key(s.key_prefix))
-        return {"desired": desired.as_dict(), "writers": {k.decode(): v.decode() for k, v in raw.items()}}
+        writers = {k.decode(): v.decode() for k, v in raw.items()}
+        now, fresh = time.time() * 1000, 10 * s.versions_poll_s * 1000
+        served = {desired.live} if desired.live else set()
+        if not served:  # each worker serves what it started with
+            for who, value in writers.items():
+                parts = value.split(" ")
+                alive = len(parts) == 3 and parts[2].isdigit() and int(parts[2]) >= now - fresh
+                if who.startswith("worker-") and alive:
+                    served.add(parts[0])
+        write = [v for v in dict.fromkeys([*s.write_version_list(), *desired.write]) if v not in served]
+        unconsumed = unconsumed_versions(writers, write, now, fresh) if s.log_posted_events else []
+        return {"desired": desired.as_dict(), "writers": writers, "unconsumed": unconsumed}
 
     typer.echo(json.dumps(_admin_client(body)))
 
