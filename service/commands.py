@@ -199,17 +199,52 @@ def backfill(
 
                 _, producer = _log_tools()
                 try:
+                    served = _served_now(producer.client, settings, serving.version)
+                    if served:
+                        typer.echo(
+                            f"warning: {serving.version} is served ({', '.join(served)}): a post written to it while "
+                            "the backfill runs carries no mark and may be missed or doubled; backfill a version "
+                            "before it serves (docs/lifecycle.md)",
+                            err=True,
+                        )
                     arch = Archive(archive_dir, producer.layout) if archive_dir is not None else None
                     stones = load_tombstones(producer.client, settings.key_prefix)
                     report = await job.from_stream(producer.client, producer.layout, arch, stones)
                 finally:
                     producer.close()
+                return {**report.as_dict(), "served_by": served}
         finally:
             await store.close()
         return report.as_dict()
 
     result = asyncio.run(main())
     typer.echo(json.dumps({"model_version": serving.version, **result}))
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _served_now(client, settings, version: str) -> list[str]:  # noqa: ANN001 - a synchronous Redis client
+    """Who serves ``version`` now: the desired live version or a serving candidate, and every worker that reported
+    serving it within 10 poll periods (the writers hash)."""
+    import time
+
+    from hytrec.service.swap import Desired, desired_key, writers_key
+
+    desired = Desired.parse(client.hgetall(desired_key(settings.key_prefix)))
+    out = []
+    if desired.live == version:
+        out.append("desired live")
+    if desired.candidate == version and (desired.canary > 0 or desired.shadow):
+        out.append("desired candidate")
+    fresh = (time.time() - 10 * settings.versions_poll_s) * 1000
+    for who, raw in sorted(client.hgetall(writers_key(settings.key_prefix)).items()):
+        name, parts = _text(who), _text(raw).split(" ")
+        alive = len(parts) == 3 and parts[2].isdigit() and int(parts[2]) >= fresh
+        if name.startswith("worker-") and alive and parts[0] == version:
+            out.append(name)
+    return out
 
 
 def _log_tools():  # noqa: ANN202 - (settings, producer) with the sync client the log tools read through

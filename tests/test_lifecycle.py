@@ -443,15 +443,17 @@ def test_write_versions_that_no_consumer_writes_are_reported(
 ) -> None:
     """While posts are logged, a write version gets posted events from a consumer only: the worker opens no
     mirror for it, counts it in ``hytrec_write_versions_unconsumed`` until a consumer reports writing it, and
-    ``hytrec versions show`` names it under ``unconsumed``."""
-    from hytrec.service.commands import versions_show
+    ``hytrec versions show`` names it under ``unconsumed``. A backfill of the served version warns and names who
+    serves it."""
+    from hytrec.service.commands import backfill, versions_show
     from hytrec.service.swap import set_desired
     from hytrec.service.versions import MirrorSet
 
     root, v1, v2 = model_root
     url = redis_standalone_url
     s = _settings(root, v1, url, versions_poll_s=600.0)
-    for name, value in (("REDIS_URL", url), ("KEY_PREFIX", s.key_prefix), ("VERSIONS_POLL_S", "600")):
+    env = (("REDIS_URL", url), ("KEY_PREFIX", s.key_prefix), ("VERSIONS_POLL_S", "600"), ("MODEL", str(root / v1)))
+    for name, value in env:  # restored after the test (the backfill command sets HYTREC_MODEL itself)
         monkeypatch.setenv(f"HYTREC_{name}", value)
 
     async def shown() -> list[str]:  # the command itself, in a thread (it runs its own event loop)
@@ -484,6 +486,17 @@ def test_write_versions_that_no_consumer_writes_are_reported(
                     await mirrors.close()  # its writers entry goes
             await lc.watcher.check()
             assert lc.watcher.unconsumed == [v2] and await gauge(client) == 1
+
+            async def backfill_of(version: str) -> dict:  # the command itself, from the (empty) stream
+                capsys.readouterr()
+                await asyncio.to_thread(backfill, from_stream=True, model=root / version)
+                out = capsys.readouterr()
+                return {**json.loads(out.out), "stderr": out.err}
+
+            served = await backfill_of(v1)  # the version this worker serves: a warning, and who serves it
+            assert served["served_by"] == [f"worker-{os.getpid()}"] and "warning" in served["stderr"]
+            prepared = await backfill_of(v2)
+            assert prepared["served_by"] == [] and "warning" not in prepared["stderr"]
 
     _run(body, 120)
 
