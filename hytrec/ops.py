@@ -154,6 +154,13 @@ def alerts(
             "stream consumer lag on partition {{ $labels.partition }} grew by over a minute in 10 minutes",
         ),
         Alert(
+            "HyTRecWriteVersionUnconsumed",
+            "max by (job) (hytrec_write_versions_unconsumed) > 0",
+            "5m",
+            "ticket",
+            "a write version besides the served one gets no posted events: no consumer writes it",
+        ),
+        Alert(
             "HyTRecDown",
             f'up{{job=~"{job}|{consumer_job}"}} == 0',
             "2m",

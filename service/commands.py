@@ -199,17 +199,52 @@ def backfill(
 
                 _, producer = _log_tools()
                 try:
+                    served = _served_now(producer.client, settings, serving.version)
+                    if served:
+                        typer.echo(
+                            f"warning: {serving.version} is served ({', '.join(served)}): a post written to it while "
+                            "the backfill runs carries no mark and may be missed or doubled; backfill a version "
+                            "before it serves (docs/lifecycle.md)",
+                            err=True,
+                        )
                     arch = Archive(archive_dir, producer.layout) if archive_dir is not None else None
                     stones = load_tombstones(producer.client, settings.key_prefix)
                     report = await job.from_stream(producer.client, producer.layout, arch, stones)
                 finally:
                     producer.close()
+                return {**report.as_dict(), "served_by": served}
         finally:
             await store.close()
         return report.as_dict()
 
     result = asyncio.run(main())
     typer.echo(json.dumps({"model_version": serving.version, **result}))
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _served_now(client, settings, version: str) -> list[str]:  # noqa: ANN001 - a synchronous Redis client
+    """Who serves ``version`` now: the desired live version or a serving candidate, and every worker that reported
+    serving it within 10 poll periods (the writers hash)."""
+    import time
+
+    from hytrec.service.swap import Desired, desired_key, writers_key
+
+    desired = Desired.parse(client.hgetall(desired_key(settings.key_prefix)))
+    out = []
+    if desired.live == version:
+        out.append("desired live")
+    if desired.candidate == version and (desired.canary > 0 or desired.shadow):
+        out.append("desired candidate")
+    fresh = (time.time() - 10 * settings.versions_poll_s) * 1000
+    for who, raw in sorted(client.hgetall(writers_key(settings.key_prefix)).items()):
+        name, parts = _text(who), _text(raw).split(" ")
+        alive = len(parts) == 3 and parts[2].isdigit() and int(parts[2]) >= fresh
+        if name.startswith("worker-") and alive and parts[0] == version:
+            out.append(name)
+    return out
 
 
 def _log_tools():  # noqa: ANN202 - (settings, producer) with the sync client the log tools read through
@@ -346,15 +381,29 @@ def versions_set(
 
 
 def versions_show() -> None:
-    """The desired versions, and what each worker and consumer reported serving and writing."""
+    """The desired versions, what each worker and consumer reported serving and writing, and the write versions
+    that no consumer writes (``unconsumed``: while posts are logged they get posted events from a consumer only)."""
     import json
+    import time
 
     from hytrec.service.swap import read_desired, writers_key
+    from hytrec.service.versions import unconsumed_versions
 
     async def body(client, s):  # noqa: ANN001, ANN202
         desired = await read_desired(client, s.key_prefix)
         raw = await client.hgetall(writers_key(s.key_prefix))
-        return {"desired": desired.as_dict(), "writers": {k.decode(): v.decode() for k, v in raw.items()}}
+        writers = {k.decode(): v.decode() for k, v in raw.items()}
+        now, fresh = time.time() * 1000, 10 * s.versions_poll_s * 1000
+        served = {desired.live} if desired.live else set()
+        if not served:  # each worker serves what it started with
+            for who, value in writers.items():
+                parts = value.split(" ")
+                alive = len(parts) == 3 and parts[2].isdigit() and int(parts[2]) >= now - fresh
+                if who.startswith("worker-") and alive:
+                    served.add(parts[0])
+        write = [v for v in dict.fromkeys([*s.write_version_list(), *desired.write]) if v not in served]
+        unconsumed = unconsumed_versions(writers, write, now, fresh) if s.log_posted_events else []
+        return {"desired": desired.as_dict(), "writers": writers, "unconsumed": unconsumed}
 
     typer.echo(json.dumps(_admin_client(body)))
 

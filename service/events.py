@@ -24,9 +24,10 @@ mark is at or below the user's erasure tombstone (a batch racing a DELETE): its 
 
 **The event log.** The served version's batcher (``log``: the stream layout, HYTREC_LOG_POSTED_EVENTS) hands each
 user's write the posted events it applies, and the compare-and-set XADDs them to the user's stream partition
-(``origin=rest``) in the same script as the state: a duplicate, a refused or a failed write logs nothing, so
-the log holds each applied event once, and the consumer acknowledges those entries without applying them
-(docs/lifecycle.md).
+(``origin=rest``, ``version``: the served version) in the same script as the state: a duplicate, a refused or
+a failed write logs nothing, so the log holds each applied event once. With the log on, a post is written to
+the served version only; the consumer applies its entry to every other version it writes, with the entry as
+the mark, and never to the served one (docs/lifecycle.md).
 """
 
 from __future__ import annotations
@@ -378,9 +379,19 @@ class EventIngestor:
             raise field_problem(errors, detail)
 
     async def ingest_entries(
-        self, events: Sequence[Event], entry_ids: Sequence[str], mark_field: str, epoch: int, deadline: float
+        self,
+        events: Sequence[Event],
+        entry_ids: Sequence[str],
+        mark_field: str,
+        epoch: int,
+        deadline: float,
+        written: Sequence[str | None] | None = None,
     ) -> IngestResult:
         """Apply validated stream entries (``hytrec consume``), each row carrying its entry id; see the module.
+
+        ``written`` (parallel to ``events``): for an entry the service logged, the version whose state already
+        holds it. This ingestor and each mirror leave out the entries written to their own version and apply
+        the others like any entry, so a posted event reaches every other written version with its mark.
 
         No in-post de-duplication here: a repeated event id is counted as a duplicate by the batch itself, and
         its entry still moves the mark.
@@ -394,21 +405,38 @@ class EventIngestor:
         entries: dict[str, list[str]] = {}
         applied: list[Event] = []
         applied_ids: list[str] = []
-        for e, entry in zip(events, entry_ids, strict=True):
+        applied_written: list[str | None] = []
+        mine: list[Event] = []  # the entries not already in this version's states
+        own = self.model.version
+        for e, entry, where in zip(events, entry_ids, written or [None] * len(events), strict=True):
             if self._count_only(e):
+                if where is None:  # counted here; a logged entry was counted by the service
+                    mine.append(e)
                 continue
             applied.append(e)
             applied_ids.append(entry)
+            applied_written.append(where)
+            if where == own:
+                continue
+            mine.append(e)
             users.setdefault(e.user_id, []).append((self.model.row(e.item_id), e.ts, e.event_id))
             entries.setdefault(e.user_id, []).append(entry)
-        if applied:
+        others = [
+            m.ingest_entries(applied, applied_ids, mark_field, epoch, deadline, applied_written)
+            for m in self.mirrors
+            if applied
+        ]
+        empty = IngestResult(applied=0, duplicates=0, unknown_items=0, out_of_order=0, users=0)
+        if users:
             result = await self._with_mirrors(
-                self.batcher.submit(Post(users, 0, StreamSource(mark_field, epoch, entries)), deadline),
-                [m.ingest_entries(applied, applied_ids, mark_field, epoch, deadline) for m in self.mirrors],
+                self.batcher.submit(Post(users, 0, StreamSource(mark_field, epoch, entries)), deadline), others
             )
+        elif others:
+            await self._with_mirrors(asyncio.sleep(0, empty), others)
+            result = empty
         else:
-            result = IngestResult(applied=0, duplicates=0, unknown_items=0, out_of_order=0, users=0)
-        result = await self._typed(events, result)
+            result = empty
+        result = await self._typed(mine, result)
         self._count(result, start)
         return result
 
@@ -451,7 +479,7 @@ class EventIngestor:
                 seen.add((e.user_id, e.event_id))
             users.setdefault(e.user_id, []).append((self.model.row(e.item_id), e.ts, e.event_id))
             if log is not None:
-                log.setdefault(e.user_id, []).append(wire.logged(e))
+                log.setdefault(e.user_id, []).append(wire.logged(e, self.model.version))
         return Post(users, dups, log=log)
 
     async def ingest(self, events: Sequence[Event], deadline: float) -> IngestResult:

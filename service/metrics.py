@@ -98,6 +98,12 @@ HIDDEN_ITEMS = Gauge(
     "Items of the served catalogue hidden right now (this worker's view).",
     multiprocess_mode="max",
 )
+WRITE_VERSIONS_UNCONSUMED = Gauge(
+    "hytrec_write_versions_unconsumed",
+    "Write versions besides the served one that no consumer reported writing within 10 poll periods (this "
+    "worker's view). While posted events are logged, only a consumer writes them: above 0, they miss events.",
+    multiprocess_mode="max",
+)
 MODEL_INFO = Gauge(
     "hytrec_model_info",
     "The served model (value 1; labels carry the version).",

@@ -25,7 +25,7 @@ from hytrec.service.online_eval import Attribution, ImpressionLog, attach
 from hytrec.service.recommend import Recommender
 from hytrec.service.settings import Settings
 from hytrec.service.swap import VersionWatcher, probe, set_model_info
-from hytrec.service.versions import Mirror, load_version, open_mirror
+from hytrec.service.versions import Mirror, load_version, open_mirror, rest_mirror_versions
 from hytrec.state_store import StateStore, StoreAuthError, StoreUnavailable, open_store
 from hytrec.streams.erasure import stream_layout
 
@@ -160,7 +160,8 @@ class Lifecycle:
 
     async def build_runtime(self, version: str, write: tuple[str, ...], model: ServingModel | None = None) -> Runtime:
         """A started runtime of ``version`` (loaded from HYTREC_MODEL_ROOT unless given), probed before use, with
-        the dual-write mirrors of the other versions in ``write``."""
+        the dual-write mirrors of the other versions in ``write`` (none while posted events are logged: the
+        consumer writes those from the log, ``rest_mirror_versions``)."""
         s = self.settings
         # A swap loads and probes in a thread of its own: the torch thread keeps serving the current version.
         side = self.run if self.runtime is None else asyncio.to_thread
@@ -187,9 +188,8 @@ class Lifecycle:
             raise
         mirrors = []
         try:
-            for v in write:
-                if v != model.version:
-                    mirrors.append(await open_mirror(s, v, self.run))
+            for v in rest_mirror_versions(s, model.version, write):  # none while posts are logged
+                mirrors.append(await open_mirror(s, v, self.run))
         except BaseException:
             for m in mirrors:
                 await m.close()

@@ -179,15 +179,16 @@ class Settings(StoreSettings):
     )
     write_versions: str = Field(
         "",
-        description="Comma-separated model versions that `POST /v1/events` and `hytrec consume` write besides the "
-        "one they serve or consume with (dual write while a new version is prepared), each loaded from "
-        "HYTREC_MODEL_ROOT.",
+        description="Comma-separated model versions written besides the one served or consumed with (dual write "
+        "while a new version is prepared), each loaded from HYTREC_MODEL_ROOT: by `hytrec consume`, and by "
+        "`POST /v1/events` only while HYTREC_LOG_POSTED_EVENTS is off (else the consumer writes them from the log).",
     )
     log_posted_events: bool = Field(
         True,
         description="Append every event that `POST /v1/events` applies to its user's stream partition (marked "
-        "`origin=rest`) in the same compare-and-set as the state, so the event log (archive, export, backfill) "
-        "holds it; `hytrec consume` acknowledges such entries without applying them again.",
+        "`origin=rest` and the served version) in the same compare-and-set as the state, so the event log (archive, "
+        "export, backfill) holds it; a post then writes the served version only, and `hytrec consume` applies the "
+        "entry to every other version it writes, with the entry as the mark (exact under a racing backfill).",
     )
     versions_poll_s: float = Field(
         2.0, gt=0, description="How often a worker re-reads the desired versions, besides their pub/sub announcement."

@@ -38,6 +38,7 @@ from hytrec.model.serving import ServingModel
 from hytrec.service import metrics
 from hytrec.service.schemas import Recommendations
 from hytrec.service.settings import Settings
+from hytrec.service.versions import rest_mirror_versions
 from hytrec.state_store.keys import check_name
 
 if TYPE_CHECKING:
@@ -257,6 +258,7 @@ class VersionWatcher:
         self.applied_rev = -1
         self.error: str | None = None
         self.swaps = 0
+        self.unconsumed: list[str] = []  # write versions no consumer writes (while posts are logged)
         self._lock = asyncio.Lock()
         self._retiring: set[asyncio.Task] = set()
 
@@ -294,6 +296,7 @@ class VersionWatcher:
             return
         desired = await read_desired(rt.store.client, self.s.key_prefix)
         await self._report(rt)
+        await self._watch_consumers(rt, desired)
         if desired.rev == self.applied_rev:
             return
         async with self._lock:
@@ -315,6 +318,29 @@ class VersionWatcher:
             f"{rt.model.version} {written} {int(time.time() * 1000)}",
         )
 
+    async def _watch_consumers(self, rt: Runtime, desired: Desired) -> None:
+        """While posts are logged, the write versions besides the served one get them from a consumer only:
+        count those no consumer writes (``hytrec_write_versions_unconsumed``), and warn when that set changes."""
+        import time
+
+        from hytrec.service.versions import unconsumed_versions
+
+        missing: list[str] = []
+        if self.s.log_posted_events:
+            wanted = [v for v in self.write_set(desired) if v != rt.model.version]
+            if wanted:
+                writers = await rt.store.client.hgetall(writers_key(self.s.key_prefix))
+                fresh_ms = 10 * self.s.versions_poll_s * 1000
+                missing = unconsumed_versions(writers, wanted, time.time() * 1000, fresh_ms)
+        metrics.WRITE_VERSIONS_UNCONSUMED.set(len(missing))
+        if missing != self.unconsumed:
+            if missing:
+                log.warning(
+                    "write versions %s get no posted events: no consumer writes them (start `hytrec consume`)",
+                    ",".join(missing),
+                )
+            self.unconsumed = missing
+
     def write_set(self, desired: Desired) -> tuple[str, ...]:
         return tuple(dict.fromkeys([*self.s.write_version_list(), *desired.write]))
 
@@ -331,7 +357,7 @@ class VersionWatcher:
         async def get(version: str) -> Runtime:
             r = have.get(version)
             if r is not None and tuple(sorted(m.model.version for m in r.mirrors)) == tuple(
-                sorted(v for v in write if v != version)
+                sorted(rest_mirror_versions(self.s, version, write))
             ):
                 keep.add(id(r))
                 return r

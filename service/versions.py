@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +95,32 @@ async def open_mirrors(settings: Settings, serving_version: str, run: Runner) ->
             await m.close()
         raise
     return out
+
+
+def rest_mirror_versions(settings: Settings, version: str, write: tuple[str, ...]) -> tuple[str, ...]:
+    """The versions a worker serving ``version`` writes a post to besides it (its dual-write mirrors).
+
+    None while posted events are logged (HYTREC_LOG_POSTED_EVENTS): the post's log entry, committed with the
+    served version's state, reaches every other written version through the consumer, with the entry as the
+    mark, so a racing backfill neither misses nor doubles it. Without the log, the write set (unmarked).
+    """
+    if settings.log_posted_events:
+        return ()
+    return tuple(v for v in write if v != version)
+
+
+def unconsumed_versions(writers: dict[Any, Any], versions: Sequence[str], now_ms: float, fresh_ms: float) -> list[str]:
+    """Of ``versions``, those that no consumer reported writing within ``fresh_ms`` (the writers hash, values
+    ``"<consumed> <written,...> <ms>"``): while posts are logged, only a consumer writes them."""
+    covered: set[str] = set()
+    for who, raw in writers.items():
+        name = who.decode() if isinstance(who, bytes) else str(who)
+        parts = (raw.decode() if isinstance(raw, bytes) else str(raw)).split(" ")
+        if not name.startswith("consumer-") or len(parts) != 3 or not parts[2].isdigit():
+            continue
+        if int(parts[2]) >= now_ms - fresh_ms:
+            covered.update(parts[1].split(","))
+    return [v for v in dict.fromkeys(versions) if v not in covered]
 
 
 def add_version(root: Path, checkpoint: Path) -> str:

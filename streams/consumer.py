@@ -162,7 +162,7 @@ class Totals:
     duplicates: int = 0
     dead_letter: int = 0
     trimmed: int = 0
-    logged: int = 0  # entries the service logged after applying them (POST /v1/events): acknowledged only
+    logged: int = 0  # entries POST /v1/events logged: in their served version already, applied to the others
     batches: int = 0
     first_batch: float | None = None  # time.monotonic() when the read of the first non-empty batch began
     last_ack: float | None = None
@@ -462,49 +462,62 @@ class Consumer:
             await asyncio.sleep(self._backoff.compute(0))
 
     def _validate(self, part: Partition, entries: list[tuple[str, dict]]):
+        """Split a batch: events to apply (with, per event, the version a logged one is already written to),
+        dead letters, and the logged entries (every ``origin=rest`` one, applied or not)."""
         good: list[Event] = []
         ids: list[str] = []
+        written: list[str | None] = []
         dead: list[tuple[str, dict, str]] = []
         logged: list[str] = []
         for eid, fields in entries:
-            if wire.is_logged(fields):  # the service applied it before logging it: acknowledged, not applied
+            where = None
+            if wire.is_logged(fields):
                 logged.append(eid)
-                continue
+                where = wire.written_to(fields)
+                if where is None:  # logged without its version: which ones hold it is unknown, acknowledged only
+                    continue
             try:
                 event = wire.decode(fields)
                 if partition_of(event.user_id, self.layout.n) != part.index:
                     raise wire.BadEntry(
                         f"user {event.user_id!r} belongs to partition {partition_of(event.user_id, self.layout.n)}"
                     )
-                if self.ingestor.strict_items and not self.ingestor.model.knows(event.item_id):
+                # A logged event was accepted by the service already; another version maps an item it lacks to
+                # the unknown row, as the non-strict path does.
+                if where is None and self.ingestor.strict_items and not self.ingestor.model.knows(event.item_id):
                     raise wire.BadEntry(f"unknown item {event.item_id!r} (strict mode)")
             except wire.BadEntry as exc:
                 dead.append((eid, fields, exc.reason))
                 continue
             good.append(event)
             ids.append(eid)
-        return good, ids, dead, logged
+            written.append(where)
+        return good, ids, written, dead, logged
 
-    async def _drop_erased(self, good: list[Event], ids: list[str]) -> tuple[list[Event], list[str], list[str]]:
+    async def _drop_erased(
+        self, good: list[Event], ids: list[str], written: list[str | None]
+    ) -> tuple[list[Event], list[str], list[str | None], list[str]]:
         """Leave out the entries at or below their user's erasure tombstone (acknowledged, never applied)."""
         if not good:
-            return good, ids, []
+            return good, ids, written, []
         stones = await read_tombstones(self.client, self.layout.prefix, sorted({e.user_id for e in good}))
         if not stones:
-            return good, ids, []
+            return good, ids, written, []
         keep, drop = split_erased(stones, ((e.user_id, eid) for e, eid in zip(good, ids, strict=True)))
-        return [good[i] for i in keep], [ids[i] for i in keep], [ids[i] for i in drop]
+        return [good[i] for i in keep], [ids[i] for i in keep], [written[i] for i in keep], [ids[i] for i in drop]
 
     async def _handle(self, lease: _Lease, claimed: list[str], entries: list[tuple[str, dict]]) -> None:
         """Apply one batch, dead-letter its bad entries, then acknowledge; retried until done or the lease goes."""
         part = lease.part
         start = time.monotonic()
         metrics.BATCH_SIZE.observe(len(entries))
-        good, ids, dead, logged = self._validate(part, entries)
-        good, ids, gone = await self._drop_erased(good, ids)
+        good, ids, written, dead, logged = self._validate(part, entries)
+        good, ids, written, gone = await self._drop_erased(good, ids, written)
         present = {eid for eid, _ in entries}
         trimmed = [i for i in claimed if i not in present]
-        ack = [*ids, *gone, *logged, *(d[0] for d in dead), *trimmed]
+        ack = list(dict.fromkeys([*ids, *gone, *logged, *(d[0] for d in dead), *trimmed]))
+        # One outcome per entry: a logged entry erased or dead-lettered counts as that, not as logged.
+        n_logged = len(set(logged) - set(gone) - {d[0] for d in dead})
         attempt = 0
         while True:
             if not lease.alive():
@@ -513,7 +526,7 @@ class Consumer:
                 applied = dups = refused = 0
                 if good:
                     result = await self.ingestor.ingest_entries(
-                        good, ids, part.mark_field, lease.epoch, loop_time() + 3600
+                        good, ids, part.mark_field, lease.epoch, loop_time() + 3600, written
                     )
                     applied, dups = result.applied, result.duplicates
                     refused = result._erased  # noqa: SLF001 - erased inside the compare-and-set (a DELETE raced it)
@@ -554,10 +567,10 @@ class Consumer:
         t.trimmed += len(trimmed)
         t.batches += 1
         t.last_ack, t.last_ack_unix = time.monotonic(), time.time()
-        t.logged += len(logged)
+        t.logged += n_logged
         for outcome, n in (
             ("erased", len(gone) + refused),
-            ("logged", len(logged)),
+            ("logged", n_logged),
             ("applied", applied),
             ("duplicate", dups),
             ("dead_letter", len(dead)),

@@ -13,8 +13,8 @@ ENTRIES = Counter(
     "hytrec_stream_entries",
     "Stream entries handled, by outcome: applied, duplicate (at or below the user's mark, or a repeated "
     "event id), dead_letter, trimmed (pending, but trimmed off the stream before it could be read), erased (at or "
-    "below the user's erasure tombstone), logged (an event the service applied and logged itself: not applied "
-    "again).",
+    "below the user's erasure tombstone), logged (an event the service applied to its served version and "
+    "logged: never applied to that version again, applied to the other versions this consumer writes).",
     ["outcome"],
 )
 BATCH_SIZE = Histogram(

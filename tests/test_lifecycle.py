@@ -318,6 +318,189 @@ def test_backfill_racing_a_live_consumers_dual_write_gives_exact_history_lengths
         sync.close()
 
 
+def test_rest_posts_and_stream_entries_racing_a_backfill_give_exact_history_lengths_on_both_versions(
+    model_root: tuple[Path, str, str], redis_standalone_url: str
+) -> None:
+    """REST posts and stream entries keep arriving, for the same users, while v2 is backfilled from the log: the
+    app writes each post to its served v1 and logs it, the consumer applies the logged entry to v2 with its mark.
+    Afterwards every user's history length is exact on both versions (no post missing or doubled on v2). With a
+    post mirrored to v2 by the app, unmarked (the earlier design), a post racing the backfill was lost or doubled."""
+    root, v1, v2 = model_root
+    url = redis_standalone_url
+    s = _settings(root, v1, url, stream_batch_size=50)
+    dual = _settings(root, v1, url, key_prefix=s.key_prefix, stream_batch_size=50, write_versions=v2)
+    prefix = s.key_prefix
+    users = [f"q{i}" for i in range(30)]
+    producer = StreamProducer.from_settings(s)
+    sync = redis.Redis.from_url(url, socket_timeout=30)
+    m2 = ServingModel.load(root / v2)
+    sent: Counter = Counter()  # stream entries produced per user
+    posted: Counter = Counter()  # events the app applied per user (its answers)
+    rng = random.Random(11)
+    n_posts = [0]
+
+    live = users[:20]  # the users with events during the race (caught up); the others are built by the main pass
+
+    def produce(n: int, among: list[str]) -> None:
+        batch = []
+        for _ in range(n):
+            u = rng.choice(among)
+            sent[u] += 1
+            batch.append({"user_id": u, "item_id": str(rng.randint(1, N_ITEMS)), "ts": 1.7e9 + sent[u]})
+        producer.add(batch)
+
+    async def post(client, n: int, among: list[str]) -> None:  # noqa: ANN001
+        n_posts[0] += 1
+        events = [
+            {
+                "user_id": rng.choice(among),
+                "item_id": str(rng.randint(1, N_ITEMS)),
+                "ts": 1.7e9 + 5000 + n_posts[0],
+                "event_id": f"p{n_posts[0]}-{k}",
+            }
+            for k in range(n)
+        ]
+        r = await client.post("/v1/events", json={"events": events})
+        assert r.status_code == 200 and r.json()["applied"] == n, r.text
+        posted.update(e["user_id"] for e in events)
+
+    def want() -> dict[str, int]:
+        return {u: sent[u] + posted[u] for u in users}
+
+    async def body() -> None:
+        async with running(dual) as (client, app):  # writes v1 only (and logs): v2 is the consumer's
+            assert app.state.lifecycle.runtime.mirrors == ()
+            produce(2000, users)  # the history, in v1 only
+            for _ in range(20):
+                await post(client, 10, users)
+            async with Running(s) as c:
+                await c.wait(lambda: _counts(url, prefix, v1, users) == want())
+            assert _counts(url, prefix, v2, users) == dict.fromkeys(users, 0)
+            stop = threading.Event()
+
+            def keep_producing() -> None:
+                while not stop.is_set():
+                    produce(10, live)
+                    time.sleep(0.03)
+
+            async def keep_posting() -> None:
+                while not stop.is_set():
+                    await post(client, 5, live)
+                    await asyncio.sleep(0.02)
+
+            async with Running(dual) as c:  # the dual write on first, then the backfill races both paths
+                thread = threading.Thread(target=keep_producing)
+                thread.start()
+                posting = asyncio.create_task(keep_posting())
+                await asyncio.sleep(0.3)
+                store = await open_store(dual, v2)
+                try:
+                    report = await asyncio.wait_for(
+                        Backfill(m2, store, asyncio.to_thread).from_stream(sync, producer.layout, None, {}), 120
+                    )
+                    await asyncio.sleep(0.3)
+                finally:
+                    stop.set()
+                    await asyncio.to_thread(thread.join, 30)
+                    assert not thread.is_alive(), "the producing thread did not stop"
+                    await asyncio.wait_for(posting, 30)
+                    await store.close()
+                await c.wait(
+                    lambda: _counts(url, prefix, v1, users) == want() and _counts(url, prefix, v2, users) == want()
+                )
+                logged = c.consumer.totals.logged
+        assert report.pending == 0
+        assert 0 < report.caught_up < report.users  # both backfill paths ran: a plain write, and a catch-up
+        print(
+            "rest race report",
+            report.as_dict(),
+            "stream",
+            sum(sent.values()),
+            "posted",
+            sum(posted.values()),
+            "posts",
+            n_posts[0],
+            "logged seen by the dual consumer",
+            logged,
+        )
+        assert sum(posted.values()) > 200 and logged > 0  # posts did arrive while v2 was dual-written
+        for u in users:  # the count inside the state agrees with the hash's
+            state = m2.decode(sync.hget(f"{prefix}:{v2}:{{u:{u}}}:s", "blob"))
+            assert int(state.count[0]) == want()[u], u
+
+    try:
+        _run(body)
+    finally:
+        producer.close()
+        sync.close()
+
+
+def test_write_versions_that_no_consumer_writes_are_reported(
+    model_root: tuple[Path, str, str],
+    redis_standalone_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """While posts are logged, a write version gets posted events from a consumer only: the worker opens no
+    mirror for it, counts it in ``hytrec_write_versions_unconsumed`` until a consumer reports writing it, and
+    ``hytrec versions show`` names it under ``unconsumed``. A backfill of the served version warns and names who
+    serves it."""
+    from hytrec.service.commands import backfill, versions_show
+    from hytrec.service.swap import set_desired
+    from hytrec.service.versions import MirrorSet
+
+    root, v1, v2 = model_root
+    url = redis_standalone_url
+    s = _settings(root, v1, url, versions_poll_s=600.0)
+    env = (("REDIS_URL", url), ("KEY_PREFIX", s.key_prefix), ("VERSIONS_POLL_S", "600"), ("MODEL", str(root / v1)))
+    for name, value in env:  # restored after the test (the backfill command sets HYTREC_MODEL itself)
+        monkeypatch.setenv(f"HYTREC_{name}", value)
+
+    async def shown() -> list[str]:  # the command itself, in a thread (it runs its own event loop)
+        capsys.readouterr()
+        await asyncio.to_thread(versions_show)
+        return json.loads(capsys.readouterr().out)["unconsumed"]
+
+    async def gauge(client) -> float:  # noqa: ANN001
+        text = (await client.get("/metrics")).text
+        return next(float(x.split()[-1]) for x in text.splitlines() if x.startswith("hytrec_write_versions_unconsumed"))
+
+    async def body() -> None:
+        async with running(s) as (client, app):
+            lc = app.state.lifecycle
+            await lc.watcher.check()
+            assert lc.watcher.unconsumed == [] and await gauge(client) == 0
+            await set_desired(lc.runtime.store.client, s.key_prefix, write=[v2])
+            await lc.watcher.check()
+            assert lc.runtime.mirrors == ()  # the worker writes v1 alone
+            assert lc.watcher.unconsumed == [v2] and await gauge(client) == 1
+            assert await shown() == [v2]
+            async with Running(s) as c:  # a consumer following the desired versions writes v1 and v2
+                mirrors = MirrorSet(s, c.consumer.ingestor, c.store.client, asyncio.to_thread, c.consumer.id)
+                await mirrors.refresh()
+                try:
+                    await lc.watcher.check()
+                    assert lc.watcher.unconsumed == [] and await gauge(client) == 0
+                    assert await shown() == []
+                finally:
+                    await mirrors.close()  # its writers entry goes
+            await lc.watcher.check()
+            assert lc.watcher.unconsumed == [v2] and await gauge(client) == 1
+
+            async def backfill_of(version: str) -> dict:  # the command itself, from the (empty) stream
+                capsys.readouterr()
+                await asyncio.to_thread(backfill, from_stream=True, model=root / version)
+                out = capsys.readouterr()
+                return {**json.loads(out.out), "stderr": out.err}
+
+            served = await backfill_of(v1)  # the version this worker serves: a warning, and who serves it
+            assert served["served_by"] == [f"worker-{os.getpid()}"] and "warning" in served["stderr"]
+            prepared = await backfill_of(v2)
+            assert prepared["served_by"] == [] and "warning" not in prepared["stderr"]
+
+    _run(body, 120)
+
+
 def _logged(sync: redis.Redis, layout) -> list[tuple[str, dict]]:  # noqa: ANN001
     """Every entry the service logged (``origin=rest``), over all partitions."""
     out = []

@@ -1,5 +1,6 @@
 """Done-when of the model lifecycle: a new checkpoint goes from training to serving all traffic by the runbook's
-commands (docs/lifecycle.md), with no restart of the service and no failed request, under stream and REST load.
+commands (docs/lifecycle.md), with no restart of the service and no failed request, under stream and REST load
+(recommendation GETs, and event POSTs for the same users as the stream: v2 must hold every one of both once).
 
 Real processes: `hytrec serve` (2 workers), `hytrec consume`, and every runbook command as its own process.
 """
@@ -75,6 +76,43 @@ class Load(threading.Thread):
             await asyncio.gather(*tasks)
 
 
+class Poster(threading.Thread):
+    """``POST /v1/events`` of 2 events for USERS every 0.2 s until stopped; counts what the service applied."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(daemon=True)
+        self.url = url
+        self.stop = threading.Event()
+        self.posted: Counter = Counter()
+        self.answers: list[dict] = []
+
+    def run(self) -> None:
+        rng = random.Random(9)
+        n = 0
+        with httpx.Client(base_url=self.url, timeout=10.0) as client:
+            while not self.stop.is_set():
+                n += 1
+                events = [
+                    {
+                        "user_id": rng.choice(USERS),
+                        "item_id": str(rng.randint(1, 300)),
+                        "ts": 1.8e9 + n,
+                        "event_id": f"p{n}-{k}",
+                    }
+                    for k in range(2)
+                ]
+                try:
+                    r = client.post("/v1/events", json={"events": events})
+                    self.answers.append({"status": r.status_code, "version": "post", "t": time.monotonic()})
+                    if r.status_code == 200 and r.json()["applied"] == len(events):
+                        self.posted.update(e["user_id"] for e in events)
+                    elif r.status_code == 200:
+                        self.answers[-1]["status"] = f"200 applied {r.json()['applied']}"
+                except httpx.HTTPError as exc:
+                    self.answers.append({"status": 0, "version": repr(exc), "t": time.monotonic()})
+                time.sleep(0.2)
+
+
 class Producer(threading.Thread):
     """Stream events for USERS at a steady rate until stopped; counts what it produced per user."""
 
@@ -139,7 +177,7 @@ def test_new_checkpoint_from_training_to_all_traffic_by_the_runbook(
         return p
 
     sync = redis.Redis.from_url(redis_standalone_url, socket_timeout=30)
-    producer, load = Producer(s), Load(server.url, 20)
+    producer, load, poster = Producer(s), Load(server.url, 20), Poster(server.url)
     timeline: list[tuple[str, float]] = []
 
     def step(name: str) -> None:
@@ -149,6 +187,11 @@ def test_new_checkpoint_from_training_to_all_traffic_by_the_runbook(
         shown = _cli(["versions", "show"], cli_env)["writers"]
         return len(shown) == n and all(version in w.split(" ")[1].split(",") for w in shown.values())
 
+    def consumers_write(version: str) -> bool:  # the workers write what they serve; a consumer the others
+        shown = _cli(["versions", "show"], cli_env)
+        mine = [w for who, w in shown["writers"].items() if who.startswith("consumer-")]
+        return bool(mine) and all(version in w.split(" ")[1].split(",") for w in mine) and not shown["unconsumed"]
+
     def counts(version: str) -> dict[str, int]:
         return {u: int(sync.hget(f"{s.key_prefix}:{version}:{{u:{u}}}:s", "n") or 0) for u in USERS}
 
@@ -157,6 +200,7 @@ def test_new_checkpoint_from_training_to_all_traffic_by_the_runbook(
         start_consumer(root / v1)
         producer.start()
         load.start()
+        poster.start()
         time.sleep(3)
         # 1. the training data: archive, then export archive + stream
         step("archive")
@@ -173,10 +217,10 @@ def test_new_checkpoint_from_training_to_all_traffic_by_the_runbook(
         _cli(train, cli_env)
         v2 = _cli(["versions", "add", str(tmp_path / "new")], cli_env)["text"]
         assert v2 != v1 and (root / v2).is_dir()
-        # 3. dual write on, wait until every worker and consumer writes v2, then backfill to the live position
+        # 3. dual write on, wait until every consumer writes v2 (posts reach v2 from the log), then backfill
         step("write v2")
         _cli(["versions", "set", "--write", v2], cli_env)
-        _wait(lambda: writers_all_include(v2, 3), 60, "every writer writes v2")
+        _wait(lambda: consumers_write(v2), 60, "every consumer writes v2")
         step("backfill")
         filled = _cli(
             ["backfill", "--from-stream", "--model", str(root / v2), "--archive", str(tmp_path / "archive")], cli_env
@@ -208,9 +252,12 @@ def test_new_checkpoint_from_training_to_all_traffic_by_the_runbook(
         )
         time.sleep(2)
         producer.stop.set()
+        poster.stop.set()
         producer.join(30)
-        assert not producer.is_alive(), "the producer thread did not stop"
-        _wait(lambda: counts(v2) == {u: producer.sent[u] for u in USERS}, 90, "v2 holds every produced event once")
+        poster.join(30)
+        assert not producer.is_alive() and not poster.is_alive(), "the producer or poster thread did not stop"
+        want = {u: producer.sent[u] + poster.posted[u] for u in USERS}
+        _wait(lambda: counts(v2) == want, 90, "v2 holds every produced and posted event once")
         step("drop v1")
         dropped = _cli(["versions", "drop", v1], cli_env)
         assert dropped["users"] >= len(USERS) and not list(sync.scan_iter(f"{s.key_prefix}:{v1}:{{u:*", count=1000))
@@ -219,13 +266,14 @@ def test_new_checkpoint_from_training_to_all_traffic_by_the_runbook(
         load.stop.set()
         load.join(30)
         producer.stop.set()
+        poster.stop.set()
         for p in consumers:
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
                 p.wait(30)
         server.stop()
         sync.close()
-    failed = [a for a in load.answers if a["status"] != 200]
+    failed = [a for a in load.answers + poster.answers if a["status"] != 200]
     served = Counter(a["version"] for a in load.answers if a["status"] == 200)
     t0 = timeline[0][1]
     print(
@@ -236,6 +284,8 @@ def test_new_checkpoint_from_training_to_all_traffic_by_the_runbook(
                 "failed": len(failed),
                 "served": {k[:24]: n for k, n in served.items()},
                 "events_produced": sum(producer.sent.values()),
+                "posts": len(poster.answers),
+                "events_posted": sum(poster.posted.values()),
                 "backfill": filled,
                 "steps_s": {name: round(t - t0, 1) for name, t in timeline},
             }

@@ -248,7 +248,8 @@ def test_versions_drop_removes_the_versions_keys_and_refuses_the_live_one(
     redis_standalone_url: str,
 ) -> None:
     root, v1, v2 = model_root
-    s = _app_settings(root, v1, redis_standalone_url, write_versions=v2)  # REST dual-writes v2
+    # REST dual-writes v2 itself: the form without the event log (with it, a consumer writes v2)
+    s = _app_settings(root, v1, redis_standalone_url, write_versions=v2, log_posted_events=False)
 
     async def body() -> None:
         async with running(s) as (client, app):
@@ -280,3 +281,42 @@ def test_versions_drop_removes_the_versions_keys_and_refuses_the_live_one(
         assert not c.sismember(f"{p}:{{u:d7}}:v", v2) and c.sismember(f"{p}:{{u:d7}}:v", v1)
     finally:
         c.close()
+
+
+def test_a_checkpoint_that_fails_the_parity_probe_is_not_swapped_in(
+    model_root: tuple[Path, str, str],  # noqa: F811
+    redis_standalone_url: str,
+    tmp_path: Path,
+) -> None:
+    """A desired version whose weights score no finite top-10 (finite item embeddings scaled by 1e20, so the
+    checkpoint passes validation and the scores overflow) fails the probe: the worker keeps serving v1, says why
+    in ``GET /v1/admin/model`` (``worker.swap_error``), and swaps nothing."""
+    import torch
+
+    from hytrec.model.checkpoint import save_checkpoint
+    from hytrec.service.versions import add_version
+    from tests.helpers_model import make_model
+    from tests.service_fixtures import N_ITEMS
+
+    root, v1, _ = model_root
+    bad = make_model(n_items=N_ITEMS, seed=3)
+    with torch.no_grad():
+        bad.item_emb.weight.mul_(1e20)
+    ids = [str(i) for i in range(1, N_ITEMS + 1)]
+    save_checkpoint(tmp_path / "bad", bad, ids, [1] * N_ITEMS)
+    v3 = add_version(root, tmp_path / "bad")
+    s = _app_settings(root, v1, redis_standalone_url)
+
+    async def body() -> None:
+        async with running(s) as (client, app):
+            lc = app.state.lifecycle
+            await set_desired(lc.runtime.store.client, s.key_prefix, live=v3)
+            await _until(lambda: lc.watcher.error is not None, 60)
+            assert lc.watcher.error.startswith("ProbeFailed"), lc.watcher.error
+            assert lc.runtime.model.version == v1 and lc.watcher.swaps == 0
+            shown = await client.get("/v1/admin/model", headers={"Authorization": f"Bearer {ADMIN}"})
+            assert shown.status_code == 200 and shown.json()["worker"]["swap_error"] == lc.watcher.error
+            r = await client.get("/v1/users/p1/recommendations?k=3")
+            assert r.status_code == 200 and r.json()["model_version"] == v1
+
+    asyncio.run(asyncio.wait_for(body(), 120))
