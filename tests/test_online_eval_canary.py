@@ -69,7 +69,8 @@ def test_canary_and_shadow_impressions_are_attributed_side_by_side_and_compared_
         redis_url=redis_standalone_url,
         key_prefix=f"oc{uuid.uuid4().hex[:10]}",
         versions_poll_s=0.2,
-        write_versions=v2,  # REST dual-writes the candidate, so it has every user's state
+        write_versions=v2,  # REST dual-writes the candidate, so it has every user's state:
+        log_posted_events=False,  # with the log on a consumer would write it, and none runs here
         impression_sample=1.0,
         request_timeout_ms=30_000.0,
         max_queue_delay_ms=30_000.0,
@@ -225,6 +226,7 @@ def test_two_served_workers_count_canary_and_shadow_as_the_offline_comparison_do
         workers=2,
         model_root=root,
         write_versions=v2,
+        log_posted_events=False,  # REST writes the candidate itself: no consumer runs in this test
         impression_sample=1.0,
         versions_poll_s=0.3,
         request_timeout_ms=30000,
