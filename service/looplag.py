@@ -20,8 +20,9 @@ from hytrec.service.microbatch import Overloaded, loop_time
 class LoopLag:
     """Samples the running loop's lateness; ``pressure()`` says whether it stands over the target."""
 
-    def __init__(self, target_ms: float, interval_ms: float, tick_ms: float = 10.0) -> None:
+    def __init__(self, target_ms: float, interval_ms: float, tick_ms: float = 10.0, shed: bool = True) -> None:
         self.target, self.interval, self.tick = target_ms / 1000.0, interval_ms / 1000.0, tick_ms / 1000.0
+        self.shed = shed  # False: only sampled (the metric, ``on_time_at`` for the stall breaker)
         self._below = math.inf  # loop time of the last wake-up within the target (inf: not sampling yet)
         self._task: asyncio.Task | None = None
 
@@ -55,7 +56,7 @@ class LoopLag:
 
     def pressure(self) -> Overloaded | None:
         """Why a request arriving now is shed (counted), or None: the loop has stayed over the target."""
-        if loop_time() - self._below < self.interval:
+        if not self.shed or loop_time() - self._below < self.interval:
             return None
         metrics.SHED.labels("admission", "loop_lag").inc()
         target, interval = f"{self.target * 1e3:g} ms", f"{self.interval * 1e3:g} ms"

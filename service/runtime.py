@@ -106,7 +106,9 @@ class Lifecycle:
         self.started_version: str | None = None
         self.watcher: VersionWatcher | None = None
         self._watch: asyncio.Task | None = None
-        self.loop_lag = LoopLag(settings.max_loop_lag_ms, settings.queue_standing_ms)
+        # sampled always (the metric; the stall breaker's "loop on time" is within 50 ms), shedding only when set
+        lag_ms = settings.max_loop_lag_ms
+        self.loop_lag = LoopLag(lag_ms or 50.0, settings.queue_standing_ms, shed=lag_ms is not None)
 
     def shed(self, method: str, path: str) -> Overloaded | None:
         """Why a request for ``path`` would be shed by its batcher right now (counted), or None to admit it.

@@ -111,12 +111,13 @@ class Settings(StoreSettings):
         description="How long the queue must stay over HYTREC_MAX_QUEUE_DELAY_MS before requests are shed (CoDel's "
         "interval): a burst that drains within it (one long batch, a collector pause) sheds nothing.",
     )
-    max_loop_lag_ms: float = Field(
-        50.0,
+    max_loop_lag_ms: float | None = Field(
+        None,
         gt=0,
         description="Shed new /v1 requests that do work (503 overloaded, before their body is read) once the event "
-        "loop has run more than this behind for HYTREC_QUEUE_STANDING_MS: time a request waits for the loop comes "
-        "before its deadline starts.",
+        "loop has run more than this behind for HYTREC_QUEUE_STANDING_MS. Off by default: at 50 ms it shed the first "
+        "requests of a cold worker and did not lower the 503 latency under overload (docs/reliability.md).",
+        json_schema_extra={"shown_default": "none (off)"},
     )
     max_in_flight: int = Field(
         512, ge=1, description="Requests a worker serves at once; past it a request is answered 503 overloaded at once."
