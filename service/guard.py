@@ -115,8 +115,7 @@ class Guard:
                 return
             shed = self.shed(scope["method"], scope["path"]) if self.shed is not None else None
             if shed is not None:
-                detail = f"the service is over capacity ({shed.reason}); retry after the delay"
-                await _answer(scope, receive, send, unavailable(detail, self.retry_after, "overloaded"))
+                await _answer(scope, receive, send, unavailable(shed.detail(), self.retry_after, shed.kind))
                 return
             self.in_flight += 1
             try:

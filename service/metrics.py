@@ -63,6 +63,11 @@ MICROBATCH_WAIT = Histogram(
     ["path"],
     buckets=MS_BUCKETS,
 )
+LOOP_LAG = Histogram(
+    "hytrec_event_loop_lag_seconds",
+    "How late the event loop ran a callback that was due (sampled every 10 ms): the wait of work queued for it.",
+    buckets=MS_BUCKETS,
+)
 MICROBATCH_COMPUTE = Histogram(
     "hytrec_microbatch_compute_seconds",
     "Time to serve one batch (Redis round trips and torch), by path.",
@@ -74,7 +79,8 @@ SHED = Counter(
     "Requests answered 503 overloaded without being served, by path and reason: queue_full (the batcher's bounded "
     "queue), queue_delay (requests waited over HYTREC_MAX_QUEUE_DELAY_MS for HYTREC_QUEUE_STANDING_MS), deadline "
     "(HYTREC_REQUEST_TIMEOUT_MS passed while queued or running), in_flight (over HYTREC_MAX_IN_FLIGHT requests at "
-    "once).",
+    "once), loop_lag (the event loop over HYTREC_MAX_LOOP_LAG_MS behind), stalled (path store: a Redis round "
+    "trip waited past HYTREC_STORE_STALL_MS, answered 503 unavailable).",
     ["path", "reason"],
 )
 RECOMMENDATIONS = Counter(
@@ -165,6 +171,7 @@ for _outcome in ("applied", "duplicate", "unknown_item", "out_of_order", "reject
     EVENTS.labels(_outcome)
 for _path, _reason in (
     ("admission", "in_flight"),
+    ("admission", "loop_lag"),
     ("recommend", "queue_full"),
     ("recommend", "queue_delay"),
     ("recommend", "deadline"),
@@ -172,6 +179,7 @@ for _path, _reason in (
     ("events", "queue_delay"),
     ("events", "deadline"),
     ("users", "deadline"),
+    ("store", "stalled"),
 ):
     SHED.labels(_path, _reason)
 for _use in ("rank", "similar", "session", "batch", "hide"):

@@ -39,9 +39,23 @@ def loop_time() -> float:
 class Overloaded(Exception):
     """The batcher's queue is full, or a request's deadline passed before it was served."""
 
+    kind = "overloaded"  # the problem type of its 503
+
     def __init__(self, path: str, reason: str) -> None:
         super().__init__(f"{path}: {reason}")
         self.path, self.reason = path, reason
+
+    def detail(self) -> str:
+        return f"the service is over capacity ({self.reason}); retry after the delay"
+
+
+class StoreStalled(Overloaded):
+    """Shed at admission: a Redis round trip has been waiting past HYTREC_STORE_STALL_MS (503 unavailable)."""
+
+    kind = "unavailable"
+
+    def detail(self) -> str:
+        return f"the state store is not answering ({self.reason}); retry after the delay"
 
 
 @dataclass

@@ -59,10 +59,16 @@ def too_large(field: str, where: str, message: str, kind: str) -> Problem:
 
 
 @asynccontextmanager
-async def deadline(rt: Runtime, path: str) -> AsyncIterator[float]:
+async def deadline(rt: Runtime, path: str, events: int = 0) -> AsyncIterator[float]:
     """The request's deadline (loop time): everything inside, Redis retries included, ends by then or is
-    cancelled and answered 503 overloaded, so a stalled Redis or a long queue never holds a client."""
-    timeout_ms = rt.settings.request_timeout_ms
+    cancelled and answered 503 overloaded, so a stalled Redis or a long queue never holds a client.
+
+    ``events``: how many events the request carries; each adds HYTREC_EVENTS_TIMEOUT_PER_EVENT_MS."""
+    s = rt.settings
+    timeout_ms = s.deadline_ms(events)
+    budget = f"HYTREC_REQUEST_TIMEOUT_MS = {s.request_timeout_ms:g} ms"
+    if events:
+        budget += f" + {events} events x HYTREC_EVENTS_TIMEOUT_PER_EVENT_MS = {s.events_timeout_per_event_ms:g} ms"
     when = loop_time() + timeout_ms / 1000.0
     scope = asyncio.timeout_at(when)
     with watch_commits() as watch:  # a post's 503 says whether its write may have landed (service/events.py)
@@ -73,7 +79,7 @@ async def deadline(rt: Runtime, path: str) -> AsyncIterator[float]:
             if not scope.expired():
                 raise
             metrics.SHED.labels(path, "deadline").inc()
-            late = Overloaded(path, f"no answer within HYTREC_REQUEST_TIMEOUT_MS = {timeout_ms:g} ms")
+            late = Overloaded(path, f"no answer within {budget}")
             raise note_write(late, watch.sent) if path == "events" else late from None
         except (Overloaded, StoreUnavailable, ConflictError) as exc:
             if path == "events":
@@ -110,7 +116,7 @@ async def post_events(batch: EventBatch, rt: Ready) -> IngestResult:
     limit = rt.settings.max_batch_events
     if len(batch.events) > limit:
         raise too_large("events", "body", f"List should have at most {limit} items", "too_long")
-    async with deadline(rt, "events") as when:
+    async with deadline(rt, "events", len(batch.events)) as when:
         return serialized(await rt.ingestor.ingest(batch.events, when))  # type: ignore[return-value]
 
 
@@ -220,8 +226,12 @@ async def healthz(lc: Annotated[Lifecycle, Depends(lifecycle)]) -> Any:
 @operations.get(
     "/readyz", response_model=Health, operation_id="readyz", summary="Readiness: model loaded and Redis answering"
 )
-async def readyz(rt: Ready) -> Health:
+async def readyz(rt: Ready, lc: Annotated[Lifecycle, Depends(lifecycle)]) -> Health:
     s = rt.settings
+    waited = lc.store_wait(rt)[0]
+    if waited >= s.store_stall_ms:  # stalled: say so at once, so a balancer routes away without waiting too
+        detail = f"redis is not answering: a round trip has waited {waited:.0f} ms (HYTREC_STORE_STALL_MS)"
+        raise unavailable(detail, s.retry_after_s, "not-ready")
     try:
         await asyncio.wait_for(rt.store.ping(), timeout=s.socket_timeout_s)
     except (StoreUnavailable, TimeoutError) as exc:

@@ -17,10 +17,12 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from hytrec.model.serving import ServingModel
+from hytrec.service import metrics
 from hytrec.service.batcher import RecommendBatcher
 from hytrec.service.catalogue import Catalogue
 from hytrec.service.events import EventBatcher, EventIngestor
-from hytrec.service.microbatch import MicroBatcher, Overloaded
+from hytrec.service.looplag import LoopLag
+from hytrec.service.microbatch import MicroBatcher, Overloaded, StoreStalled
 from hytrec.service.online_eval import Attribution, ImpressionLog, attach
 from hytrec.service.recommend import Recommender
 from hytrec.service.settings import Settings
@@ -78,6 +80,12 @@ class Runtime:
         await self.store.close()
 
 
+def _needs_store(path: str) -> bool:
+    """Routes that wait on Redis, shed while it is stalled (the catalogue, the model, similar items and sessions
+    are answered from memory and go on being served)."""
+    return path.startswith(("/v1/events", "/v1/users/", "/v1/recommendations:batch", "/v1/admin/"))
+
+
 def _recommender_post(path: str) -> bool:
     """POST routes answered by the recommendation micro-batcher: shed on its pressure before the body is read."""
     return path in ("/v1/sessions/recommendations", "/v1/recommendations:batch") or (
@@ -98,6 +106,9 @@ class Lifecycle:
         self.started_version: str | None = None
         self.watcher: VersionWatcher | None = None
         self._watch: asyncio.Task | None = None
+        # sampled always (the metric; the stall breaker's "loop on time" is within 50 ms), shedding only when set
+        lag_ms = settings.max_loop_lag_ms
+        self.loop_lag = LoopLag(lag_ms or 50.0, settings.queue_standing_ms, shed=lag_ms is not None)
 
     def shed(self, method: str, path: str) -> Overloaded | None:
         """Why a request for ``path`` would be shed by its batcher right now (counted), or None to admit it.
@@ -107,16 +118,47 @@ class Lifecycle:
         rt = self.runtime
         if rt is None:
             return None
+        if _needs_store(path):
+            stalled = self.stalled(rt, writes=method != "GET" and not _recommender_post(path))
+            if stalled is not None:
+                return stalled
+        batcher: MicroBatcher | None = None
         if method == "POST" and path == "/v1/events":
-            batcher: MicroBatcher = rt.events_batcher
+            batcher = rt.events_batcher
         elif (method == "GET" and path.endswith("/recommendations") and path.startswith("/v1/users/")) or (
             method == "POST" and _recommender_post(path)
         ):
             batcher = rt.batcher  # the product POSTs (rank, session, batch) go through the same micro-batcher
-        else:
+        if batcher is None and not _needs_store(path):
             return None
+        lag = self.loop_lag.pressure()  # the loop itself is behind: shed before the body is read and parsed
+        if lag is not None or batcher is None:
+            return lag
         reason = batcher.pressure()
         return None if reason is None else batcher.shed(reason)
+
+    def stalled(self, rt: Runtime, writes: bool) -> StoreStalled | None:
+        """Why the state store counts as stalled now (counted), or None: a read round trip of ``rt``'s store (for
+        a request that writes, a read or a write one) has been waiting for Redis past HYTREC_STORE_STALL_MS.
+        Requests sent to it would only wait out their deadlines (and pile up behind the stalled batch), so until
+        it answers they are answered 503 at once. Reads go on while only writes stall (CLIENT PAUSE WRITE)."""
+        reads, written = self.store_wait(rt)
+        waited = max(reads, written if writes else 0.0)
+        limit = self.settings.store_stall_ms
+        if waited < limit:
+            return None
+        metrics.SHED.labels("store", "stalled").inc()
+        what = "write" if writes and written >= limit else "read"
+        return StoreStalled(
+            "store", f"a Redis {what} has waited {waited:.0f} ms, over HYTREC_STORE_STALL_MS = {limit:g} ms"
+        )
+
+    def store_wait(self, rt: Runtime) -> tuple[float, float]:
+        """Milliseconds the oldest read and the oldest write round trip of ``rt``'s store had waited for Redis when
+        the event loop was last on time: a reply that came while the loop was behind (a busy CPU) is not held
+        against Redis, only one the loop was free to read and did not get."""
+        at = self.loop_lag.on_time_at
+        return rt.store.stalled_for(at=at) * 1000.0, rt.store.stalled_for(writes=True, at=at) * 1000.0
 
     async def run(self, fn: Callable[[], T]) -> T:
         """Run a synchronous (torch) callable in the torch thread."""
@@ -125,6 +167,7 @@ class Lifecycle:
     async def start(self) -> None:
         """Load the model, then open the store (retrying while Redis is down), then build the runtime."""
         s = self.settings
+        self.loop_lag.start()
         try:
             import torch
 
@@ -271,4 +314,5 @@ class Lifecycle:
             if rt.candidate is not None:
                 await rt.candidate.close()
             await rt.close()
+        await self.loop_lag.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -111,14 +111,37 @@ class Settings(StoreSettings):
         description="How long the queue must stay over HYTREC_MAX_QUEUE_DELAY_MS before requests are shed (CoDel's "
         "interval): a burst that drains within it (one long batch, a collector pause) sheds nothing.",
     )
+    max_loop_lag_ms: float | None = Field(
+        None,
+        gt=0,
+        description="Shed new /v1 requests that do work (503 overloaded, before their body is read) once the event "
+        "loop has run more than this behind for HYTREC_QUEUE_STANDING_MS. Off by default: at 50 ms it shed the first "
+        "requests of a cold worker and did not lower the 503 latency under overload (docs/reliability.md).",
+        json_schema_extra={"shown_default": "none (off)"},
+    )
     max_in_flight: int = Field(
         512, ge=1, description="Requests a worker serves at once; past it a request is answered 503 overloaded at once."
     )
     request_timeout_ms: float = Field(
-        1000.0,
+        500.0,
         gt=0,
         description="Deadline of a /v1 request, covering its queueing, Redis round trips (retries included) and "
-        "torch work; past it the request is answered 503 timeout.",
+        "torch work; past it the request is answered 503 overloaded. A POST /v1/events gets "
+        "HYTREC_EVENTS_TIMEOUT_PER_EVENT_MS more per event it carries.",
+    )
+    events_timeout_per_event_ms: float = Field(
+        0.5,
+        ge=0,
+        description="What each event of a POST /v1/events adds to its deadline (HYTREC_REQUEST_TIMEOUT_MS): a "
+        "post's work grows with its events, so the largest valid batch (1,000 events: 1 s by default) is not "
+        "turned into a 503 by a deadline sized for a recommendation.",
+    )
+    store_stall_ms: float = Field(
+        250.0,
+        gt=0,
+        description="Once a Redis round trip has been waiting this long, the store counts as stalled: requests "
+        "that need it are answered 503 unavailable with Retry-After at admission (and /readyz 503) until it "
+        "answers, instead of each waiting out its deadline.",
     )
     shutdown_timeout_s: float = Field(
         10.0,
@@ -193,6 +216,10 @@ class Settings(StoreSettings):
     versions_poll_s: float = Field(
         2.0, gt=0, description="How often a worker re-reads the desired versions, besides their pub/sub announcement."
     )
+
+    def deadline_ms(self, events: int = 0) -> float:
+        """The deadline of a request carrying ``events`` events (0: every route but POST /v1/events)."""
+        return self.request_timeout_ms + events * self.events_timeout_per_event_ms
 
     @field_validator("write_versions")
     @classmethod

@@ -7,7 +7,7 @@ The desired versions are one hash, ``<prefix>:versions:desired`` (``live``, ``ca
 On a change it builds the runtimes it lacks in the background (checkpoint from ``HYTREC_MODEL_ROOT/<version>``,
 its store, batchers, dual-write mirrors), checks each new model with a parity probe, and then installs the
 new ``Runtime`` with one assignment. A request holds the runtime it started with, so requests in flight finish
-on the old version; the old runtime's batchers stop only after ``HYTREC_REQUEST_TIMEOUT_MS`` more (the
+on the old version; the old runtime's batchers stop only after the longest deadline more (the
 longest any request may take). A probe that fails leaves the worker on what it serves, with the error in
 ``GET /v1/model`` (``swap_error``).
 
@@ -381,7 +381,7 @@ class VersionWatcher:
 
     async def _retire(self, rt: Runtime) -> None:
         """Close a runtime no longer installed once every request that could hold it has ended."""
-        await asyncio.sleep(self.s.request_timeout_ms / 1000 + 0.5)
+        await asyncio.sleep(self.s.deadline_ms(self.s.max_batch_events) / 1000 + 0.5)  # the longest deadline
         await rt.close()
 
     async def close(self) -> None:

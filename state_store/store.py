@@ -50,6 +50,11 @@ Runner = Callable[[Callable[[], T]], Awaitable[T]]
 
 _FIELDS = ("blob", "ver", "n", "lts", "ts")
 _CAS_FIELDS = ("blob", "ver")
+# Round trips that are one command or pipeline each, so one out far longer than usual means the server is not
+# answering; writes apart, since a server can hold writes and serve reads (CLIENT PAUSE WRITE, a replica).
+# Not ``scan`` (its guard spans the caller's loop body) nor ``open`` (start-up).
+_READ_OPS = frozenset({"read", "hidden", "never", "ping"})
+_WRITE_OPS = frozenset({"cas", "log", "lock", "delete"})
 
 
 async def _to_thread(fn: Callable[[], T]) -> T:
@@ -177,12 +182,32 @@ class StateStore:
         self._cas_backoff = FullJitterBackoff(
             cap=settings.cas_backoff_cap_ms / 1000, base=settings.cas_backoff_ms / 1000
         )
+        # round trips in flight, reads and writes: token -> start (insertion order = start order)
+        self._out: tuple[dict[int, float], dict[int, float]] = ({}, {})
+        self._token = 0
+
+    def stalled_for(self, writes: bool = False, at: float | None = None) -> float:
+        """Seconds the oldest read round trip (``writes``: write round trip) now in flight has been waiting for
+        Redis at ``at`` (``time.monotonic()``; default now); 0.0 when none is.
+
+        A paused or sleeping server shows here long before a socket timeout fires, so a caller can stop sending
+        it work (the service sheds at admission, docs/reliability.md) instead of letting every request wait
+        out its own deadline. Retries of a round trip (redis-py's, on timeouts) count as one: the time grows.
+        """
+        for start in self._out[writes].values():  # the first is the oldest
+            return max((time.monotonic() if at is None else at) - start, 0.0)
+        return 0.0
 
     # ---------------------------------------------------------------- plumbing
     @contextmanager
-    def _guard(self, op: str, users: int = 0):
-        """Time one round trip and turn Redis failures into the store's errors."""
+    def _guard(self, op: str, users: int = 0, *, write: bool = False):
+        """Time one round trip and turn Redis failures into the store's errors (``write``: it writes, though its
+        op's name is shared with reads)."""
         start = time.perf_counter()
+        token = self._token = self._token + 1
+        out = self._out[write or op in _WRITE_OPS] if op in _READ_OPS or op in _WRITE_OPS else None
+        if out is not None:
+            out[token] = time.monotonic()
         try:
             yield
         except StoreError:
@@ -197,6 +222,8 @@ class StateStore:
             metrics.REDIS_ERRORS.labels(op, type(exc).__name__).inc()
             raise StoreError(f"redis error during {op}: {exc}") from exc
         finally:
+            if out is not None:
+                del out[token]
             metrics.OP_SECONDS.labels(op).observe(time.perf_counter() - start)
             if users:
                 metrics.BATCH_USERS.labels(op).observe(users)
@@ -249,7 +276,9 @@ class StateStore:
         """
         asked = {u: list(dict.fromkeys((event_ids or {}).get(u, ()))) for u in user_ids}
         wanted = {u: tuple((marks or {}).get(u, ())) for u in user_ids}
-        with self._guard("read", len(user_ids)):
+        # A read through the READ script counts as a write for stall purposes: Redis holds scripts with the
+        # writes (CLIENT PAUSE WRITE), while plain HMGETs go on.
+        with self._guard("read", len(user_ids), write=any(asked.values())):
             for _ in range(2):  # the second pass only runs after the server lost its script cache
                 pipe = self._pipeline()
                 for u in user_ids:
@@ -552,7 +581,7 @@ class StateStore:
 
     async def set_hidden(self, item_ids: Sequence[str], hidden: bool) -> int:
         """Hide (or show) items and bump the counter atomically; returns the new counter."""
-        with self._guard("hidden"):
+        with self._guard("hidden", write=True):
             pipe = self.client.pipeline(transaction=True)
             if item_ids:
                 (pipe.sadd if hidden else pipe.srem)(self.keys.hidden, *item_ids)
@@ -573,7 +602,7 @@ class StateStore:
         """Add (item id, ts) pairs to each user's never-again set, keeping its ``limit`` newest (idempotent)."""
         if not items:
             return
-        with self._guard("never", len(items)):
+        with self._guard("never", len(items), write=True):
             pipe = self._pipeline()
             for u, pairs in items.items():
                 key = self.keys.never(u)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -479,5 +480,31 @@ def test_the_hot_routes_answers_match_their_documented_schemas(
             ):
                 schema = doc[path][method]["responses"]["200"]["content"]["application/json"]["schema"]
                 assert schema == {"$ref": f"#/components/schemas/{name}"}
+
+    run(body)
+
+
+def test_a_loop_that_stays_behind_sheds_at_admission_and_recovers(
+    service_checkpoint: Checkpoint, redis_standalone_url: str
+) -> None:
+    """The event loop blocked for 300 ms (a callback hogging it, as parsing a flood of bodies does): the request
+    that was waiting behind it is answered 503 overloaded by the guard, before its body is read; once the loop
+    keeps time again, the same request is served."""
+    s = settings_for(service_checkpoint, redis_standalone_url, max_loop_lag_ms=20, queue_standing_ms=50)
+
+    async def body() -> None:
+        async with running(s) as (client, _app):
+            await asyncio.sleep(0.1)  # the sampler keeps time
+            before = _shed(_app, "admission", "loop_lag")
+            asyncio.get_running_loop().call_soon(time.sleep, 0.3)
+            await asyncio.sleep(0)  # the loop runs the hog; this request is parsed right after it
+            resp = await client.post("/v1/events", json={"events": events("lag", 2)})
+            assert resp.status_code == 503 and resp.headers["retry-after"] == "1", resp.text
+            assert resp.json()["type"].endswith("/overloaded") and "event loop" in resp.json()["detail"]
+            assert _shed(_app, "admission", "loop_lag") == before + 1
+            assert "may_have_applied" not in resp.json()  # shed before the route: nothing applied
+            await asyncio.sleep(0.1)  # on time again
+            ok = await client.post("/v1/events", json={"events": events("lag", 2)})
+            assert ok.status_code == 200 and ok.json()["applied"] == 2, ok.text
 
     run(body)

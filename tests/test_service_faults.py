@@ -36,7 +36,10 @@ from tests.fault_load import (
 from tests.redis_servers import REDIS_SERVER, RedisServer, wait_until
 from tests.service_fixtures import Checkpoint, ServiceProcess, service_env
 
-DEADLINE_S = 1.0  # HYTREC_REQUEST_TIMEOUT_MS of these servers (the default)
+# The deadline of these servers' requests: HYTREC_REQUEST_TIMEOUT_MS (default 500 ms) plus 0.5 ms per event
+# of a post (HYTREC_EVENTS_TIMEOUT_PER_EVENT_MS); the posts here carry at most 6 events.
+DEADLINE_S = 0.5 + 6 * 0.0005
+STALL_S = 0.25  # HYTREC_STORE_STALL_MS (the default): past it a stalled Redis sheds new requests at admission
 SLACK_S = 0.75  # the client's own scheduling on 2 shared cores, on top of the deadline
 RATE = 25.0  # req/s, open loop
 DEDUP = 1000  # every event id of a test stays in the user's id set, so the set is the exact applied history
@@ -117,10 +120,12 @@ def test_redis_sigkill_under_load_then_restart(
         _check_answers(answers, {"200", "503 unavailable", "503 overloaded"})
         down = [a for a in answers if a.status == 503]
         assert down, "Redis was down for 2.5 s and no request noticed"
-        assert all(times["kill"] - DEADLINE_S <= a.sched <= times["up"] + 1.0 for a in down), (
-            "a 503 outside the outage",
-            times,
-        )
+        outside = [
+            (round(a.sched, 3), round(a.latency, 3), a.kind)
+            for a in down
+            if not times["kill"] - DEADLINE_S <= a.sched <= times["up"] + 1.0
+        ]
+        assert not outside, ("503s outside the outage", times, outside)
         first_ok = min(a.done for a in answers if a.status == 200 and a.sched >= times["up"])
         recovered_after = first_ok - times["up"]
         assert recovered_after < 3.0
@@ -198,13 +203,19 @@ def test_slow_redis_answers_within_the_deadline(
     feed = EventFeed(f"slow-{how}", service_checkpoint.item_ids, users=40, size=6, per_batch=3)
     feed_first = [feed.next() for _ in range(10)]  # every read user has a state before the stall
     times: dict[str, float] = {}
+    ready: dict[int, float] = {}  # /readyz during the stall: status -> seconds
     try:
         assert all(r.status_code == 200 for r in asyncio.run(resend(serve.url, feed_first)))
 
         async def fault() -> None:
             await asyncio.sleep(2.0)
             times["from"] = time.monotonic() - t0
-            await asyncio.to_thread(_stall, server, how, stall_ms)
+            stall = asyncio.ensure_future(asyncio.to_thread(_stall, server, how, stall_ms))
+            await asyncio.sleep(0.6)
+            began = time.monotonic()
+            async with httpx.AsyncClient(timeout=5) as c:
+                ready[(await c.get(serve.url + "/readyz")).status_code] = time.monotonic() - began
+            await stall
             times["to"] = times["from"] + stall_ms / 1000
 
         t0 = time.monotonic()
@@ -214,6 +225,21 @@ def test_slow_redis_answers_within_the_deadline(
 
         _check_answers(answers, {"200", "503 overloaded", "503 unavailable"})
         stalled = [a for a in answers if times["from"] + 0.2 < a.sched < times["to"] - DEADLINE_S]
+        # Once a round trip has waited STALL_S, new requests that need the stalled side are shed at admission
+        # (503 unavailable, nothing applied) instead of waiting out their deadlines: no pile-up.
+        breaker = [
+            a
+            for a in stalled
+            if a.sched > times["from"] + STALL_S + 0.2 and (how != "pause-write" or a.what == "events")
+        ]
+        shed_at_once = [a for a in breaker if a.kind == "unavailable"]
+        assert len(shed_at_once) > 0.8 * len(breaker), statuses(breaker)
+        assert all(a.may_have_applied is None for a in shed_at_once if a.what == "events")
+        store_stalled = _metric(serve.url, 'hytrec_shed_total{path="store",reason="stalled"}')
+        assert store_stalled >= len(shed_at_once)
+        # reads stalled: not ready, said at once (not after the 2 s ping timeout); writes only: still ready
+        assert list(ready) == [200 if how == "pause-write" else 503], ready
+        assert min(ready.values()) < 0.25, ready
         writes = [a for a in stalled if a.what == "events"]
         reads_ok = [a for a in stalled if a.what == "recommend" and a.status == 200]
         assert writes and all(a.status == 503 for a in writes), statuses(writes)
@@ -242,7 +268,11 @@ def test_slow_redis_answers_within_the_deadline(
         print(
             f"\n{how} {stall_ms} ms: {len(answers)} requests {dict(statuses(answers))}; during the stall "
             f"{dict(statuses(stalled))}; slowest answer {max(a.latency for a in answers) * 1e3:.0f} ms, slowest 503 "
-            f"{slow_503 * 1e3:.0f} ms; first event 200 {first_ok - times['to']:.2f}s after the stall; {clean_503} "
+            f"{slow_503 * 1e3:.0f} ms; after {STALL_S * 1e3:.0f} ms of the stall {len(shed_at_once)} of "
+            f"{len(breaker)} shed at admission, latency p50 {_ms([a.latency for a in shed_at_once], 0.5):.0f} ms "
+            f"p99 {_ms([a.latency for a in shed_at_once], 0.99):.0f} ms max "
+            f"{_ms([a.latency for a in shed_at_once], 1.0):.0f} ms (server counted {store_stalled:.0f}); "
+            f"/readyz {ready}; first event 200 {first_ok - times['to']:.2f}s after the stall; {clean_503} "
             f"posts 503 not applied (none landed), {maybe} may have; exact counts"
         )
     finally:
@@ -406,9 +436,7 @@ def test_overload_at_four_times_capacity_with_redis_paused_sheds_fast_and_recove
             after = c.post("/v1/events", json={"events": feed.next().events})
         assert after.status_code == 200, after.text
 
-        def pct(xs: list[float], q: float) -> float:
-            return xs[min(len(xs) - 1, int(q * len(xs)))] * 1e3
-
+        pct = _ms
         print(
             f"\ncapacity ~{1 / service_s:.1f} posts/s of 300 events ({service_s * 1e3:.0f} ms each); offered "
             f"{rate:.1f}/s for 6 s, Redis paused 1.5 s: {len(answers)} requests {dict(statuses(answers))}; 503 "
@@ -422,10 +450,19 @@ def test_overload_at_four_times_capacity_with_redis_paused_sheds_fast_and_recove
 
 def _counter(url: str, outcome: str) -> float:
     """hytrec_events_total{outcome=...} as the server's /metrics reports it."""
+    return _metric(url, f'hytrec_events_total{{outcome="{outcome}"}}')
+
+
+def _metric(url: str, series: str) -> float:
     for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith(f'hytrec_events_total{{outcome="{outcome}"}}'):
+        if line.startswith(series + " "):
             return float(line.split()[-1])
     return 0.0
+
+
+def _ms(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] * 1e3 if xs else float("nan")
 
 
 @pytest.mark.parametrize("how", ["pause-all", "debug-sleep"])
@@ -438,7 +475,8 @@ def test_a_post_cut_by_the_deadline_says_whether_it_may_have_landed(
     A included, though nobody waited for its answer; re-sending both gives exact states."""
     deadline_ms, stall_ms = 600, 1500
     server = RedisServer(workdir=redis_dir, extra=_redis_args("everysec") + _debug_args()).start()
-    serve = _serve(service_checkpoint, server, tmp_path, request_timeout_ms=deadline_ms)
+    # the stall breaker off (HYTREC_STORE_STALL_MS past the stall): B must reach the queue, not be shed at admission
+    serve = _serve(service_checkpoint, server, tmp_path, request_timeout_ms=deadline_ms, store_stall_ms=10_000)
     prefix = serve.env["HYTREC_KEY_PREFIX"]
     items = service_checkpoint.item_ids
 
