@@ -10,6 +10,8 @@ case; figures are medians, ratios the median of the per-round ratios (each pair 
 - ``filtered``: the same call with each request's mask built by ``Catalogue.mask`` inside the timing
   (exclude ``exclude`` ids, ``categories`` of the 20, ``hidden`` items hidden, an offset of 10);
 - ``filtered_ids``: the same without categories (exclude, hidden, offset: the whole catalogue still ranked);
+- ``hidden_only``: a request with no filter of its own while items are hidden (the service's plain request
+  whenever anything is hidden: every row carries the catalogue's one shared hidden-only mask);
 - ``rank@N``: ``ServingModel.rank`` for N candidates per user (gathered embedding rows) against the full
   catalogue product of ``unfiltered``.
 
@@ -19,6 +21,7 @@ Ratios are within one run (on a shared machine absolute figures move, back-to-ba
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -51,7 +54,7 @@ def _before(sm: Any, states: Any, now: list[float], k: int, exclude_seen: list[b
 
 def measure(
     n_items: int = 100_000,
-    batches: tuple[int, ...] = (1, 16, 64),
+    batches: tuple[int, ...] = (1, 8, 64),
     k: int = 10,
     exclude: int = 50,
     categories: int = 2,
@@ -82,6 +85,7 @@ def measure(
     rng = np.random.default_rng(seed)
     cat.apply_hidden(1, {str(x) for x in rng.choice(n_items, hidden, replace=False)})
     out: dict[str, Any] = {"n_items": n_items, "k": k, "torch_threads": 1, "results": {}}
+    out["load_average_before"] = list(os.getloadavg())
     for b in batches:
         case = _Case(sm, cat, rng, b, k, history, exclude, categories, candidates)
         names = list(case.calls)
@@ -107,9 +111,11 @@ def measure(
             "unfiltered/before": ratio("unfiltered", "before"),
             "filtered/unfiltered": ratio("filtered", "unfiltered"),
             "filtered_ids/unfiltered": ratio("filtered_ids", "unfiltered"),
+            "hidden_only/unfiltered": ratio("hidden_only", "unfiltered"),
             **{f"rank@{n}/unfiltered": ratio(f"rank@{n}", "unfiltered") for n in candidates},
         }
         out["results"][f"batch{b}"] = {"ms": res, "ratios": ratios, "rounds": rounds}
+    out["load_average_after"] = list(os.getloadavg())
     return out
 
 
@@ -152,12 +158,14 @@ class _Case:
             10,
         )
         self.ids_only = Filters(self.filters.exclude, (), True, self.filters.offset)
+        self.plain = Filters()
         cands = {m: [torch.from_numpy(rng.choice(n, m, replace=False)) for _ in range(b)] for m in candidates}
         self.calls = {
             "before": self.before,
             "unfiltered": self.unfiltered,
             "filtered": self.filtered,
             "filtered_ids": self.filtered_ids,
+            "hidden_only": self.hidden_only,
             **{f"rank@{m}": (lambda c=c: sm.rank(self.states, self.now, c)) for m, c in cands.items()},
         }
 
@@ -173,6 +181,11 @@ class _Case:
         masks = [self.cat.mask(f) for _ in range(self.b)]
         return self.sm.recommend(self.states, self.now, self.k, self.seen, masks, [f.offset] * self.b)
 
+    def hidden_only(self) -> Any:
+        """No filter of the request's own, items hidden: the shared hidden-only mask on every row."""
+        masks = [self.cat.mask(self.plain) for _ in range(self.b)]
+        return self.sm.recommend(self.states, self.now, self.k, self.seen, masks, [0] * self.b)
+
     def filtered(self) -> Any:
         f = self.filters
         masks = [self.cat.mask(f) for _ in range(self.b)]
@@ -182,10 +195,13 @@ class _Case:
 def bench_filters(
     n_items: Annotated[int, typer.Option("--items", help="Catalogue size.")] = 100_000,
     min_run_time: Annotated[float, typer.Option("--min-run-time", help="Seconds per case (all rounds).")] = 1.0,
+    batches: Annotated[str, typer.Option("--batches", help="Batch sizes, comma-separated.")] = "1,8,64",
+    min_rounds: Annotated[int, typer.Option("--min-rounds", help="Rounds per batch size at least.")] = 50,
     out: Annotated[Path | None, typer.Option("--out", help="Write the figures as JSON here.")] = None,
 ) -> None:
     """Filtered vs unfiltered top-k and candidate ranking vs full ranking, in process (docs/service.md)."""
-    result = measure(n_items=n_items, min_run_time=min_run_time)
+    sizes = tuple(int(x) for x in batches.split(",") if x.strip())
+    result = measure(n_items=n_items, batches=sizes, min_run_time=min_run_time, min_rounds=min_rounds)
     text = json.dumps(result, indent=2)
     if out is not None:
         out.write_text(text + "\n")

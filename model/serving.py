@@ -29,22 +29,43 @@ class Recommendation:
 
 
 @dataclass(frozen=True)
+class HiddenItems:
+    """A catalogue's hidden items, built once per change of the set and shared by every mask: ``rows`` (sorted,
+    distinct item indices, for the writes), ``flags`` (bool (n_items,)) and ``members`` for membership."""
+
+    rows: torch.Tensor
+    flags: torch.Tensor
+    members: frozenset[int]  # the same, for the Python-side counts of small batches
+
+    @classmethod
+    def of(cls, rows: Sequence[int], n_items: int) -> HiddenItems:
+        members = frozenset(rows)
+        index = torch.tensor(sorted(members), dtype=torch.int64)
+        flags = torch.zeros(n_items, dtype=torch.bool)
+        flags[index] = True
+        return cls(index, flags, members)
+
+
+@dataclass(frozen=True)
 class ItemMask:
-    """Items a request may not be shown: ``drop`` (item indices, duplicates allowed) and, when set, every item
-    ``outside`` (a shared, never mutated bool (n_items,) tensor: True for the items outside the asked
+    """Items a request may not be shown: ``drop`` (the request's own item indices, duplicates allowed),
+    ``hidden`` (the catalogue's hidden items, shared by every mask, never copied per request) and, when set,
+    every item ``outside`` (a shared, never mutated bool (n_items,) tensor: True for the items outside the asked
     categories; ``keep`` lists the others). Built from indices and cached unions, so its cost grows with the
-    ids named and the categories' sizes, not with the catalogue: the top-k of a category request selects among
-    ``keep`` only, no pass over the whole row."""
+    ids named, not with the catalogue: the top-k of a category request selects among ``keep`` only, no pass
+    over the whole row."""
 
     drop: torch.Tensor
     outside: torch.Tensor | None = None
     outside_count: int = 0  # items ``outside`` marks (counted once, when the union was built)
     keep: torch.Tensor | None = None  # sorted indices of the items not ``outside`` (the top-k looks only there)
+    hidden: HiddenItems | None = None
 
     def count(self, seen: torch.Tensor | None = None) -> int:
-        """Items the mask removes, together with the ``seen`` item indices: O(drop + seen), not O(n)."""
-        extra = self.drop if seen is None or not seen.numel() else torch.cat([self.drop, seen])
-        extra = torch.unique(extra)
+        """Items the mask removes, together with the ``seen`` item indices: O(drop + seen + hidden), not O(n)."""
+        parts = [self.drop] + ([seen] if seen is not None and seen.numel() else [])
+        parts += [self.hidden.rows] if self.hidden is not None else []
+        extra = torch.unique(torch.cat(parts))
         if self.outside is not None:
             extra = extra[~self.outside[extra]]
         return self.outside_count + int(extra.numel())
@@ -53,26 +74,147 @@ class ItemMask:
         """The mask as a fresh bool (n_items,) tensor."""
         out = self.outside.clone() if self.outside is not None else torch.zeros(n_items, dtype=torch.bool)
         out[self.drop] = True
+        if self.hidden is not None:
+            out |= self.hidden.flags
         return out
 
     def removes(self, indices: torch.Tensor) -> torch.Tensor:
         """Which of ``indices`` the mask removes (bool, same shape)."""
         out = torch.isin(indices, self.drop)
+        if self.hidden is not None:
+            out |= self.hidden.flags[indices]
         if self.outside is not None:
             out |= self.outside[indices]
         return out
 
 
-def apply_drops(scores: torch.Tensor, masks: Sequence[ItemMask | None]) -> None:
-    """-inf on the dropped items of each row of ``scores`` (B, n_items), the whole batch in one indexed write
-    (categories are not written: ``_top`` selects among their ``keep`` items)."""
-    drop_rows, drop_cols = [], []
-    for i, m in enumerate(masks):
-        if m is not None and m.drop.numel():
-            drop_rows.append(torch.full((m.drop.numel(),), i, dtype=torch.int64))
-            drop_cols.append(m.drop)
-    if drop_rows:
-        scores[torch.cat(drop_rows), torch.cat(drop_cols)] = float("-inf")
+_NEG_INF = float("-inf")
+
+
+def apply_masks(
+    scores: torch.Tensor, masks: Sequence[ItemMask | None], seen: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> list[int | None]:
+    """-inf on the items each row's mask removes, in place on ``scores`` (B, n_items), and each masked row's
+    count of distinct removed items (None for rows without a mask), the ``seen`` (row, item index) pairs
+    (already -inf) counted in.
+
+    Batched, not per row: the (row, item) pairs of every request's own ids and seen items are written in one
+    indexed write and each shared hidden set (one in the service) in one ``index_fill_``; the pairs are counted
+    once, minus those a row's hidden set or categories already count (Python sets for a few pairs, where a
+    dozen torch calls would cost more; :func:`_distinct_pairs` for many). The items outside a row's categories
+    are not written (``_top`` selects among its ``keep`` only) but counted from the cached union's size.
+    """
+    b = scores.shape[0]
+    rows = [i for i, m in enumerate(masks) if m is not None]
+    counts: list[int | None] = [None] * b
+    if not rows:
+        return counts
+    ms: list[ItemMask] = [masks[i] for i in rows]  # type: ignore[misc]
+    lengths = [int(m.drop.numel()) for m in ms]
+    r = torch.repeat_interleave(torch.tensor(rows), torch.tensor(lengths)) if len(rows) > 1 else None
+    c = torch.cat([m.drop for m in ms]) if len(rows) > 1 else ms[0].drop
+    if r is None:
+        r = torch.full(c.shape, rows[0], dtype=torch.int64)
+    if seen is not None and seen[0].numel():
+        if len(rows) == b:
+            r, c = torch.cat([r, seen[0]]), torch.cat([c, seen[1]])
+        else:
+            masked = torch.zeros(b, dtype=torch.bool)
+            masked[rows] = True
+            on = masked[seen[0]]
+            r, c = torch.cat([r, seen[0][on]]), torch.cat([c, seen[1][on]])
+    groups: dict[tuple[int, int], tuple[HiddenItems | None, torch.Tensor | None, list[int]]] = {}
+    for i, m in zip(rows, ms, strict=True):
+        groups.setdefault((id(m.hidden), id(m.outside)), (m.hidden, m.outside, []))[2].append(i)
+    shared = [0] * b  # hidden items a row counts beyond its categories' union
+    for hidden, outside, members in groups.values():
+        if hidden is not None and hidden.rows.numel():
+            n_shared = int(hidden.rows.numel()) if outside is None else int((~outside[hidden.rows]).sum())
+            for i in members:
+                shared[i] = n_shared
+    if r.numel() <= SMALL_PAIRS:
+        distinct = _distinct_small(r, c, rows, ms, b)
+    else:
+        distinct = _distinct_pairs(scores, r, c, _counted_elsewhere(r, c, groups, b))
+    if r.numel():
+        scores.index_put_((r, c), torch.tensor(_NEG_INF, dtype=scores.dtype))
+    for hidden, _, members in groups.values():
+        if hidden is None or not hidden.rows.numel():
+            continue
+        if len(members) == b:
+            scores.index_fill_(1, hidden.rows, _NEG_INF)
+        else:
+            scores[torch.tensor(members)[:, None], hidden.rows[None, :]] = _NEG_INF
+    for i, m in zip(rows, ms, strict=True):
+        counts[i] = distinct[i] + shared[i] + m.outside_count
+    return counts
+
+
+SMALL_PAIRS = 2048  # up to this many (row, item) pairs a batch is counted with Python sets
+
+
+def _distinct_small(r: torch.Tensor, c: torch.Tensor, rows: list[int], ms: list[ItemMask], b: int) -> list[int]:
+    """Distinct pairs per row not already counted by the row's hidden set or categories, in Python sets."""
+    per_row: dict[int, set[int]] = {}
+    for i, j in zip(r.tolist(), c.tolist(), strict=True):
+        per_row.setdefault(i, set()).add(j)
+    out = [0] * b
+    for i, m in zip(rows, ms, strict=True):
+        items = per_row.get(i)
+        if not items:
+            continue
+        if m.hidden is not None:
+            items -= m.hidden.members
+        if m.outside is not None and items:
+            out[i] = int((~m.outside[torch.tensor(list(items), dtype=torch.int64)]).sum())
+        else:
+            out[i] = len(items)
+    return out
+
+
+def _counted_elsewhere(
+    r: torch.Tensor,
+    c: torch.Tensor,
+    groups: dict[tuple[int, int], tuple[HiddenItems | None, torch.Tensor | None, list[int]]],
+    b: int,
+) -> torch.Tensor:
+    """Bool per pair: its item is hidden or outside the categories for its row (counted by the shared parts)."""
+    counted = torch.zeros(r.shape, dtype=torch.bool)
+    for hidden, outside, members in groups.values():
+        if hidden is None and outside is None:
+            continue
+        hit = hidden.flags[c] if hidden is not None else torch.zeros(c.shape, dtype=torch.bool)
+        if outside is not None:
+            hit |= outside[c]
+        if len(groups) == 1:
+            return hit
+        member = torch.zeros(b, dtype=torch.bool)
+        member[members] = True
+        counted |= member[r] & hit
+    return counted
+
+
+_STAMP = {4: torch.int32, 8: torch.int64}
+
+
+def _distinct_pairs(scores: torch.Tensor, r: torch.Tensor, c: torch.Tensor, skip: torch.Tensor) -> list[int]:
+    """Distinct (row r, column c) pairs per row of ``scores``, the pairs flagged in ``skip`` left out; the cells
+    are left garbage (the caller writes -inf over them). O(pairs), no sort: each pair writes its own number
+    into its cell (seen as integers), and of the pairs that share a cell exactly one, the last writer, reads
+    its number back. Falls back to a ``unique`` over r * n + c for element sizes without an integer view."""
+    b, n = scores.shape
+    if not r.numel():
+        return [0] * b
+    stamp_dtype = _STAMP.get(scores.element_size())
+    if stamp_dtype is None or r.numel() >= torch.iinfo(stamp_dtype).max:
+        keys = torch.unique(torch.where(skip, -1, r * n + c))
+        keys = keys[keys >= 0]
+        return torch.bincount(torch.div(keys, n, rounding_mode="floor"), minlength=b).tolist()
+    cells = scores.view(stamp_dtype)
+    stamp = torch.arange(r.numel(), dtype=stamp_dtype)
+    cells.index_put_((r, c), stamp)
+    won = (cells[r, c] == stamp) & ~skip
+    return torch.zeros(b, dtype=torch.int64).index_add_(0, r, won.to(torch.int64)).tolist()
 
 
 class ServingModel:
@@ -201,16 +343,15 @@ class ServingModel:
         scores = self.model.item_scores(u)
         drop = torch.tensor(list(exclude_seen))[:, None] & (states.ring_items >= FIRST_ITEM_ROW)
         removed = [0] * len(exclude_seen)
+        seen = None
         if bool(drop.any()):
             users, slots = drop.nonzero(as_tuple=True)
-            scores[users, states.ring_items[users, slots] - FIRST_ITEM_ROW] = float("-inf")
+            seen = (users, states.ring_items[users, slots] - FIRST_ITEM_ROW)
+            scores[seen] = float("-inf")
             removed = _distinct(torch.where(drop, states.ring_items, -1)).tolist()
-        if masks is not None and any(m is not None for m in masks):
-            apply_drops(scores, masks)
-            for i, m in enumerate(masks):
-                if m is not None:
-                    seen = states.ring_items[i][drop[i]] - FIRST_ITEM_ROW if exclude_seen[i] else None
-                    removed[i] = m.count(seen)
+        if masks is not None:
+            counts = apply_masks(scores, masks, seen)
+            removed = [n if n is not None else r for n, r in zip(counts, removed, strict=True)]
         return self._top(scores, k, offsets, removed, masks)
 
     def _top(
@@ -226,7 +367,7 @@ class ServingModel:
         skip = list(offsets) if offsets is not None else [0] * scores.shape[0]
         kk = min(k + max(skip, default=0), scores.shape[1])
         cats = [i for i, m in enumerate(masks or ()) if m is not None and m.keep is not None]
-        plain = [i for i in range(scores.shape[0]) if i not in set(cats)] if cats else None
+        plain = sorted(set(range(scores.shape[0])).difference(cats)) if cats else None
         all_values: list[list[float]] = [[] for _ in range(scores.shape[0])]
         all_indices: list[list[int]] = [[] for _ in range(scores.shape[0])]
         if plain is None or plain:  # rows without categories: one batched top-k over the catalogue
@@ -266,8 +407,8 @@ class ServingModel:
         """The ``k`` items nearest item ``index`` by cosine of the item embeddings (exact), itself excluded."""
         scores = (self._unit @ self._unit[index])[None]
         scores[0, index] = float("-inf")
-        apply_drops(scores, [mask])
-        removed = mask.count(torch.tensor([index])) if mask is not None else 1
+        counted = apply_masks(scores, [mask], (torch.zeros(1, dtype=torch.int64), torch.tensor([index])))[0]
+        removed = counted if counted is not None else 1
         return self._top(scores, k, [offset], [removed], [mask])[0]
 
     @cached_property

@@ -98,6 +98,11 @@ class Vocab:
     def knows(self, item_id: str) -> bool:
         return item_id in self._row_of
 
+    def indices(self, item_ids: Iterable[str]) -> list[int]:
+        """Item indices (row - FIRST_ITEM_ROW) of the known ids, in order, unknown ones skipped (one dict lookup
+        each, no Python call per id: the serving filters build one list per request)."""
+        return [r - FIRST_ITEM_ROW for r in map(self._row_of.get, item_ids) if r is not None]
+
     __contains__ = knows
 
     def item_id(self, row: int) -> str | None:

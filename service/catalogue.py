@@ -8,9 +8,9 @@
   replica) with a change counter. Each worker polls the counter every ``HYTREC_CATALOGUE_POLL_MS`` (one GET)
   and re-reads the set when it moved, so a change reaches every worker within that interval plus a round
   trip, without a restart. A hidden item is never recommended; events on it are still applied.
-- **Masks**: ``mask(...)`` turns one request's filters into an ``ItemMask`` (item indices to drop, and a
-  cached bool of the items outside the asked categories), or None when nothing is filtered (the unfiltered
-  hot path builds nothing).
+- **Masks**: ``mask(...)`` turns one request's filters into an ``ItemMask`` (its own item indices to drop,
+  the shared hidden tensor, or a cached bool of the items outside the asked categories with the hidden ones
+  folded in), or None when nothing is filtered (the unfiltered hot path builds nothing).
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ import asyncio
 import contextlib
 import csv
 import logging
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from hytrec.model.serving import ItemMask
+from hytrec.model.serving import HiddenItems, ItemMask
 from hytrec.model.vocab import FIRST_ITEM_ROW, Vocab
 from hytrec.service import metrics
 from hytrec.service.schemas import CatalogueItem, ItemPage
@@ -33,6 +34,11 @@ from hytrec.state_store import StateStore, StoreError
 
 log = logging.getLogger("hytrec.service")
 _EMPTY = torch.zeros(0, dtype=torch.int64)
+
+
+def _indices(values: list[int]) -> torch.Tensor:
+    """int64 tensor of a list (through an array buffer: a third of ``torch.tensor``'s cost per request)."""
+    return torch.frombuffer(array("q", values), dtype=torch.int64) if values else _EMPTY
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +108,8 @@ class Catalogue:
         self.hidden_ids: frozenset[str] = frozenset()
         self.hidden_rows: torch.Tensor | None = None  # sorted hidden item indices; None while nothing is hidden
         self._outside_cache: dict[tuple[str, ...], tuple[torch.Tensor, int, torch.Tensor]] = {}
+        self._hidden: HiddenItems | None = None  # hidden_rows with its bool table, shared by the masks
+        self._hidden_only: ItemMask | None = None  # the mask of a request without filters of its own
         self.hidden_version = -1
         self._task: asyncio.Task | None = None
 
@@ -151,35 +159,35 @@ class Catalogue:
 
     def mask(self, f: Filters, never: Iterable[str] = ()) -> ItemMask | None:
         """Items the filters remove (exclude_seen's ring buffer is the model's), or None when none: built from
-        indices, so its cost grows with the ids named and the categories' sizes, not with the catalogue."""
-        drop = [i for i in (self.index(x) for x in f.exclude) if i is not None]
-        if f.exclude_seen:
-            drop += [i for i in (self.index(x) for x in never) if i is not None]
-        hidden = self.hidden_rows
-        if not drop and not f.categories and hidden is None:
-            return None
-        parts = [torch.tensor(drop, dtype=torch.int64)] if drop else []
-        if hidden is not None:
-            parts.append(hidden)
-        dropped = (torch.cat(parts) if len(parts) > 1 else parts[0]) if parts else _EMPTY
-        if not f.categories:
-            return ItemMask(dropped)
-        outside, count, keep = self._outside(tuple(sorted(set(f.categories))))
-        return ItemMask(dropped, outside, count, keep)
+        indices, so its cost grows with the ids named, not with the catalogue. The hidden items are one shared
+        tensor (or, with categories, folded into the cached union), never copied per request; a request with
+        no filter of its own gets the one shared hidden-only mask."""
+        drop = self.vocab.indices(f.exclude)
+        if f.exclude_seen and never:
+            drop += self.vocab.indices(never)
+        if f.categories:
+            outside, count, keep = self._outside(tuple(sorted(set(f.categories))))
+            return ItemMask(_indices(drop), outside, count, keep)
+        if not drop:
+            return self._hidden_only
+        return ItemMask(_indices(drop), hidden=self._hidden)
 
     def _outside(self, names: tuple[str, ...]) -> tuple[torch.Tensor, int, torch.Tensor]:
-        """Bool (n,): True for the items in none of the categories (the last unions asked are cached, shared
-        read-only by the masks; each costs n bytes)."""
-        hit = self._outside_cache.get(names)
+        """Bool (n,): True for the items in none of the categories or hidden (the last unions asked are cached
+        for the current hidden set, shared read-only by the masks; each costs n bytes)."""
+        cache, hidden = self._outside_cache, self.hidden_rows  # one hidden version's (apply_hidden swaps both)
+        hit = cache.get(names)
         if hit is None:
             mask = torch.ones(self.n, dtype=torch.bool)
             for c in names:
                 mask[self.categories[c]] = False
+            if hidden is not None:
+                mask[hidden] = True
             keep = (~mask).nonzero().flatten()
             hit = (mask, self.n - int(keep.numel()), keep)
-            if len(self._outside_cache) >= 64:
-                self._outside_cache.pop(next(iter(self._outside_cache)))
-            self._outside_cache[names] = hit
+            if len(cache) >= 64:
+                cache.pop(next(iter(cache)), None)
+            cache[names] = hit
         return hit
 
     # ------------------------------------------------------------------------------------ hidden flags
@@ -187,7 +195,12 @@ class Catalogue:
         """Adopt a hidden set read from Redis (ids this model does not know are kept there, ignored here)."""
         rows = sorted({i for i in (self.index(x) for x in ids) if i is not None})
         hidden = torch.tensor(rows, dtype=torch.int64) if rows else None
+        shared = HiddenItems.of(rows, self.n) if rows else None
         self.hidden_ids, self.hidden_rows, self.hidden_version = frozenset(ids), hidden, version
+        self._hidden, self._hidden_only = shared, ItemMask(_EMPTY, hidden=shared) if shared is not None else None
+        # rebound after hidden_rows, not cleared: a union being built meanwhile in the torch thread (which reads
+        # the cache first) lands in the old dict, never in the new one with the old hidden set
+        self._outside_cache = {}
         metrics.HIDDEN_ITEMS.set(len(rows))
 
     async def refresh(self, store: StateStore) -> bool:
