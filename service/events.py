@@ -459,6 +459,7 @@ class EventIngestor:
                 "counted_only": counted,
                 "never_again": sum(len(v) for v in never.values()),
                 "users": len({e.user_id for e in events}),
+                "model_version": self.model.version,
             }
         )
 

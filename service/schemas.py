@@ -98,6 +98,11 @@ class IngestResult(BaseModel):
     users: int
     counted_only: int = Field(0, description="Events of a count-only type: counted, not applied to the state.")
     never_again: int = Field(0, description="Events whose item entered the user's never-again set.")
+    model_version: str | None = Field(
+        None,
+        description="The model version whose states this answer's writes went to: the served one for a post "
+        "(other write versions get the events through the event log, or mirrors when the log is off).",
+    )
     # Stream entries refused because they are at or below the user's erasure tombstone (the consumer counts
     # them; a post never has any). Private: not part of the API.
     _erased: int = PrivateAttr(0)

@@ -113,7 +113,8 @@ def test_swap_under_open_loop_load_no_failed_request_and_each_worker_switches_on
                 for u in range(30)
                 for k in range(5)
             ]
-            assert http.post("/v1/events", json={"events": events}).status_code == 200
+            posted = http.post("/v1/events", json={"events": events})
+            assert posted.status_code == 200 and posted.json()["model_version"] == v1, posted.text
 
         async def body() -> list[dict]:
             load = asyncio.create_task(
@@ -164,6 +165,9 @@ def test_swap_under_open_loop_load_no_failed_request_and_each_worker_switches_on
             seen.add(r.headers["x-hytrec-worker"])
             m = httpx.get(server.url + "/v1/model", headers={"Connection": "close"})
             assert m.json()["version"] == v2
+            event = {"user_id": "w0", "item_id": "1", "ts": 1.8e9 + len(seen)}
+            p = httpx.post(server.url + "/v1/events", json={"events": [event]}, headers={"Connection": "close"})
+            assert p.status_code == 200 and p.json()["model_version"] == v2, p.text  # a post names it too
         assert len(seen) == 2
     finally:
         server.stop()
