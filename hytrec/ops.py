@@ -491,6 +491,14 @@ def dashboard() -> dict[str, Any]:
         )
         .text_mode("name")
     )
+    unconsumed = ts(
+        "Write versions without a consumer",
+        "short",
+        "Write versions besides the served one that no `hytrec consume` reported writing (each worker's view). "
+        "While posted events are logged only a consumer writes them, so above 0 they miss events; "
+        "the HyTRecWriteVersionUnconsumed alert fires after 5 minutes (docs/lifecycle.md).",
+        q("max by (job, instance) (hytrec_write_versions_unconsumed)", "{{instance}}"),
+    )
     board = (
         gd.Dashboard("HyTRec")
         .uid("hytrec")
@@ -508,7 +516,7 @@ def dashboard() -> dict[str, Any]:
         ("Redis", redis),
         ("Micro-batching", batching),
         ("Stream consumer", consumer),
-        ("Model", [model]),
+        ("Model", [model, unconsumed]),
         ("Online evaluation", online_panels(ts, q, w)),
     ):
         board = board.with_row(gd.Row(title).id(next(ids)))
