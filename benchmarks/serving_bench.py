@@ -146,7 +146,9 @@ class Server:
     """``hytrec serve`` of this checkout (or of ``before``, through PYTHONPATH), started at once on a free port,
     output to a log file; SIGTERM stops it and its embedded Redis. One worker: uvicorn serves in ``pid`` itself."""
 
-    def __init__(self, ckpt: Path, workers: int, logs: Path, before: Path | None = None) -> None:
+    def __init__(
+        self, ckpt: Path, workers: int, logs: Path, before: Path | None = None, extra: dict[str, str] | None = None
+    ) -> None:
         self.workers, self.before = workers, before
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
@@ -159,6 +161,7 @@ class Server:
         # the older checkout's code laid out as its package (PYTHONPATH=<checkout> alone imports the installed one)
         tree = package_tree(before, self.data / "before-code") if before else ""
         env.update(HYTREC_WORKERS=str(workers), HYTREC_DATA_DIR=str(self.data), PYTHONPATH=str(tree))
+        env.update(extra or {})
         with open(self.log, "wb") as log:
             argv = [sys.executable, "-m", "hytrec.cli", "serve"]
             self.proc = subprocess.Popen(argv, cwd=tree or self.data, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -270,11 +273,14 @@ def sweep(url: str, w: Any, rates: Any, s: Settings, duration: float, warmup: fl
     return runs
 
 
-def timeline(url: str, w: Any, phases: list[tuple[str, float, float, bool]], s: Settings) -> dict[str, Any]:
+def timeline(
+    url: str, w: Any, phases: list[tuple[str, float, float, bool]], s: Settings, start: float | None = None
+) -> dict[str, Any]:
     """Phases back to back on one shared clock (``Plan.start_at``) in one event loop, so each starts the instant
     the one before ends (stragglers overlap the next): a phase is one plan (its own pool and in-flight cap, as one
     ``hytrec loadtest`` rate) or, ``windowed``, consecutive one-second plans. A report per window and per phase
-    (the phases keep their histograms: the report splits 2xx from the rest)."""
+    (the phases keep their histograms: the report splits 2xx from the rest). ``start``: the first phase's
+    ``time.perf_counter()`` instant, when a caller times something else against the load (a fault)."""
     from hytrec.loadtest import engine, report
 
     plans, t = [], 0.0
@@ -283,7 +289,8 @@ def timeline(url: str, w: Any, phases: list[tuple[str, float, float, bool]], s: 
             seed, d = engine.process_seed(s.seed, 1000 + len(plans), 0), 1.0 if windowed else seconds
             plans.append((name, t, engine.Plan(url, w, rate, d, 0.0, s.timeout_s, s.max_in_flight, seed=seed)))
             t += d
-    start = time.perf_counter() + 0.5 + 0.1 * len(plans)  # time for every plan to build its samplers first
+    if start is None:
+        start = time.perf_counter() + 0.5 + 0.1 * len(plans)  # time for every plan to build its samplers first
     plans = [(name, at, replace(p, start_at=start + at)) for name, at, p in plans]
 
     async def main() -> list[dict[str, Any]]:
@@ -333,9 +340,10 @@ class Lab:
         return self._ready(self._shared[workers], warm)
 
     @contextmanager
-    def fresh(self, *before: bool, warm: bool = True) -> Iterator[list[Server]]:
-        """New one-worker servers (``True``: the --before checkout's), started together, stopped at the end."""
-        servers = [Server(self.ckpt, 1, self.logs, self.before if b else None) for b in before]
+    def fresh(self, *before: bool, warm: bool = True, extra: dict[str, str] | None = None) -> Iterator[list[Server]]:
+        """New one-worker servers (``True``: the --before checkout's), started together, stopped at the end
+        (``extra``: settings in their environment)."""
+        servers = [Server(self.ckpt, 1, self.logs, self.before if b else None, extra) for b in before]
         try:
             yield [self._ready(srv, warm) for srv in servers]  # a current one first: it serves the items
         finally:

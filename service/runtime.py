@@ -260,6 +260,7 @@ class Lifecycle:
             log_maxlen=s.stream_maxlen,
         )
         batcher.standing = events.standing = s.queue_standing_ms / 1000.0
+        batcher.memory = events.memory = s.queue_memory_intervals
         attribution = attach(s, store, events, model.item_id)
         impressions = attribution.impressions
         recommender = Recommender(model, store, batcher, popular, self.run, catalogue, s.never_again, s.count_only)

@@ -111,6 +111,14 @@ class Settings(StoreSettings):
         description="How long the queue must stay over HYTREC_MAX_QUEUE_DELAY_MS before requests are shed (CoDel's "
         "interval): a burst that drains within it (one long batch, a collector pause) sheds nothing.",
     )
+    queue_memory_intervals: int = Field(
+        10,
+        ge=0,
+        description="For this many HYTREC_QUEUE_STANDING_MS intervals after a request was shed for queueing "
+        "delay, a queue over HYTREC_MAX_QUEUE_DELAY_MS is shed at once, without a new interval (CoDel's memory): "
+        "under sustained overload each drained queue would otherwise admit a whole interval's arrivals, which "
+        "then wait several intervals. 0 grants every episode its interval.",
+    )
     max_loop_lag_ms: float | None = Field(
         None,
         gt=0,

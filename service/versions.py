@@ -79,6 +79,7 @@ async def open_mirror(settings: Settings, version: str, run: Runner, model: Serv
     batcher = EventBatcher(
         model, store, s.events_batch_max_size, s.events_batch_max_wait_ms, s.max_queue, s.max_queue_delay_ms
     )
+    batcher.standing, batcher.memory = s.queue_standing_ms / 1000.0, s.queue_memory_intervals  # as the served one's
     batcher.start()
     return Mirror(model, store, batcher, EventIngestor(model, batcher, False, counted=False))
 
