@@ -1,11 +1,12 @@
 """SIGTERM-to-exit of one `hytrec serve` under open-loop posts, optionally with CPU hogs beside it (not a test:
 a measurement for docs/reliability.md, "Rolling restart").
 
-    nice -n 10 .venv/bin/python -m tests.sigterm_exit WORKDIR [RATE] [HOGS]
+    nice -n 10 .venv/bin/python -m tests.sigterm_exit WORKDIR [RATE] [HOGS] [WORKERS]
 
 Starts a redis-server and a server on a small random model, posts single events at RATE/s (Poisson, keep-alive
 connections) for 3 s, starts HOGS busy-looping processes, sends SIGTERM and prints how long the server took to
-exit, and the answers seen.
+exit, and the answers seen. With WORKERS > 1 the server is uvicorn's supervisor, which exits once it has joined
+every worker.
 """
 
 from __future__ import annotations
@@ -26,14 +27,15 @@ from tests.redis_servers import RedisServer
 from tests.service_fixtures import N_ITEMS, Checkpoint, ServiceProcess, service_env
 
 
-def main(work: Path, rate: float, hogs: int) -> None:
+def main(work: Path, rate: float, hogs: int, workers: int = 1) -> None:
     work.mkdir(parents=True, exist_ok=True)
     ckpt, ids = work / "ckpt", [str(i) for i in range(1, N_ITEMS + 1)]
     if not ckpt.exists():
         ckpt.mkdir()
         save_checkpoint(ckpt, make_model(n_items=N_ITEMS), ids, [1] * len(ids))
     server = RedisServer(workdir=work).start()
-    env = service_env(Checkpoint(ckpt, "x", ids), server.url, shutdown_timeout_s=3, log_level="info", log_format="text")
+    extra = {"shutdown_timeout_s": 3, "log_level": "info", "log_format": "text", "workers": workers}
+    env = service_env(Checkpoint(ckpt, "x", ids), server.url, **extra)
     serve = ServiceProcess(env, work).start()
     answers: dict[object, int] = {}
 
@@ -65,7 +67,8 @@ def main(work: Path, rate: float, hogs: int) -> None:
         sent = time.monotonic()
         serve.proc.send_signal(signal.SIGTERM)
         await asyncio.to_thread(serve.proc.wait, 60)
-        print(f"exited {time.monotonic() - sent:.2f}s after SIGTERM (rc {serve.proc.returncode}, {hogs} hogs)")
+        took = time.monotonic() - sent
+        print(f"exited {took:.2f}s after SIGTERM (rc {serve.proc.returncode}, {hogs} hogs, {workers} workers)")
         for b in busy:
             b.kill()
         stop.set()
@@ -85,4 +88,5 @@ if __name__ == "__main__":
         Path(sys.argv[1]),
         float(sys.argv[2]) if len(sys.argv) > 2 else 10.0,
         int(sys.argv[3]) if len(sys.argv) > 3 else 0,
+        int(sys.argv[4]) if len(sys.argv) > 4 else 1,
     )

@@ -3,6 +3,7 @@ HYTREC_SHUTDOWN_TIMEOUT_S, exits, and every event acknowledged with 200 is in th
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import time
@@ -10,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+import pytest
 
 from tests.service_fixtures import Checkpoint, ServiceProcess, service_env
 
@@ -40,10 +42,12 @@ def _writer(url: str, user: str, items: list[str], stop: threading.Event, out: d
     out[user] = (acked, unanswered, statuses)
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_under_load_drains_in_bounded_time_and_loses_no_acknowledged_event(
-    service_checkpoint: Checkpoint, redis_standalone_url: str, tmp_path: Path
+    workers: int, service_checkpoint: Checkpoint, redis_standalone_url: str, tmp_path: Path
 ) -> None:
-    env = service_env(service_checkpoint, redis_standalone_url, shutdown_timeout_s=2)
+    """With 2 workers, each worker also takes the fast exit once its lifespan has shut down (it logs it)."""
+    env = service_env(service_checkpoint, redis_standalone_url, shutdown_timeout_s=2, workers=workers)
     server = ServiceProcess(env, tmp_path).start()
     stop, out = threading.Event(), {}
     users = [f"drain-{i}" for i in range(WRITERS)]
@@ -71,6 +75,9 @@ def test_sigterm_under_load_drains_in_bounded_time_and_loses_no_acknowledged_eve
             t.join(10)
         server.stop()
     assert refused, "the server still accepted connections after SIGTERM"
+    fast = re.findall(r"worker (\d+) shut down; exiting without the interpreter's teardown", server.output())
+    assert len(set(fast)) == (2 if workers == 2 else 0), server.output()[-3000:]
+    assert server.proc.returncode in (0, 143), server.output()[-3000:]  # a normal exit, not a crash
     assert exited_after < 2 + 8
     statuses = sum((s for _, _, s in out.values()), Counter())
     assert statuses[200] > 0 and set(statuses) <= {200, 503}, statuses  # no 5xx beyond the documented 503s

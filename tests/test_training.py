@@ -240,3 +240,46 @@ def test_a_tie_seed_is_used_in_training_and_by_eval_of_its_checkpoint(tmp_path, 
     assert outs[("--tie-seed", "11")]["metrics"] == outs[()]["metrics"]
     assert outs[("--tie-seed", "12")]["tie_seed"] == 12
     assert outs[("--tie-seed", "12")]["metrics"]["all"] != outs[()]["metrics"]["all"]
+
+
+def test_history_limit_feeds_the_model_only_the_last_events(tmp_path, log_file) -> None:
+    """``history_limit`` (the ``hytrec eval --history-limit`` probe): each user vector comes from the last N
+    events alone, while the seen items removed from the ranking stay the whole history's; a limit at least
+    as long as every history changes nothing."""
+    from hytrec.training.evaluate import target_ranks_of
+
+    train(log_file, tmp_path, small_cfg(epochs=1), quiet=True)
+    model = load_checkpoint(tmp_path).model
+    test = leave_one_out(Interactions.from_file(log_file)).test
+    limit = 10
+    unfiltered, filtered = target_ranks_of(model, test, (False, True), history_limit=limit)
+    assert (test.history_lengths > limit).sum() > 10  # the limit cuts most histories here
+    for k in range(len(test)):
+        items, times = test.history.sequence(k)
+        last_items, last_times = torch.from_numpy(items[-limit:])[None], torch.from_numpy(times[-limit:])[None]
+        now = torch.tensor([test.request_ts[k]], dtype=torch.float64)
+        with torch.inference_mode():
+            u = final_user_vectors(model, last_items, last_times, torch.tensor([last_items.shape[1]]), now)
+            scores = model.logits(u.float())
+        target = test.targets[k : k + 1]
+        assert target_ranks(scores, target).tolist() == [unfiltered[k]], k
+        assert target_ranks(scores, target, [items]).tolist() == [filtered[k]], k  # the whole history excluded
+    whole = target_ranks_of(model, test, (True,))[0]
+    longest = int(test.history_lengths.max())
+    assert np.array_equal(target_ranks_of(model, test, (True,), history_limit=longest)[0], whole)
+    assert not np.array_equal(filtered, whole)  # and the cut histories do change the ranks
+
+
+def test_history_probe_pairs_each_cut_with_the_whole_history(tmp_path, log_file) -> None:
+    """``python -m hytrec.benchmarks.history_probe``: a cut longer than every history differs from the whole
+    history by exactly 0 in every group; a short cut changes the metrics of the users it cuts."""
+    from hytrec.benchmarks.history_probe import probe, render
+
+    train(log_file, tmp_path, small_cfg(epochs=1), quiet=True)
+    res = probe(tmp_path, log_file, [1000, 5], resamples=50)
+    rows = {(r["protocol"], r["group"], r["metric"]): r for r in res["rows"]}
+    assert rows[("filtered", "all", "HR@10")]["n"] == res["users"] == 60
+    for r in res["rows"]:
+        assert r["whole - last 1000"] == [0.0, 0.0, 0.0] and r["last 1000"] == r["whole"]
+    assert any(r["whole - last 5"][0] != 0.0 for r in res["rows"] if r["group"] == "all")
+    assert "whole − last 5 [95% CI]" in render(res)

@@ -222,6 +222,19 @@ def evaluate(
             "tie seed from its train_config.json, else file order)",
         ),
     ] = None,
+    history_limit: Annotated[
+        int | None,
+        typer.Option(
+            "--history-limit",
+            min=1,
+            help="The model reads only each history's last N events (a probe of what older events add); seen "
+            "items removed from the ranking and the buckets stay the whole history's",
+        ),
+    ] = None,
+    save_ranks_unfiltered: Annotated[
+        Path | None,
+        typer.Option("--save-ranks-unfiltered", help="Also write the ranks with nothing excluded (.npy)"),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Full-ranking HR/NDCG@10/50/500, overall and per history-length bucket (seen items excluded and not)."""
@@ -244,18 +257,21 @@ def evaluate(
     if stream_state is not None and ckpt.model_type == ModelType.SASREC:
         raise typer.BadParameter("needs a HyTRec model (SASRec+ has no recurrent state)", param_hint="--stream-state")
     filtered, unfiltered = evaluate_both(
-        ckpt.model, eval_set, stream_dtype=stream_state.value if stream_state else None
+        ckpt.model, eval_set, stream_dtype=stream_state.value if stream_state else None, history_limit=history_limit
     )
-    if save_ranks is not None:
-        import numpy as np
+    import numpy as np
 
+    if save_ranks is not None:
         np.save(save_ranks, filtered.ranks)
+    if save_ranks_unfiltered is not None:
+        np.save(save_ranks_unfiltered, unfiltered.ranks)
     result = {
         "model_version": ckpt.version,
         "split": split.value,
         "request_time": request_time.value,
         "state": f"streamed, stored as {stream_state.value}" if stream_state else "parallel form",
         "tie_seed": tie_seed,
+        "history_limit": history_limit,
         "users": len(eval_set),
         "seconds": round(time.perf_counter() - t0, 2),
         "metrics": filtered.summary,

@@ -76,12 +76,17 @@ def target_ranks_of(
     exclude_seen: tuple[bool, ...],
     stream_dtype: str | None = None,
     device: torch.device | str = "cpu",
+    history_limit: int | None = None,
 ) -> list[np.ndarray]:
     """One pass of the model (on ``device``) over ``eval_set``; the target ranks of one full-catalogue
-    ranking per entry of ``exclude_seen``, in EvalSet order."""
+    ranking per entry of ``exclude_seen``, in EvalSet order. ``history_limit``: the model reads only each
+    history's last that many events (a probe of what the older ones add); the seen items removed from the
+    ranking stay the whole history's, and the buckets stay by whole-history length."""
     model.eval()
     ranks = [np.zeros(len(eval_set), dtype=np.int64) for _ in exclude_seen]
     max_len = history_max_len(model)
+    if history_limit is not None:
+        max_len = history_limit if max_len is None else min(max_len, history_limit)
     for batch in eval_batches(eval_set.history, 65536, max_len=max_len, max_batch_size=512):
         t = batch.to_torch(device)
         now = torch.from_numpy(eval_set.request_ts[batch.index]).to(device)
@@ -112,18 +117,23 @@ def subset(eval_set: EvalSet, index: np.ndarray) -> EvalSet:
 
 
 def _rankings(
-    model: nn.Module, eval_set: EvalSet, exclude_seen: tuple[bool, ...], stream_dtype: str | None
+    model: nn.Module,
+    eval_set: EvalSet,
+    exclude_seen: tuple[bool, ...],
+    stream_dtype: str | None,
+    history_limit: int | None = None,
 ) -> list[Evaluation]:
-    return [from_ranks(r, eval_set) for r in target_ranks_of(model, eval_set, exclude_seen, stream_dtype)]
+    ranks = target_ranks_of(model, eval_set, exclude_seen, stream_dtype, history_limit=history_limit)
+    return [from_ranks(r, eval_set) for r in ranks]
 
 
 def evaluate_both(
-    model: nn.Module, eval_set: EvalSet, stream_dtype: str | None = None
+    model: nn.Module, eval_set: EvalSet, stream_dtype: str | None = None, history_limit: int | None = None
 ) -> tuple[Evaluation, Evaluation]:
     """Rank every prediction of ``eval_set`` over the full catalogue with the user's seen items removed
     from the ranking, and with them kept; one pass of the model for both (``stream_dtype``: see
-    :func:`final_user_vectors`)."""
-    filtered, unfiltered = _rankings(model, eval_set, (True, False), stream_dtype)
+    :func:`final_user_vectors`; ``history_limit``: see :func:`target_ranks_of`)."""
+    filtered, unfiltered = _rankings(model, eval_set, (True, False), stream_dtype, history_limit)
     return filtered, unfiltered
 
 
