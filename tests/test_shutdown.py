@@ -3,7 +3,6 @@ HYTREC_SHUTDOWN_TIMEOUT_S, exits, and every event acknowledged with 200 is in th
 
 from __future__ import annotations
 
-import re
 import signal
 import threading
 import time
@@ -46,7 +45,7 @@ def _writer(url: str, user: str, items: list[str], stop: threading.Event, out: d
 def test_sigterm_under_load_drains_in_bounded_time_and_loses_no_acknowledged_event(
     workers: int, service_checkpoint: Checkpoint, redis_standalone_url: str, tmp_path: Path
 ) -> None:
-    """With 2 workers, each worker also takes the fast exit once its lifespan has shut down (it logs it)."""
+    """One worker, and two under uvicorn's supervisor (which exits once it has joined both)."""
     env = service_env(service_checkpoint, redis_standalone_url, shutdown_timeout_s=2, workers=workers)
     server = ServiceProcess(env, tmp_path).start()
     stop, out = threading.Event(), {}
@@ -75,8 +74,6 @@ def test_sigterm_under_load_drains_in_bounded_time_and_loses_no_acknowledged_eve
             t.join(10)
         server.stop()
     assert refused, "the server still accepted connections after SIGTERM"
-    fast = re.findall(r"worker (\d+) shut down; exiting without the interpreter's teardown", server.output())
-    assert len(set(fast)) == (2 if workers == 2 else 0), server.output()[-3000:]
     assert server.proc.returncode in (0, 143), server.output()[-3000:]  # a normal exit, not a crash
     assert exited_after < 2 + 8
     statuses = sum((s for _, _, s in out.values()), Counter())
