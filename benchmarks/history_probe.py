@@ -71,6 +71,7 @@ def probe(model_dir: Path, data: Path, limits: list[int], resamples: int = 1000)
                 rows.append(row)
     return {
         "schema": "hytrec-history-probe/1",
+        "vector_change_long_users": vector_change(ckpt.model, test, lengths >= 500, limits),
         "model": str(model_dir),
         "model_version": ckpt.version,
         "model_type": ckpt.model_type,
@@ -82,6 +83,37 @@ def probe(model_dir: Path, data: Path, limits: list[int], resamples: int = 1000)
         "rows": rows,
         "meta": page.finish().meta(),
     }
+
+
+def vector_change(model: Any, test: Any, mask: np.ndarray, limits: list[int]) -> dict[str, Any]:
+    """How far each cut moves the user vector of the users in ``mask``: ``|u_cut - u_whole| / |u_whole|``
+    (median, 90th percentile, max, and the share under 1e-4), one user at a time in the parallel form. A
+    model whose state keeps older events moves; one whose gates have forgotten them does not."""
+    import torch
+
+    from hytrec.training.evaluate import final_user_vectors
+
+    if not mask.any():
+        return {"users": 0}
+    change: dict[int, list[float]] = {limit: [] for limit in limits}
+    for k in np.flatnonzero(mask).tolist():
+        items, times = test.history.sequence(k)
+        now = torch.tensor([test.request_ts[k]], dtype=torch.float64)
+        vectors = {}
+        for limit in [None, *limits]:
+            it, ts = (items, times) if limit is None else (items[-limit:], times[-limit:])
+            with torch.inference_mode():
+                u = final_user_vectors(model, torch.from_numpy(it)[None], torch.from_numpy(ts)[None],
+                                       torch.tensor([len(it)]), now)  # fmt: skip
+            vectors[limit] = u[0].double()
+        for limit in limits:
+            change[limit].append(float((vectors[limit] - vectors[None]).norm() / vectors[None].norm()))
+    out: dict[str, Any] = {"users": int(mask.sum())}
+    for limit, xs in change.items():
+        a = np.asarray(xs)
+        out[f"last {limit}"] = {"median": float(np.median(a)), "p90": float(np.quantile(a, 0.9)),
+                                "max": float(a.max()), "share_below_1e-4": float((a < 1e-4).mean())}  # fmt: skip
+    return out
 
 
 def render(res: dict[str, Any]) -> str:
@@ -103,6 +135,12 @@ def render(res: dict[str, Any]) -> str:
             body.append(cells)
         title = "seen items excluded" if protocol == "filtered" else "nothing excluded (repeat-aware)"
         lines += ["", f"**{title}**", "", *markdown_table(head, body, "lrl" + "r" * (len(head) - 3))]
+    vc = res.get("vector_change_long_users")
+    if vc and vc["users"]:
+        rows = [[name, f"{v['median']:.2e}", f"{v['p90']:.2e}", f"{v['max']:.2e}", f"{v['share_below_1e-4']:.0%}"]
+                for name, v in vc.items() if name != "users"]  # fmt: skip
+        title = f"**User-vector change for the {vc['users']} users with >= 500 events**, |u_cut − u_whole| / |u_whole|:"
+        lines += ["", title, "", *markdown_table(["cut", "median", "p90", "max", "under 1e-4"], rows, "lrrrr")]
     return "\n".join(lines)
 
 

@@ -273,7 +273,7 @@ def test_history_limit_feeds_the_model_only_the_last_events(tmp_path, log_file) 
 def test_history_probe_pairs_each_cut_with_the_whole_history(tmp_path, log_file) -> None:
     """``python -m hytrec.benchmarks.history_probe``: a cut longer than every history differs from the whole
     history by exactly 0 in every group; a short cut changes the metrics of the users it cuts."""
-    from hytrec.benchmarks.history_probe import probe, render
+    from hytrec.benchmarks.history_probe import probe, render, vector_change
 
     train(log_file, tmp_path, small_cfg(epochs=1), quiet=True)
     res = probe(tmp_path, log_file, [1000, 5], resamples=50)
@@ -283,3 +283,7 @@ def test_history_probe_pairs_each_cut_with_the_whole_history(tmp_path, log_file)
         assert r["whole - last 1000"] == [0.0, 0.0, 0.0] and r["last 1000"] == r["whole"]
     assert any(r["whole - last 5"][0] != 0.0 for r in res["rows"] if r["group"] == "all")
     assert "whole − last 5 [95% CI]" in render(res)
+    assert res["vector_change_long_users"] == {"users": 0}  # no synthetic user reaches 500 events
+    model, test = load_checkpoint(tmp_path).model, leave_one_out(Interactions.from_file(log_file)).test
+    moved = vector_change(model, test, test.history_lengths > 5, [1000, 5])
+    assert moved["last 1000"]["max"] < 1e-6 < moved["last 5"]["median"]
