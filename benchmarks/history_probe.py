@@ -13,6 +13,7 @@ the window lacks, for this model; its bootstrap CI says whether the sample shows
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -72,6 +73,7 @@ def probe(model_dir: Path, data: Path, limits: list[int], resamples: int = 1000)
     return {
         "schema": "hytrec-history-probe/1",
         "vector_change_long_users": vector_change(ckpt.model, test, lengths >= 500, limits),
+        "gates_long_users": gate_half_lives(ckpt.model, test, lengths >= 500),
         "model": str(model_dir),
         "model_version": ckpt.version,
         "model_type": ckpt.model_type,
@@ -116,6 +118,46 @@ def vector_change(model: Any, test: Any, mask: np.ndarray, limits: list[int]) ->
     return out
 
 
+def gate_half_lives(model: Any, test: Any, mask: np.ndarray, max_users: int = 60) -> dict[str, Any]:
+    """Per TADN layer and head, over the events of the first ``max_users`` users in ``mask``: the mean decay
+    factor exp(g) per event and the half-life in events, ln 0.5 / mean(g) (g the log-decay, time term
+    included). It reads g by wrapping each layer's ``project`` for the pass, then restores it."""
+    import torch
+
+    from hytrec.model.layers import TADNLayer
+
+    users = np.flatnonzero(mask)[:max_users].tolist()
+    layers = [m for m in model.modules() if isinstance(m, TADNLayer)]
+    if not users or not layers:
+        return {"users": len(users), "layers": []}
+    seen: list[list[torch.Tensor]] = [[] for _ in layers]
+
+    def recording(layer: TADNLayer, into: list[torch.Tensor]) -> Any:
+        plain = layer.project
+
+        def project(x: torch.Tensor, dt_feature: torch.Tensor) -> Any:
+            out = plain(x, dt_feature)
+            into.append(out[3].reshape(-1, layer.n_heads).double())
+            return out
+
+        return project
+
+    try:
+        for layer, into in zip(layers, seen, strict=True):
+            layer.project = recording(layer, into)  # an instance attribute shadows the method for this pass
+        with torch.inference_mode():
+            for k in users:
+                items, times = (torch.from_numpy(a)[None] for a in test.history.sequence(k))
+                model.build_state(items, times, torch.tensor([items.shape[1]]))
+    finally:
+        for layer in layers:
+            layer.__dict__.pop("project", None)
+    out = []
+    for g in (torch.cat(x) for x in seen):
+        out.append({"mean_decay": g.exp().mean(0).tolist(), "half_life_events": (math.log(0.5) / g.mean(0)).tolist()})
+    return {"users": len(users), "layers": out}
+
+
 def render(res: dict[str, Any]) -> str:
     """One markdown table per protocol: the metric with the whole history, with each cut, and the difference."""
     lines: list[str] = [
@@ -141,6 +183,13 @@ def render(res: dict[str, Any]) -> str:
                 for name, v in vc.items() if name != "users"]  # fmt: skip
         title = f"**User-vector change for the {vc['users']} users with >= 500 events**, |u_cut − u_whole| / |u_whole|:"
         lines += ["", title, "", *markdown_table(["cut", "median", "p90", "max", "under 1e-4"], rows, "lrrrr")]
+    gates = res.get("gates_long_users")
+    if gates and gates["layers"]:
+        joined = [(", ".join(f"{x:.3f}" for x in g["mean_decay"]), ", ".join(f"{x:.1f}" for x in g["half_life_events"]))
+                  for g in gates["layers"]]  # fmt: skip
+        rows = [[str(i), decay, half] for i, (decay, half) in enumerate(joined)]
+        title = f"**TADN gates over the events of {gates['users']} users with >= 500 events** (per head):"
+        lines += ["", title, "", *markdown_table(["layer", "mean decay per event", "half-life (events)"], rows, "lll")]
     return "\n".join(lines)
 
 

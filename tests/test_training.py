@@ -273,7 +273,8 @@ def test_history_limit_feeds_the_model_only_the_last_events(tmp_path, log_file) 
 def test_history_probe_pairs_each_cut_with_the_whole_history(tmp_path, log_file) -> None:
     """``python -m hytrec.benchmarks.history_probe``: a cut longer than every history differs from the whole
     history by exactly 0 in every group; a short cut changes the metrics of the users it cuts."""
-    from hytrec.benchmarks.history_probe import probe, render, vector_change
+    from hytrec.benchmarks.history_probe import gate_half_lives, probe, render, vector_change
+    from hytrec.model.layers import TADNLayer
 
     train(log_file, tmp_path, small_cfg(epochs=1), quiet=True)
     res = probe(tmp_path, log_file, [1000, 5], resamples=50)
@@ -287,3 +288,8 @@ def test_history_probe_pairs_each_cut_with_the_whole_history(tmp_path, log_file)
     model, test = load_checkpoint(tmp_path).model, leave_one_out(Interactions.from_file(log_file)).test
     moved = vector_change(model, test, test.history_lengths > 5, [1000, 5])
     assert moved["last 1000"]["max"] < 1e-6 < moved["last 5"]["median"]
+    gates = gate_half_lives(model, test, test.history_lengths > 0, max_users=5)
+    assert gates["users"] == 5 and len(gates["layers"]) == sum(isinstance(m, TADNLayer) for m in model.modules()) > 0
+    for layer in gates["layers"]:
+        assert all(0 < d < 1 for d in layer["mean_decay"]) and all(h > 0 for h in layer["half_life_events"])
+    assert not any("project" in m.__dict__ for m in model.modules())  # the recording wrappers are gone
