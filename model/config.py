@@ -46,6 +46,8 @@ class HyTRecConfig:
     dropout: float = 0.2
     state_dtype: str = "float32"  # storage dtype of the TADN state: float32 | float16 | bfloat16
     long_window: int = 64  # hytrec-hybrid: W, hidden states the long branch's softmax block attends over
+    slow_heads: int = 0  # TADN heads per layer (the last ones) whose decay is floored: see slow_half_life
+    slow_half_life: float = 1000.0  # events: a slow head's state halves at most this often (its log-decay floor)
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -56,6 +58,8 @@ class HyTRecConfig:
             raise ValueError(f"state_dtype must be one of {tuple(STATE_DTYPES)}")
         if self.n_items < 1 or self.window < 1 or self.chunk_size < 1 or self.long_window < 1:
             raise ValueError("n_items, window, chunk_size and long_window must be positive")
+        if not 0 <= self.slow_heads <= self.n_heads or self.slow_half_life <= 0:
+            raise ValueError("slow_heads must lie in [0, n_heads] and slow_half_life be positive")
 
     @property
     def head_dim(self) -> int:
@@ -98,7 +102,12 @@ class HyTRecConfig:
         return STATE_DTYPES[self.state_dtype]
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config as saved; without slow heads their two keys are left out, so such a checkpoint's
+        config text, and with it its version, is what it was before the option existed."""
+        data = dataclasses.asdict(self)
+        if not self.slow_heads:
+            del data["slow_heads"], data["slow_half_life"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> HyTRecConfig:

@@ -71,7 +71,7 @@ class HyTRec(nn.Module):
         self.item_emb = ItemEmbedding(cfg.n_rows, d)
         self.emb_dropout = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
-            TADNBlock(d, cfg.n_heads, cfg.ffn_mult, cfg.dropout, cfg.time_terms)
+            TADNBlock(d, cfg.n_heads, cfg.ffn_mult, cfg.dropout, cfg.time_terms, cfg.slow_heads, cfg.slow_half_life)
             for _ in range(cfg.n_long if cfg.uses_long else 0)
         )
         self.window_blocks = nn.ModuleList(

@@ -65,16 +65,24 @@ class TADNLayer(nn.Module):
     log-decay g = -exp(A_h) softplus(w_a x + b_h) - lambda_h phi(Delta), lambda_h = softplus(.) >= 0;
     write strength beta = sigmoid(w_b x + mu_h phi(Delta)); q, k L2-normalised; output through a
     per-head RMSNorm gated by silu(W_g x), then W_o. ``time_terms=False`` drops the phi terms.
+    ``slow_heads``: the last that many heads keep g >= ln(0.5) / ``slow_half_life`` (their state halves at most
+    every ``slow_half_life`` events, whatever the input and the gap), a floor on forgetting for long memory.
     """
 
     # The recurrence of the parallel form. Only :func:`hytrec.model.tadn.naive.use_naive_recurrence` replaces it
     # (per instance, for the benchmark of the literal loop), so no production signature carries a reference switch.
     parallel_rule: Callable[..., tuple[Tensor, Tensor]] = staticmethod(chunk_gated_delta_rule)
 
-    def __init__(self, d_model: int, n_heads: int, time_terms: bool = True) -> None:
+    def __init__(
+        self, d_model: int, n_heads: int, time_terms: bool = True, slow_heads: int = 0, slow_half_life: float = 1e3
+    ) -> None:
         super().__init__()
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
         self.time_terms = time_terms
+        floor = torch.full((n_heads,), -math.inf)
+        floor[n_heads - slow_heads :] = math.log(0.5) / slow_half_life if slow_heads else -math.inf
+        self.register_buffer("g_floor", floor, persistent=False)  # from the config, not a weight
+        self.floored = slow_heads > 0
         inner = n_heads * self.head_dim
         self.q_proj = nn.Linear(d_model, inner, bias=False)
         self.k_proj = nn.Linear(d_model, inner, bias=False)
@@ -101,6 +109,8 @@ class TADNLayer(nn.Module):
             phi = dt_feature[..., None]
             g = g - F.softplus(self.lambda_raw) * phi
             beta_logit = beta_logit + self.mu * phi
+        if self.floored:
+            g = torch.maximum(g, self.g_floor.to(g.dtype))
         return q, k, v, g, torch.sigmoid(beta_logit)
 
     def read_out(self, o: Tensor, x: Tensor) -> Tensor:
@@ -154,10 +164,19 @@ class TADNLayer(nn.Module):
 class TADNBlock(nn.Module):
     """Pre-norm TADN + residual, then pre-norm FFN + residual."""
 
-    def __init__(self, d_model: int, n_heads: int, ffn_mult: int, dropout: float, time_terms: bool) -> None:
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        ffn_mult: int,
+        dropout: float,
+        time_terms: bool,
+        slow_heads: int = 0,
+        slow_half_life: float = 1e3,
+    ) -> None:
         super().__init__()
         self.norm1, self.norm2 = RMSNorm(d_model), RMSNorm(d_model)
-        self.tadn = TADNLayer(d_model, n_heads, time_terms)
+        self.tadn = TADNLayer(d_model, n_heads, time_terms, slow_heads, slow_half_life)
         self.ffn = FeedForward(d_model, ffn_mult, dropout)
         self.dropout = nn.Dropout(dropout)
 

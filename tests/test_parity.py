@@ -171,3 +171,27 @@ def test_serving_advance_mixes_chunked_and_stepped_users() -> None:
     some = torch.tensor(sizes) > 0
     assert (rel_err(mixed.tadn.flatten(1)[some], stepped.tadn.flatten(1)[some]) <= 1e-5).all()
     assert not mixed.tadn[~some].any()
+
+
+def test_slow_heads_floor_the_decay_and_keep_train_serve_parity() -> None:
+    """``slow_heads``: the last head's log-decay never falls below ln(0.5) / slow_half_life, whatever the
+    input and the gap, the other head's does (huge gaps in the history), and the stepped serving form still
+    equals the chunked training form; configs without slow heads save no such keys."""
+    import math
+
+    from hytrec.model.config import HyTRecConfig
+
+    model = make_model("hytrec", slow_heads=1, slow_half_life=500.0)
+    histories = [random_history(n, model.cfg.n_items, seed=n) for n in (65, 1000)]
+    now = torch.tensor([float(ts.max()) + 30.0 for _, ts in histories], dtype=torch.float64)
+    with torch.inference_mode():
+        assert (rel_err(stream(model, histories, now, "float32"), parallel(model, histories, now)) <= 1e-4).all()
+        layer = model.blocks[0].tadn
+        x = torch.randn(1000, model.cfg.d_model) * 5
+        phi = torch.linspace(0.0, 20.0, 1000)  # gaps up to e^20 tau
+        g = layer.project(x, phi)[3]
+    floor = math.log(0.5) / 500.0
+    assert g[:, 1].min().item() >= floor - 1e-7 and g[:, 0].min().item() < floor
+    assert "slow_heads" in model.cfg.to_dict()
+    assert "slow_heads" not in HyTRecConfig(n_items=5).to_dict()
+    assert HyTRecConfig.from_dict(model.cfg.to_dict()) == model.cfg

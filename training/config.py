@@ -125,6 +125,13 @@ class TrainConfig:
     n_layers: int = field(default=2, metadata=_help("TADN blocks (HyTRec) or transformer blocks (SASRec+)."))
     n_heads: int = field(default=2, metadata=_help("Attention / TADN heads."))
     window: int = field(default=64, metadata=_help("K: events of the short branch and of the serving ring buffer."))
+    slow_heads: int = field(
+        default=0,
+        metadata=_help("HyTRec: TADN heads per layer whose state halves at most every --slow-half-life events."),
+    )
+    slow_half_life: float = field(
+        default=1000.0, metadata=_help("HyTRec: the slow heads' half-life floor, in events (their decay floor).")
+    )
     chunk_size: int = field(default=64, metadata=_help("TADN chunk length of the parallel (training) form."))
     dropout: float = field(default=0.2, metadata=_help("Dropout."))
     state_dtype: StateDtype = field(
@@ -198,5 +205,6 @@ class TrainConfig:
                 "window": self.window,
                 "chunk_size": self.chunk_size,
                 "state_dtype": str(self.state_dtype),
+                **({"slow_heads": self.slow_heads, "slow_half_life": self.slow_half_life} if self.slow_heads else {}),
             }
         return {**cfg, **self.model_overrides}

@@ -64,6 +64,10 @@ def load_run(run: Path) -> dict[str, Any]:
     log_path = run / "log.jsonl"  # absent for a run rebuilt from a published checkpoint
     log = [json.loads(line) for line in log_path.read_text().splitlines()] if log_path.exists() else []
     unfiltered = run / "test_ranks_unfiltered.npy"  # the repeat-aware protocol; runs before it lack the file
+    config_path = run / "config.json"
+    slow = json.loads(config_path.read_text()).get("config", {}).get("slow_heads") if config_path.exists() else None
+    if slow:  # a row of its own: runs with slow heads are another model, not another seed
+        metrics = {**metrics, "model_type": f"{metrics['model_type']}-slow{slow}"}
     return {
         **metrics,
         "dir": str(run),
