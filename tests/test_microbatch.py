@@ -40,11 +40,8 @@ async def _drain(b: Gated, tasks: list[asyncio.Task]) -> None:
     assert b.queued == 0 and b.pressure() is None
 
 
-@pytest.mark.parametrize("memory", [0, 10])
-def test_after_a_standing_queue_the_next_one_is_shed_without_a_new_interval(memory: int) -> None:
-    """A queue over the 20 ms target for 150 ms stands (shed). Once drained, admission reopens. A second stall
-    over the target for only 60 ms (under the 100 ms interval) is shed at once while the first is remembered,
-    and admitted when the batcher keeps no memory (each episode gets its interval)."""
+def _two_stalls(memory: int, between_s: float) -> tuple[str | None, str | None]:
+    """The pressure after a 150 ms stall (standing) and, ``between_s`` after draining it, after a 60 ms one."""
 
     async def body() -> tuple[str | None, str | None]:
         b = Gated(memory)
@@ -53,6 +50,7 @@ def test_after_a_standing_queue_the_next_one_is_shed_without_a_new_interval(memo
             tasks = await _stall(b, 0.15)
             first = b.pressure()
             await _drain(b, tasks)
+            await asyncio.sleep(between_s)
             tasks = await _stall(b, 0.06)
             second = b.pressure()
             await _drain(b, tasks)
@@ -60,27 +58,17 @@ def test_after_a_standing_queue_the_next_one_is_shed_without_a_new_interval(memo
         finally:
             await b.stop()
 
-    first, second = asyncio.run(body())
-    assert first == "queue_delay"
-    assert second == ("queue_delay" if memory else None)
+    return asyncio.run(body())
+
+
+@pytest.mark.parametrize("memory", [0, 10])
+def test_after_a_standing_queue_the_next_one_is_shed_without_a_new_interval(memory: int) -> None:
+    """A queue over the 20 ms target for 150 ms stands (shed). Once drained, admission reopens. A second stall
+    over the target for only 60 ms (under the 100 ms interval) is shed at once while the first is remembered,
+    and admitted when the batcher keeps no memory (each episode gets its interval)."""
+    assert _two_stalls(memory, 0.0) == ("queue_delay", "queue_delay" if memory else None)
 
 
 def test_the_memory_fades_after_its_intervals() -> None:
     """With a memory of 2 intervals (200 ms), a stall 400 ms after the last delay shed gets its interval again."""
-
-    async def body() -> tuple[str | None, str | None]:
-        b = Gated(memory=2)
-        b.start()
-        try:
-            tasks = await _stall(b, 0.15)
-            first = b.pressure()
-            await _drain(b, tasks)
-            await asyncio.sleep(0.4)
-            tasks = await _stall(b, 0.06)
-            second = b.pressure()
-            await _drain(b, tasks)
-            return first, second
-        finally:
-            await b.stop()
-
-    assert asyncio.run(body()) == ("queue_delay", None)
+    assert _two_stalls(2, 0.4) == ("queue_delay", None)
