@@ -344,8 +344,12 @@ def results(
         typer.Argument(help="Run directories written by `hytrec train` (one data file).", show_default=False),
     ] = None,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write a PNG of HR@10 per history-length bucket.")] = None,
-    baseline: Annotated[ModelType, typer.Option("--baseline", help="Model type compared against.")] = ModelType.SASREC,
-    candidate: Annotated[ModelType, typer.Option("--candidate", help="Model type compared.")] = ModelType.HYTREC,
+    baseline: Annotated[
+        str, typer.Option("--baseline", help="Row compared against: a model type (runs with slow heads: TYPE-slowN).")
+    ] = ModelType.SASREC.value,
+    candidate: Annotated[
+        str, typer.Option("--candidate", help="Row compared (named as for --baseline).")
+    ] = ModelType.HYTREC.value,
     from_page: Annotated[
         Path | None,
         typer.Option(
@@ -370,6 +374,6 @@ def results(
     if not runs:
         raise typer.BadParameter("give run directories, or --from-page", param_hint="RUNS")
     try:
-        typer.echo(report(runs, baseline=baseline.value, candidate=candidate.value, plot=plot))
+        typer.echo(report(runs, baseline=baseline, candidate=candidate, plot=plot))
     except (ValueError, FileNotFoundError) as exc:
         raise typer.BadParameter(str(exc), param_hint="RUNS") from exc
