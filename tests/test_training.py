@@ -298,7 +298,7 @@ def test_history_probe_pairs_each_cut_with_the_whole_history(tmp_path, log_file)
 def test_slow_heads_train_save_and_report_as_their_own_row(tmp_path, log_file) -> None:
     """``hytrec train --slow-heads 1``: the checkpoint keeps the floor (its config and its decay), and
     ``hytrec results`` reads the run as a model of its own (``hytrec-slow1``), not as another seed."""
-    from hytrec.training.report import load_run
+    from hytrec.training.report import load_run, report
 
     result = train(log_file, tmp_path, small_cfg(epochs=1, slow_heads=1, slow_half_life=300.0), quiet=True)
     ckpt = load_checkpoint(tmp_path)
@@ -306,3 +306,6 @@ def test_slow_heads_train_save_and_report_as_their_own_row(tmp_path, log_file) -
     floor = ckpt.model.blocks[0].tadn.g_floor
     assert floor[-1].item() == pytest.approx(np.log(0.5) / 300.0) and floor[0].item() == -np.inf
     assert load_run(tmp_path)["model_type"] == "hytrec-slow1" and result["model_version"] == ckpt.version
+    train(log_file, tmp_path / "plain", small_cfg(epochs=1), quiet=True)
+    page = report([tmp_path / "plain", tmp_path], baseline="hytrec", candidate="hytrec-slow1")
+    assert "| hytrec-slow1 (1) |" in page and "hytrec-slow1 vs hytrec" in page
