@@ -80,7 +80,8 @@ class TADNLayer(nn.Module):
         self.n_heads, self.head_dim = n_heads, d_model // n_heads
         self.time_terms = time_terms
         floor = torch.full((n_heads,), -math.inf)
-        floor[n_heads - slow_heads :] = math.log(0.5) / slow_half_life if slow_heads else -math.inf
+        if slow_heads:
+            floor[n_heads - slow_heads :] = math.log(0.5) / slow_half_life
         self.register_buffer("g_floor", floor, persistent=False)  # from the config, not a weight
         self.floored = slow_heads > 0
         inner = n_heads * self.head_dim

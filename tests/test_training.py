@@ -306,6 +306,8 @@ def test_slow_heads_train_save_and_report_as_their_own_row(tmp_path, log_file) -
     floor = ckpt.model.blocks[0].tadn.g_floor
     assert floor[-1].item() == pytest.approx(np.log(0.5) / 300.0) and floor[0].item() == -np.inf
     assert load_run(tmp_path)["model_type"] == "hytrec-slow1" and result["model_version"] == ckpt.version
+    with pytest.raises(ValueError, match="needs a model with TADN heads"):
+        small_cfg(model_type="recent-softmax", slow_heads=1)
     train(log_file, tmp_path / "plain", small_cfg(epochs=1), quiet=True)
     page = report([tmp_path / "plain", tmp_path], baseline="hytrec", candidate="hytrec-slow1")
     assert "| hytrec-slow1 (1) |" in page and "hytrec-slow1 vs hytrec" in page

@@ -190,6 +190,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.model_type is ModelType.SASREC and self.max_len is None:
             self.max_len = SASREC_MAX_LEN
+        if self.slow_heads and self.model_type in (ModelType.SASREC, ModelType.RECENT_SOFTMAX):
+            raise ValueError(f"slow_heads needs a model with TADN heads, not {self.model_type.value}")
 
     def model_config(self, n_items: int) -> dict[str, Any]:
         """Keyword arguments of the model's config (``HyTRecConfig`` / ``SASRecConfig``)."""
