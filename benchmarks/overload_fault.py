@@ -42,19 +42,25 @@ from hytrec.state_store.embedded import registry
 SCHEMA = "hytrec-bench-overload-fault/1"
 
 
-def shed_counts(url: str) -> dict[str, float]:
-    """``hytrec_shed_total`` by ``path/reason`` from the server's /metrics (text exposition)."""
+def _families(url: str) -> list[Any]:
+    """The server's /metrics, parsed by prometheus-client's own text parser."""
     import urllib.request
 
+    from prometheus_client.parser import text_string_to_metric_families
+
     with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-        text = r.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line.startswith("hytrec_shed_total{"):
-            labels, value = line[len("hytrec_shed_total{") :].split("} ")
-            kv = dict(part.split("=", 1) for part in labels.split(","))
-            out[f"{kv['path'].strip(chr(34))}/{kv['reason'].strip(chr(34))}"] = float(value)
-    return out
+        return list(text_string_to_metric_families(r.read().decode()))
+
+
+def shed_counts(url: str) -> dict[str, float]:
+    """``hytrec_shed_total`` by ``path/reason``."""
+    return {
+        f"{s.labels['path']}/{s.labels['reason']}": s.value
+        for fam in _families(url)
+        if fam.name == "hytrec_shed"
+        for s in fam.samples
+        if s.name == "hytrec_shed_total"
+    }
 
 
 SERVER_HISTOGRAMS = (
@@ -68,14 +74,8 @@ SERVER_HISTOGRAMS = (
 def server_histograms(url: str) -> dict[str, dict[float, float]]:
     """Cumulative bucket counts (upper bound in s: count) of :data:`SERVER_HISTOGRAMS` from /metrics, series of a
     family added together, split by ``status`` for the request latency (``<family>/<status>``)."""
-    import urllib.request
-
-    from prometheus_client.parser import text_string_to_metric_families
-
-    with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-        text = r.read().decode()
     out: dict[str, dict[float, float]] = {}
-    for fam in text_string_to_metric_families(text):
+    for fam in _families(url):
         if fam.name not in SERVER_HISTOGRAMS:
             continue
         for sample in fam.samples:
@@ -113,7 +113,9 @@ def pause_at(sock: str, at_perf: float, ms: int, log: dict[str, Any]) -> threadi
     return t
 
 
-def one_run(lab: Lab, extra: dict[str, str], rate: float, pause_ms: int, spans: tuple[float, float, float]):
+def one_run(
+    lab: Lab, extra: dict[str, str], rate: float, pause_ms: int, spans: tuple[float, float, float]
+) -> dict[str, Any]:
     """A fresh server (``extra`` in its environment) through baseline, overload (pause inside) and recovery."""
     s, (lead_s, hold_s, tail_s) = lab.s, spans
     with lab.fresh(False, extra=extra) as (srv,):
