@@ -148,7 +148,7 @@ def bench_train(
             "checkout": str(sides[name]),
             "code": info[name]["code"],
             "targets_per_s": round(rate),
-            "epoch_seconds_estimate": round(info[name]["epoch_targets"] / rate, 1),
+            "epoch_seconds_estimate": round(info[name]["epoch_targets"] / rate, 3),
             "pass_seconds": [round(s, 3) for s in seconds[name]],
             "median_pass_seconds": round(statistics.median(seconds[name]), 3),
         }
