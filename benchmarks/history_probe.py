@@ -12,7 +12,6 @@ the window lacks, for this model; its bootstrap CI says whether the sample shows
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -23,29 +22,24 @@ import typer
 
 from hytrec.benchmarks.harness import BenchPage, markdown_table, write_json
 
-GROUPS = (("all", None), ("<100", (0, 100)), ("100-499", (100, 500)), (">=500", (500, None)))
-
-
-def _mask(lengths: np.ndarray, bounds: tuple[int, int | None] | None) -> np.ndarray:
-    if bounds is None:
-        return np.ones(len(lengths), dtype=bool)
-    lo, hi = bounds
-    return (lengths >= lo) & (lengths < hi if hi is not None else True)
+# Groups of the protocol's history-length buckets (``training.data.length_buckets``): its first two, then its
+# two longest together, the users the long-history goal is about.
+GROUPS = (("all", (0, 1, 2, 3)), ("<100", (0,)), ("100-499", (1,)), (">=500", (2, 3)))
 
 
 def probe(model_dir: Path, data: Path, limits: list[int], resamples: int = 1000) -> dict[str, Any]:
     """Ranks of the test split with the whole history and with each limit; the paired differences."""
     from hytrec.model.checkpoint import load_checkpoint
+    from hytrec.training.config import run_tie_seed
     from hytrec.training.data import Interactions, leave_one_out
     from hytrec.training.evaluate import target_ranks_of
     from hytrec.training.metrics import paired_bootstrap, per_user_metrics
 
     page = BenchPage.start()
     ckpt = load_checkpoint(model_dir)
-    config = model_dir / "train_config.json"
-    tie_seed = json.loads(config.read_text()).get("tie_seed") if config.exists() else None
-    test = leave_one_out(Interactions.from_file(data, vocab=ckpt.vocab, tie_seed=tie_seed)).test
-    lengths = test.history_lengths
+    test = leave_one_out(Interactions.from_file(data, vocab=ckpt.vocab, tie_seed=run_tie_seed(model_dir))).test
+    buckets = test.buckets
+    long_users = np.isin(buckets, GROUPS[-1][1])
     per: dict[str, dict[str, dict[str, np.ndarray]]] = {}
     seconds: dict[str, float] = {}
     for limit in [None, *limits]:
@@ -56,8 +50,8 @@ def probe(model_dir: Path, data: Path, limits: list[int], resamples: int = 1000)
         per[name] = {"filtered": per_user_metrics(filtered), "unfiltered": per_user_metrics(unfiltered)}
     rows: list[dict[str, Any]] = []
     for protocol in ("filtered", "unfiltered"):
-        for group, bounds in GROUPS:
-            m = _mask(lengths, bounds)
+        for group, members in GROUPS:
+            m = np.isin(buckets, members)
             if not m.any():  # an empty group (no such users in this data) has no row
                 continue
             for metric in ("HR@10", "NDCG@10"):
@@ -72,8 +66,8 @@ def probe(model_dir: Path, data: Path, limits: list[int], resamples: int = 1000)
                 rows.append(row)
     return {
         "schema": "hytrec-history-probe/1",
-        "vector_change_long_users": vector_change(ckpt.model, test, lengths >= 500, limits),
-        "gates_long_users": gate_half_lives(ckpt.model, test, lengths >= 500),
+        "vector_change_long_users": vector_change(ckpt.model, test, long_users, limits),
+        "gates_long_users": gate_half_lives(ckpt.model, test, long_users),
         "model": str(model_dir),
         "model_version": ckpt.version,
         "model_type": ckpt.model_type,

@@ -82,7 +82,8 @@ def server_histograms(url: str) -> dict[str, dict[float, float]]:
             if sample.name.endswith("_bucket"):
                 key = fam.name + (f"/{sample.labels['status']}" if "status" in sample.labels else "")
                 le = float(sample.labels["le"])
-                out.setdefault(key, {})[le] = out.get(key, {}).get(le, 0.0) + sample.value
+                series = out.setdefault(key, {})
+                series[le] = series.get(le, 0.0) + sample.value
     return out
 
 

@@ -17,7 +17,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from hytrec.training.config import ModelType, StateDtype, TrainConfig
+from hytrec.training.config import ModelType, StateDtype, TrainConfig, run_tie_seed
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -231,10 +231,6 @@ def evaluate(
             "items removed from the ranking and the buckets stay the whole history's",
         ),
     ] = None,
-    save_ranks_unfiltered: Annotated[
-        Path | None,
-        typer.Option("--save-ranks-unfiltered", help="Also write the ranks with nothing excluded (.npy)"),
-    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Full-ranking HR/NDCG@10/50/500, overall and per history-length bucket (seen items excluded and not)."""
@@ -247,8 +243,8 @@ def evaluate(
 
     t0 = time.perf_counter()
     ckpt = load_checkpoint(model)
-    if tie_seed is None and (model / "train_config.json").exists():
-        tie_seed = json.loads((model / "train_config.json").read_text()).get("tie_seed")
+    if tie_seed is None:
+        tie_seed = run_tie_seed(model)
     interactions = Interactions.from_file(data, vocab=ckpt.vocab, tie_seed=tie_seed)
     eval_set = getattr(leave_one_out(interactions), split.value)
     if request_time is RequestTime.LAST_EVENT:
@@ -259,12 +255,10 @@ def evaluate(
     filtered, unfiltered = evaluate_both(
         ckpt.model, eval_set, stream_dtype=stream_state.value if stream_state else None, history_limit=history_limit
     )
-    import numpy as np
-
     if save_ranks is not None:
+        import numpy as np
+
         np.save(save_ranks, filtered.ranks)
-    if save_ranks_unfiltered is not None:
-        np.save(save_ranks_unfiltered, unfiltered.ranks)
     result = {
         "model_version": ckpt.version,
         "split": split.value,

@@ -8,8 +8,10 @@ numpy, so the CLI can read it while ``hytrec --help`` stays fast.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 
@@ -71,6 +73,13 @@ class Kernel(StrEnum):
 
 
 SASREC_MAX_LEN = 200  # SASRec+ reads the latest 200 events unless told otherwise; HyTRec reads them all
+
+
+def run_tie_seed(directory: Path) -> int | None:
+    """The tie seed a run directory (or checkpoint copied from one) was trained with, from its
+    ``train_config.json``; None when it has none (file order), so its evaluation orders ties the same way."""
+    path = directory / "train_config.json"
+    return json.loads(path.read_text()).get("tie_seed") if path.exists() else None
 
 
 def _help(text: str, **extra: Any) -> dict[str, Any]:
