@@ -211,7 +211,8 @@ def evaluate(
         Path | None,
         typer.Option(
             "--save-ranks",
-            help="Write the target ranks (seen items excluded) as .npy, like a training run's test_ranks.npy",
+            help="Write the target ranks as .npy like a training run: seen items excluded to FILE, nothing "
+            "excluded to FILE's _unfiltered sibling (test_ranks.npy -> test_ranks_unfiltered.npy)",
         ),
     ] = None,
     tie_seed: Annotated[
@@ -259,6 +260,7 @@ def evaluate(
         import numpy as np
 
         np.save(save_ranks, filtered.ranks)
+        np.save(unfiltered_ranks_path(save_ranks), unfiltered.ranks)
     result = {
         "model_version": ckpt.version,
         "split": split.value,
@@ -279,6 +281,11 @@ def evaluate(
         "seen items excluded:"
     )
     typer.echo(format_summary(filtered.summary))
+
+
+def unfiltered_ranks_path(filtered: Path) -> Path:
+    """Where the repeat-aware ranks go beside ``filtered``: the name a training run gives them."""
+    return filtered.with_name(f"{filtered.stem}_unfiltered{filtered.suffix or '.npy'}")
 
 
 def format_summary(summary: dict[str, dict[str, float]]) -> str:
