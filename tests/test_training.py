@@ -241,6 +241,14 @@ def test_a_tie_seed_is_used_in_training_and_by_eval_of_its_checkpoint(tmp_path, 
     assert outs[("--tie-seed", "11")]["metrics"] == outs[()]["metrics"]
     assert outs[("--tie-seed", "12")]["tie_seed"] == 12
     assert outs[("--tie-seed", "12")]["metrics"]["all"] != outs[()]["metrics"]["all"]
+    # A report pairs users' targets, so it refuses runs whose test splits were built in other tie orders.
+    from hytrec.training.report import report
+
+    train(tied, tmp_path / "file_order", small_cfg(epochs=1), quiet=True)
+    with pytest.raises(ValueError, match="one tie order"):
+        report([tmp_path / "run", tmp_path / "file_order"])
+    assert "ties in the random order of tie seed 11;" in report([tmp_path / "run"])
+    assert "tie seed" not in report([tmp_path / "file_order"])
 
 
 def test_history_limit_feeds_the_model_only_the_last_events(tmp_path, log_file) -> None:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from hytrec.training.config import run_tie_seed
 from hytrec.training.data import BUCKET_LABELS, Interactions, leave_one_out
 from hytrec.training.metrics import paired_bootstrap, paired_bootstrap_ratio, per_user_metrics
 
@@ -71,6 +72,7 @@ def load_run(run: Path) -> dict[str, Any]:
     return {
         **metrics,
         "dir": str(run),
+        "tie_seed": run_tie_seed(run),  # the order its test split was built in; None: file order
         "ranks": np.load(run / "test_ranks.npy"),
         "ranks_unfiltered": np.load(unfiltered) if unfiltered.exists() else None,
         "log": log,
@@ -104,12 +106,18 @@ def report(runs: list[Path], baseline: str = "sasrec", candidate: str = "hytrec"
     if len(data_files) != 1:
         raise ValueError(f"runs of one report must share one data file, got {sorted(data_files)}")
     data_file = data_files.pop()
+    tie_seeds = {r["tie_seed"] for r in loaded}
+    if len(tie_seeds) != 1:  # another tie order makes another test split: a different target for some users
+        orders = sorted(f"{r['dir']}: {'file order' if r['tie_seed'] is None else r['tie_seed']}" for r in loaded)
+        raise ValueError(f"runs of one report must share one tie order (their test targets differ), got {orders}")
+    tie_seed = tie_seeds.pop()
     buckets = leave_one_out(Interactions.from_file(data_file)).test.buckets
     by_type: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in loaded:
         by_type[r["model_type"]].append(r)
 
-    lines = [f"Data: `{data_file}`; test users: {len(buckets)}; seeds per row in parentheses.", ""]
+    ties = "" if tie_seed is None else f"; ties in the random order of tie seed {tie_seed}"
+    lines = [f"Data: `{data_file}`; test users: {len(buckets)}{ties}; seeds per row in parentheses.", ""]
     lines += ["| model (seeds) | " + " | ".join(METRICS) + " | s / epoch | best epoch / run |"]
     lines += ["|---" * (len(METRICS) + 3) + "|"]
     for model_type, rs in by_type.items():
