@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import numpy as np
@@ -320,3 +321,44 @@ def test_slow_heads_train_save_and_report_as_their_own_row(tmp_path, log_file) -
     train(log_file, tmp_path / "plain", small_cfg(epochs=1), quiet=True)
     page = report([tmp_path / "plain", tmp_path], baseline="hytrec", candidate="hytrec-slow1")
     assert "| hytrec-slow1 (1) |" in page and "hytrec-slow1 vs hytrec" in page
+
+
+def test_tie_probe_splits_users_by_a_tied_test_event_and_pairs_the_rest(tmp_path, log_file) -> None:
+    """``python -m hytrec.benchmarks.tie_probe``: the tied users are those whose last two events share a
+    timestamp; the file-order row is the training run's own test figure; without ties every order is one."""
+    from collections import defaultdict
+
+    from hytrec.benchmarks.tie_probe import probe_model, render
+    from hytrec.eventlog import read_events
+
+    users, items, ts = read_events(log_file)
+    tied_log = tmp_path / "tied.tsv"  # timestamps cut to the hour: many users' last two events now tie
+    tied_log.write_text(
+        "user_id\titem_id\ttimestamp\n"
+        + "".join(f"{u}\t{i}\t{int(t // 3600 * 3600)}\n" for u, i, t in zip(users, items, ts, strict=True))
+    )
+    by_user: dict[str, list[int]] = defaultdict(list)
+    for u, t in zip(users, ts, strict=True):
+        by_user[str(u)].append(int(t // 3600 * 3600))
+    expected_tied = sum(sorted(v)[-1] == sorted(v)[-2] for v in by_user.values())
+    assert 0 < expected_tied < len(by_user)
+
+    result = train(tied_log, tmp_path / "run", small_cfg(epochs=1), quiet=True)
+    res = probe_model(tmp_path / "run", tied_log, [11], resamples=50)
+    assert res["tied users"] == expected_tied and res["trained on"] == "file"
+    file_row, random_row = res["rows"]
+    assert file_row["test order"] == "file" and random_row["test order"] == "random, seed 11"
+    assert file_row["HR@10"] == pytest.approx(result["test"]["all"]["HR@10"])
+    share = expected_tied / res["users"]
+    for row in res["rows"]:  # the split covers every user once
+        assert row["HR@10"] == pytest.approx(share * row["HR@10 tied"] + (1 - share) * row["HR@10 not tied"])
+    assert "not tied, file − this" in random_row and "not tied, file − this" not in file_row
+
+    train(log_file, tmp_path / "untied", small_cfg(epochs=1), quiet=True)  # second timestamps: no ties here
+    plain = probe_model(tmp_path / "untied", log_file, [11], resamples=50)
+    assert plain["tied users"] == 0
+    assert plain["rows"][1]["not tied, file − this"] == [0.0, 0.0, 0.0]
+    assert plain["rows"][0]["HR@10"] == plain["rows"][1]["HR@10"]
+    assert math.isnan(plain["rows"][0]["HR@10 tied"]) and "| – |" in render({"data": "x", "models": [plain]})
+    text = render({"data": str(tied_log), "models": [res]})
+    assert "| random, seed 11 |" in text and f"Tied: the {expected_tied:,} of" in text
